@@ -1,0 +1,653 @@
+"""The network: a 3-D Swin UNETR (MONAI SwinUNETR v1 parity) and the personalized variant.
+
+SwinUNETR          the plain network; its state dict is interchangeable with MONAI's
+                   `monai.networks.nets.SwinUNETR(use_v2=False)` (same names, shapes, outputs).
+PersonalizedSwinUNETR
+                   adds the bottleneck of the method: a learnable prior O, channel-token
+                   cross-attention Attn(z, O, O), T (two 3x3x3 convs) and Fuse([z, z']), plus
+                   the equivariance head F_equ and the contrastive projection g.
+
+All attention goes through `window_attention` and `prior_attention`, whose `backend`
+(naive | sdpa | triton | auto) is chosen by the networks' `attn_backend=` argument.
+
+Loaders (`load_monai`, `load_ssl_swinvit`, `load_reference`) map foreign checkpoints onto our
+names, check every shape, print matched / missing / unexpected counts and fail when an
+encoder key is missing.
+"""
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.checkpoint import checkpoint
+
+BACKENDS = ("naive", "sdpa", "triton", "auto")
+
+# Sub-voxel order (d, h, w offsets) of PatchMerging. "monai": MONAI >= 1.5. "legacy": the order
+# of earlier MONAI releases (two offsets duplicated, two dropped) that the public 2022
+# checkpoints were trained with.
+MERGING_ORDERS = {
+    "monai": ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1)),
+    "legacy": ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1)),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# attention
+
+
+def _resolve_backend(backend, device):
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "sdpa"
+    if backend not in BACKENDS:
+        raise ValueError(f"attn_backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def window_attention(qkv, table, index, region=None, backend="sdpa"):
+    """Multi-head self-attention inside windows with a relative position bias.
+
+    qkv:    (b, n, 3, heads, hd), b = batch * windows (windows batch-major), packed as the
+            qkv Linear emits it.
+    table:  (2197, heads) relative position bias table.
+    index:  (n, n) long, rows of `table` for each (query, key) pair.
+    region: (nw, n) int region id of every token of each window (shifted blocks), or None.
+            Tokens of different regions get -100 added to their logit (MONAI semantics).
+    Returns (b, n, heads * hd).
+    """
+    backend = _resolve_backend(backend, qkv.device)
+    if backend == "triton":
+        from kernels.window_attention import window_attention_triton
+
+        return window_attention_triton(qkv, table, index, region)
+    b, n, _, heads, hd = qkv.shape
+    q, k, v = rearrange(qkv, "b n three h d -> three b h n d").unbind(0)
+    bias = rearrange(table[index.reshape(-1)], "(i j) h -> h i j", i=n)  # (heads, n, n)
+    if region is not None:
+        nw = region.shape[0]
+        mask = (region[:, :, None] != region[:, None, :]).to(q.dtype) * -100.0  # (nw, n, n)
+        bias = (bias[None] + mask[:, None]).repeat(b // nw, 1, 1, 1)  # (b, heads, n, n)
+    if backend == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+    else:
+        attn = (q * hd**-0.5) @ k.transpose(-2, -1) + bias
+        out = attn.softmax(-1).to(v.dtype) @ v
+    return rearrange(out, "b h n d -> b n (h d)")
+
+
+def prior_attention(q, k, v, backend="sdpa"):
+    """Cross-attention whose keys and values are shared by the whole batch.
+
+    q: (B, heads, L, hd); k, v: (heads, L, hd) (the projected prior). Returns (B, heads, L, hd).
+    """
+    backend = _resolve_backend(backend, q.device)
+    if backend == "triton":
+        from kernels.prior_attention import prior_attention_triton
+
+        return prior_attention_triton(q, k, v)
+    if backend == "sdpa":
+        b = q.shape[0]
+        return F.scaled_dot_product_attention(q, k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
+    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return attn.softmax(-1) @ v
+
+
+# ----------------------------------------------------------------------------------------------
+# Swin encoder
+
+
+def relative_position_index(window=(7, 7, 7)):
+    """(n, n) index into the (2w-1)^3 bias table: per-axis offset q - k shifted to >= 0."""
+    coords = torch.stack(torch.meshgrid(*[torch.arange(w) for w in window], indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (n, n, 3)
+    rel = rel + torch.tensor([w - 1 for w in window])
+    return rel[..., 0] * (2 * window[1] - 1) * (2 * window[2] - 1) + rel[..., 1] * (2 * window[2] - 1) + rel[..., 2]
+
+
+def window_and_shift(size, window, shift):
+    """A dimension no larger than the window shrinks the window to it and is not shifted."""
+    ws = tuple(s if s <= w else w for s, w in zip(size, window))
+    sh = tuple(0 if s <= w else t for s, w, t in zip(size, window, shift))
+    return ws, sh
+
+
+def window_partition(x, ws):
+    """(b, D, H, W, c) -> (b * windows, ws^3, c), windows batch-major, tokens in (d, h, w) order."""
+    return rearrange(x, "b (nd wd) (nh wh) (nw ww) c -> (b nd nh nw) (wd wh ww) c", wd=ws[0], wh=ws[1], ww=ws[2])
+
+
+def window_reverse(x, ws, dims):
+    b, d, h, w = dims
+    return rearrange(x, "(b nd nh nw) (wd wh ww) c -> b (nd wd) (nh wh) (nw ww) c",
+                     b=b, nd=d // ws[0], nh=h // ws[1], wd=ws[0], wh=ws[1], ww=ws[2])
+
+
+@lru_cache(maxsize=64)
+def shift_regions(dims, ws, sh, device):
+    """(windows, n) region id of each token: 27 regions on the padded grid, per axis
+    [0, -ws), [-ws, -sh), [-sh, end). Attention between different regions is masked."""
+    ids = torch.zeros(dims, dtype=torch.int32)
+    cnt = 0
+    for sd in (slice(-ws[0]), slice(-ws[0], -sh[0]), slice(-sh[0], None)):
+        for shh in (slice(-ws[1]), slice(-ws[1], -sh[1]), slice(-sh[1], None)):
+            for sw in (slice(-ws[2]), slice(-ws[2], -sh[2]), slice(-sh[2], None)):
+                ids[sd, shh, sw] = cnt
+                cnt += 1
+    return window_partition(ids[None, ..., None], ws)[..., 0].to(device)
+
+
+class WindowAttention(nn.Module):
+    def __init__(self, dim, heads, window=(7, 7, 7), qkv_bias=True, backend="sdpa"):
+        super().__init__()
+        self.heads, self.backend = heads, backend
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(math.prod(2 * w - 1 for w in window), heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer("relative_position_index", relative_position_index(window))
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, region=None):  # x: (b, n, c)
+        n = x.shape[1]
+        qkv = rearrange(self.qkv(x), "b n (three h d) -> b n three h d", three=3, h=self.heads)
+        # A shrunk window reads the top-left n x n block of the 7^3 index (MONAI does the same).
+        index = self.relative_position_index[:n, :n]
+        return self.proj(window_attention(qkv, self.relative_position_bias_table, index, region, self.backend))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.linear1, self.linear2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.linear2(F.gelu(self.linear1(x)))
+
+
+def drop_path(x, p, training):
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, dim, heads, window, shift, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0,
+                 backend="sdpa", use_checkpoint=False):
+        super().__init__()
+        self.window, self.shift, self.drop_path, self.use_checkpoint = window, shift, drop_path, use_checkpoint
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, heads, window, qkv_bias, backend)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def attend(self, x):  # x: (b, d, h, w, c)
+        b, d, h, w, c = x.shape
+        ws, sh = window_and_shift((d, h, w), self.window, self.shift)
+        x = self.norm1(x)
+        # Normalise first, then zero-pad to a window multiple (padded tokens are attended to).
+        pads = [(-s) % k for s, k in zip((d, h, w), ws)]
+        x = F.pad(x, (0, 0, 0, pads[2], 0, pads[1], 0, pads[0]))
+        dims = (b, d + pads[0], h + pads[1], w + pads[2])
+        region = None
+        if any(sh):
+            x = torch.roll(x, shifts=[-s for s in sh], dims=(1, 2, 3))
+            region = shift_regions(dims[1:], ws, sh, x.device)
+        x = window_reverse(self.attn(window_partition(x, ws), region), ws, dims)
+        if any(sh):
+            x = torch.roll(x, shifts=sh, dims=(1, 2, 3))
+        return x[:, :d, :h, :w]
+
+    def feed_forward(self, x):
+        return self.mlp(self.norm2(x))
+
+    def forward(self, x):
+        run = (lambda f, a: checkpoint(f, a, use_reentrant=False)) if self.use_checkpoint and x.requires_grad else (lambda f, a: f(a))
+        x = x + drop_path(run(self.attend, x), self.drop_path, self.training)
+        return x + drop_path(run(self.feed_forward, x), self.drop_path, self.training)
+
+
+class PatchMerging(nn.Module):
+    """Concatenate the 8 sub-voxels of every 2^3 cell (order selectable), LayerNorm, Linear 8C -> 2C."""
+
+    def __init__(self, dim, order="monai"):
+        super().__init__()
+        if order not in MERGING_ORDERS:
+            raise ValueError(f"merging order must be one of {list(MERGING_ORDERS)}, got {order!r}")
+        self.offsets = MERGING_ORDERS[order]
+        self.reduction = nn.Linear(8 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(8 * dim)
+
+    def forward(self, x):  # (b, d, h, w, c) -> (b, d/2, h/2, w/2, 2c)
+        d, h, w = x.shape[1:4]
+        x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2, 0, d % 2))
+        x = torch.cat([x[:, i::2, j::2, k::2] for i, j, k in self.offsets], -1)
+        return self.reduction(self.norm(x))
+
+
+class BasicLayer(nn.Module):
+    def __init__(self, dim, depth, heads, window, drop_paths, merging, **block_kw):
+        super().__init__()
+        shift = tuple(w // 2 for w in window)
+        self.blocks = nn.ModuleList(
+            SwinBlock(dim, heads, window, (0, 0, 0) if i % 2 == 0 else shift, drop_path=drop_paths[i], **block_kw)
+            for i in range(depth))
+        self.downsample = PatchMerging(dim, merging)
+
+    def forward(self, x):  # (b, c, d, h, w) -> (b, 2c, d/2, h/2, w/2)
+        x = rearrange(x, "b c d h w -> b d h w c")
+        for blk in self.blocks:
+            x = blk(x)
+        return rearrange(self.downsample(x), "b d h w c -> b c d h w")
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, in_channels, dim, patch=2):
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Conv3d(in_channels, dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x):
+        pads = [(-s) % self.patch for s in x.shape[2:]]
+        return self.proj(F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0])))
+
+
+def channel_norm(x):
+    """LayerNorm over channels without affine, on (b, c, d, h, w)."""
+    return rearrange(F.layer_norm(rearrange(x, "b c d h w -> b d h w c"), x.shape[1:2]), "b d h w c -> b c d h w")
+
+
+class SwinTransformer(nn.Module):
+    """Encoder E: patch embedding and four Swin stages. Returns the five layer-normed outputs
+    (F, 2F, 4F, 8F, 16F channels at 1/2 .. 1/32 of the input)."""
+
+    def __init__(self, in_chans, embed_dim, window_size=(7, 7, 7), patch_size=(2, 2, 2), depths=(2, 2, 2, 2),
+                 num_heads=(3, 6, 12, 24), mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, merging="monai",
+                 backend="sdpa", use_checkpoint=False):
+        super().__init__()
+        self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size[0])
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        for i in range(len(depths)):
+            layer = BasicLayer(embed_dim * 2**i, depths[i], num_heads[i], tuple(window_size),
+                               dpr[sum(depths[:i]):sum(depths[:i + 1])], merging, mlp_ratio=mlp_ratio,
+                               qkv_bias=qkv_bias, backend=backend, use_checkpoint=use_checkpoint)
+            self.add_module(f"layers{i + 1}", nn.ModuleList([layer]))
+
+    def forward(self, x):
+        x = self.patch_embed(x)
+        outs = [channel_norm(x)]
+        for layers in (self.layers1, self.layers2, self.layers3, self.layers4):
+            x = layers[0](x)
+            outs.append(channel_norm(x))
+        return outs
+
+
+# ----------------------------------------------------------------------------------------------
+# convolutional encoder/decoder blocks (MONAI UnetResBlock / UnetrUpBlock parity)
+
+
+class ConvOnly(nn.Module):
+    """Holds a conv as `.conv` so parameter names match MONAI's (`conv1.conv.weight`)."""
+
+    def __init__(self, cin, cout, k, transposed=False, bias=False):
+        super().__init__()
+        if transposed:
+            self.conv = nn.ConvTranspose3d(cin, cout, k, stride=k, bias=bias)
+        else:
+            self.conv = nn.Conv3d(cin, cout, k, padding=k // 2, bias=bias)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def inorm(x):
+    return F.instance_norm(x, eps=1e-5)
+
+
+class ResBlock(nn.Module):
+    """conv-IN-LReLU-conv-IN (+ 1x1 conv-IN shortcut when channels change), LReLU."""
+
+    def __init__(self, cin, cout, use_checkpoint=False):
+        super().__init__()
+        self.conv1, self.conv2 = ConvOnly(cin, cout, 3), ConvOnly(cout, cout, 3)
+        self.conv3 = ConvOnly(cin, cout, 1) if cin != cout else None
+        self.use_checkpoint = use_checkpoint
+
+    def _forward(self, x):
+        out = inorm(self.conv2(F.leaky_relu(inorm(self.conv1(x)), 0.01, inplace=True)))
+        res = inorm(self.conv3(x)) if self.conv3 is not None else x
+        return F.leaky_relu(out + res, 0.01, inplace=True)
+
+    def forward(self, x):
+        if self.use_checkpoint and x.requires_grad:
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, cin, cout, use_checkpoint=False):
+        super().__init__()
+        self.layer = ResBlock(cin, cout, use_checkpoint)
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class UpBlock(nn.Module):
+    def __init__(self, cin, cout, use_checkpoint=False):
+        super().__init__()
+        self.transp_conv = ConvOnly(cin, cout, 2, transposed=True)
+        self.conv_block = ResBlock(2 * cout, cout, use_checkpoint)
+
+    def forward(self, x, skip):
+        return self.conv_block(torch.cat([self.transp_conv(x), skip], 1))
+
+
+class OutBlock(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = ConvOnly(cin, cout, 1, bias=True)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# networks
+
+
+class SwinUNETR(nn.Module):
+    """Plain Swin UNETR; state dict interchangeable with MONAI SwinUNETR(use_v2=False).
+
+    Forward API used by the training scripts: encode(x) -> (z, skips); decode(z, skips, x).
+    """
+
+    def __init__(self, in_channels, out_channels, feature_size=48, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24),
+                 window_size=7, dropout_path_rate=0.0, merging="monai", attn_backend="sdpa",
+                 use_checkpoint=False):
+        super().__init__()
+        if feature_size % 12 != 0:
+            raise ValueError(f"feature_size must be a multiple of 12 (heads 3..24 share it), got {feature_size}")
+        fs = feature_size
+        self.in_channels, self.out_channels, self.feature_size = in_channels, out_channels, fs
+        self.swinViT = SwinTransformer(in_channels, fs, (window_size,) * 3, (2, 2, 2), depths, num_heads,
+                                       drop_path_rate=dropout_path_rate, merging=merging, backend=attn_backend,
+                                       use_checkpoint=use_checkpoint)
+        ck = use_checkpoint
+        self.encoder1 = EncoderBlock(in_channels, fs, ck)
+        self.encoder2 = EncoderBlock(fs, fs, ck)
+        self.encoder3 = EncoderBlock(2 * fs, 2 * fs, ck)
+        self.encoder4 = EncoderBlock(4 * fs, 4 * fs, ck)
+        self.encoder10 = EncoderBlock(16 * fs, 16 * fs, ck)
+        self.decoder5 = UpBlock(16 * fs, 8 * fs, ck)
+        self.decoder4 = UpBlock(8 * fs, 4 * fs, ck)
+        self.decoder3 = UpBlock(4 * fs, 2 * fs, ck)
+        self.decoder2 = UpBlock(2 * fs, fs, ck)
+        self.decoder1 = UpBlock(fs, fs, ck)
+        self.out = OutBlock(fs, out_channels)
+
+    @staticmethod
+    def check_input(x):
+        if x.ndim != 5:
+            raise ValueError(f"expected input (batch, channels, D, H, W), got shape {tuple(x.shape)}")
+        bad = [s for s in x.shape[2:] if s % 32]
+        if bad:
+            fix = [s if s % 32 == 0 else 32 * math.ceil(s / 32) for s in x.shape[2:]]
+            raise ValueError(f"spatial size {tuple(x.shape[2:])} is not divisible by 32: pad or crop to e.g. {tuple(fix)}")
+
+    def encode(self, x):
+        """x (b, C, D, H, W) -> z (b, 16F, D/32, H/32, W/32), skips [x0..x3]."""
+        self.check_input(x)
+        *skips, z = self.swinViT(x)
+        return z, skips
+
+    def decode(self, z, skips, x):
+        """Decoder D: z (or X_h') at 1/32, the encoder skips and the input image -> logits."""
+        enc0 = self.encoder1(x)
+        enc1 = self.encoder2(skips[0])
+        enc2 = self.encoder3(skips[1])
+        enc3 = self.encoder4(skips[2])
+        dec3 = self.decoder5(self.encoder10(z), skips[3])
+        dec2 = self.decoder4(dec3, enc3)
+        dec1 = self.decoder3(dec2, enc2)
+        dec0 = self.decoder2(dec1, enc1)
+        return self.out(self.decoder1(dec0, enc0))
+
+    def forward(self, x):
+        z, skips = self.encode(x)
+        return self.decode(z, skips, x)
+
+    def replace_head(self, out_channels):
+        """New output layer (e.g. segmentation classes instead of modalities)."""
+        self.out = OutBlock(self.feature_size, out_channels).to(self.out.conv.conv.weight.device)
+        self.out_channels = out_channels
+
+
+class PriorAttention(nn.Module):
+    """Multi-head cross-attention whose tokens are the 16F channels and whose embedding is the
+    flattened bottleneck grid (nn.MultiheadAttention(G, heads, batch_first=True) semantics and
+    parameter names)."""
+
+    def __init__(self, embed_dim, heads, backend="sdpa"):
+        super().__init__()
+        if embed_dim % heads:
+            raise ValueError(f"prior attention heads ({heads}) must divide the bottleneck grid size {embed_dim}")
+        self.heads, self.backend = heads, backend
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query, prior):  # query: (b, L, E); prior: (L, E)
+        wq, wk, wv = self.in_proj_weight.chunk(3)
+        bq, bk, bv = self.in_proj_bias.chunk(3)
+        q = rearrange(F.linear(query, wq, bq), "b l (h d) -> b h l d", h=self.heads)
+        k = rearrange(F.linear(prior, wk, bk), "l (h d) -> h l d", h=self.heads)
+        v = rearrange(F.linear(prior, wv, bv), "l (h d) -> h l d", h=self.heads)
+        out = prior_attention(q, k, v, self.backend)
+        return self.out_proj(rearrange(out, "b h l d -> b l (h d)"))
+
+
+class GridHead(nn.Module):
+    """Reads the flattened bottleneck grid (so it sees orientation): 1x1 conv 16F -> c, flatten, Linear."""
+
+    def __init__(self, dim, grid, out_features, reduced=32):
+        super().__init__()
+        self.grid = tuple(grid)
+        self.reduce = nn.Conv3d(dim, reduced, 1)
+        self.fc = nn.Linear(reduced * math.prod(grid), out_features)
+
+    def forward(self, z):
+        if tuple(z.shape[2:]) != self.grid:
+            raise ValueError(f"head built for a bottleneck grid {self.grid} (roi {tuple(32 * g for g in self.grid)}), "
+                             f"got {tuple(z.shape[2:])}")
+        return self.fc(F.gelu(self.reduce(z)).flatten(1))
+
+
+class PersonalizedSwinUNETR(SwinUNETR):
+    """Swin UNETR with the personalization bottleneck.
+
+    encode(x) -> (z, skips); personalize(z) -> X_h'; decode(X_h', skips, x) -> output.
+    equivariance_logits(z) = F_equ(z); embed(z) = g(z) (L2-normalised, proj_dim).
+    prior=False removes O, Attn, T and Fuse: X_h' = z (the ablations without prior).
+    """
+
+    def __init__(self, in_channels, out_channels, feature_size=48, roi=(96, 96, 96), prior=True, prior_heads=3,
+                 n_phi=4, proj_dim=512, **kw):
+        super().__init__(in_channels, out_channels, feature_size, **kw)
+        roi = (roi,) * 3 if isinstance(roi, int) else tuple(roi)
+        if any(r % 32 for r in roi):
+            raise ValueError(f"roi {roi} must be divisible by 32")
+        self.roi, self.grid, self.use_prior = roi, tuple(r // 32 for r in roi), prior
+        dim, g = 16 * feature_size, math.prod(r // 32 for r in roi)
+        if prior:
+            self.prior = nn.Parameter(torch.randn(dim, *self.grid))
+            self.prior_attn = PriorAttention(g, prior_heads, kw.get("attn_backend", "sdpa"))
+            self.transfer = nn.Sequential(nn.Conv3d(dim, dim, 3, padding=1), nn.Conv3d(dim, dim, 3, padding=1))
+            self.fuse = nn.Conv3d(2 * dim, dim, 3, padding=1)
+        self.equ_head = GridHead(dim, self.grid, n_phi)
+        self.proj_head = GridHead(dim, self.grid, proj_dim)
+
+    def personalize(self, z):
+        """z (b, 16F, g, g, g) -> X_h' = Fuse([z, T(Attn(z, O, O))])."""
+        if not self.use_prior:
+            return z
+        if tuple(z.shape[2:]) != self.grid:
+            raise ValueError(f"the prior was built for a bottleneck grid {self.grid} (roi {self.roi}); this input gives "
+                             f"{tuple(z.shape[2:])} (input {tuple(32 * s for s in z.shape[2:])}): use inputs of the roi "
+                             f"size (sliding windows) or build the model with that roi")
+        zt = self.prior_attn(z.flatten(2), self.prior.flatten(1))  # (b, 16F, G): channels are tokens
+        z2 = self.transfer(zt.reshape(z.shape))
+        return self.fuse(torch.cat([z, z2], 1))
+
+    def equivariance_logits(self, z):
+        return self.equ_head(z)
+
+    def embed(self, z):
+        return F.normalize(self.proj_head(z), dim=-1)
+
+    def forward(self, x):
+        z, skips = self.encode(x)
+        return self.decode(self.personalize(z), skips, x)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoint loaders
+
+
+def _unwrap(sd):
+    for key in ("state_dict", "model", "net"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    return sd
+
+
+def read_state_dict(path_or_sd):
+    """A state dict from a path (torch.load with weights_only=True) or a dict."""
+    if isinstance(path_or_sd, dict):
+        return _unwrap(path_or_sd)
+    try:
+        sd = torch.load(path_or_sd, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path_or_sd}: checkpoint file not found") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
+        raise ValueError(f"{path_or_sd}: not a readable weights-only torch checkpoint ({type(e).__name__}: {e})") from None
+    return _unwrap(sd)
+
+
+def load_mapped(model, mapped, name, skip=(), log=print):
+    """Copy `mapped` (our names -> tensors) into `model`.
+
+    Every key must exist with the same shape unless it starts with one of `skip` (e.g. a head
+    being replaced). Encoder keys (swinViT.*) of the model must all be present. Prints
+    matched / missing / unexpected counts; returns a report dict."""
+    own = model.state_dict()
+    matched, skipped, unexpected, mismatched = [], [], [], []
+    for k, v in mapped.items():
+        if k not in own:
+            (skipped if k.startswith(tuple(skip)) else unexpected).append(k)
+        elif own[k].shape != v.shape:
+            (skipped if k.startswith(tuple(skip)) else mismatched).append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}")
+        else:
+            matched.append(k)
+    missing = [k for k in own if k not in matched and k not in mapped]
+    missing_encoder = [k for k in missing if k.startswith("swinViT.")]
+    log(f"[{name}] matched {len(matched)} / {len(own)} model tensors; missing {len(missing)}; "
+        f"unexpected {len(unexpected)}; skipped {len(skipped)}")
+    if mismatched or unexpected or missing_encoder:
+        problems = mismatched[:3] + [f"unexpected {k}" for k in unexpected[:3]] + [f"missing {k}" for k in missing_encoder[:3]]
+        raise ValueError(f"[{name}] checkpoint does not fit the model: {len(mismatched)} shape mismatches, "
+                         f"{len(unexpected)} unexpected, {len(missing_encoder)} encoder keys missing; e.g. " + "; ".join(problems))
+    with torch.no_grad():
+        for k in matched:
+            own[k].copy_(mapped[k])
+    return {"matched": matched, "missing": missing, "unexpected": unexpected, "skipped": skipped}
+
+
+def _strip(sd, prefix):
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+
+
+def load_monai(model, path_or_sd, skip=(), log=print):
+    """A MONAI SwinUNETR (v1) state dict (optionally under 'state_dict', with 'module.' prefixes)."""
+    sd = _strip(read_state_dict(path_or_sd), "module.")
+    return load_mapped(model, sd, "monai", skip, log)
+
+
+def _adapt_patch_embed(w, in_channels, policy):
+    """(F, c, 2, 2, 2) weights trained on c channels -> in_channels. 'tile' repeats them and
+    divides by the repeat so a single modality repeated on every channel gives the same
+    activations; 'reinit' draws new weights."""
+    if w.shape[1] == in_channels:
+        return w
+    if policy == "tile":
+        reps = math.ceil(in_channels / w.shape[1])
+        return w.repeat(1, reps, 1, 1, 1)[:, :in_channels] * (w.shape[1] / in_channels)
+    if policy == "reinit":
+        conv = nn.Conv3d(in_channels, w.shape[0], 2, stride=2)
+        return conv.weight.detach()
+    raise ValueError(f"patch_embed policy must be 'tile' or 'reinit', got {policy!r}")
+
+
+def load_ssl_swinvit(model, path_or_sd, patch_embed="tile", log=print):
+    """Tang et al. 2022 self-supervised encoder weights (`model_swinvit.pt`): encoder only.
+    `module.X` -> `swinViT.X`, `mlp.fc1/fc2` -> `mlp.linear1/linear2`; the 1-channel patch
+    embedding is adapted by `patch_embed` ('tile' or 'reinit'). Non-encoder keys of the
+    self-supervised heads are ignored; every encoder key of the model must be filled."""
+    sd = read_state_dict(path_or_sd)
+    mapped, ignored = {}, []
+    for k, v in sd.items():
+        k2 = k[len("module."):] if k.startswith("module.") else k
+        k2 = k2.replace("swinViT.", "")
+        if not (k2.startswith("patch_embed.") or k2.startswith("layers")):
+            ignored.append(k)
+            continue
+        k2 = "swinViT." + k2.replace("mlp.fc1.", "mlp.linear1.").replace("mlp.fc2.", "mlp.linear2.")
+        if k2 == "swinViT.patch_embed.proj.weight":
+            v = _adapt_patch_embed(v, model.in_channels, patch_embed)
+            log(f"[ssl] patch embedding {tuple(sd[k].shape)} -> {tuple(v.shape)} by '{patch_embed}'")
+        mapped[k2] = v
+    if ignored:
+        log(f"[ssl] ignored {len(ignored)} non-encoder keys (self-supervised heads), e.g. {ignored[0]}")
+    report = load_mapped(model, mapped, "ssl", log=log)
+    enc = [k for k in model.state_dict() if k.startswith("swinViT.")]
+    if set(enc) - set(report["matched"]):
+        raise ValueError(f"[ssl] {len(set(enc) - set(report['matched']))} encoder tensors were not filled")
+    return report
+
+
+def fold_fuse(weight):
+    """Fuse conv over [z, z', z] (3*C input channels) -> the same function over [z, z']."""
+    c = weight.shape[1] // 3
+    return torch.cat([weight[:, :c] + weight[:, 2 * c:], weight[:, c:2 * c]], 1)
+
+
+def load_reference(model, path_or_sd, skip=(), log=print):
+    """The reference code's SSLHead checkpoint (swinViT1.*, static_prior, attn_for_x.*,
+    tansfer_for_mod.*, fuse_to_X over [z, z', z], encoder*/decoder*/out) into a
+    PersonalizedSwinUNETR. Its single-token rotation/contrastive heads, the unused
+    attn_for_mod and its auxiliary upsampling decoders have no counterpart here and are
+    reported as ignored."""
+    sd = _strip(read_state_dict(path_or_sd), "module.")
+    rename = (("swinViT1.", "swinViT."), ("attn_for_x.", "prior_attn."), ("tansfer_for_mod.", "transfer."),
+              ("fuse_to_X.", "fuse."))
+    mapped, ignored = {}, []
+    for k, v in sd.items():
+        if k.startswith(("attn_for_mod.", "rotation_head.", "contrastive_head.", "rotation_pre", "contrastive_pre",
+                         "conv.", "conv2.")):
+            ignored.append(k)
+            continue
+        if k == "static_prior":
+            mapped["prior"] = v.reshape(v.shape[1:]) if v.ndim == 5 else v
+            continue
+        for a, b in rename:
+            if k.startswith(a):
+                k = b + k[len(a):]
+        if k == "fuse.weight" and v.shape[1] == 3 * v.shape[0]:
+            v = fold_fuse(v)
+        mapped[k] = v
+    log(f"[reference] ignored {len(ignored)} keys without a counterpart (attn_for_mod, single-token heads, "
+        f"auxiliary decoders)")
+    return load_mapped(model, mapped, "reference", skip, log)

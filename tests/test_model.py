@@ -1,0 +1,241 @@
+"""model.py against MONAI SwinUNETR and brute-force constructions."""
+import itertools
+
+import pytest
+import torch
+from monai.networks.nets import SwinUNETR as MonaiSwinUNETR
+from monai.networks.nets.swin_unetr import compute_mask
+
+import model
+
+
+@pytest.mark.parametrize("fs,size", [(24, (64, 64, 64)), (24, (96, 96, 96)), (24, (64, 96, 32)), (48, (64, 64, 64))])
+def test_monai_parity(fs, size):
+    torch.manual_seed(fs + size[0])
+    ref = MonaiSwinUNETR(in_channels=4, out_channels=3, feature_size=fs).eval()
+    ours = model.SwinUNETR(4, 3, feature_size=fs).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    x = torch.randn(1, 4, *size)
+    with torch.no_grad():
+        want = ref(x)
+        for backend in ("naive", "sdpa"):
+            for m in ours.modules():
+                if hasattr(m, "backend"):
+                    m.backend = backend
+            assert (ours(x) - want).abs().max().item() < 1e-4, backend
+
+
+def test_parameter_count():
+    ours = model.SwinUNETR(4, 3, feature_size=48)
+    assert sum(p.numel() for p in ours.parameters()) == 62_191_941
+    assert len(ours.state_dict()) == 159
+
+
+def test_relative_position_index_brute_force():
+    idx = model.relative_position_index((7, 7, 7))
+    coords = list(itertools.product(range(7), range(7), range(7)))
+    for i in range(0, 343, 17):
+        for j in range(0, 343, 13):
+            (a, b, c), (d, e, f) = coords[i], coords[j]
+            assert idx[i, j] == (a - d + 6) * 169 + (b - e + 6) * 13 + (c - f + 6)
+    assert idx.min() == 0 and idx.max() == 2196
+
+
+@pytest.mark.parametrize("dims,ws,sh", [((14, 14, 14), (7, 7, 7), (3, 3, 3)), ((14, 21, 7), (7, 7, 7), (3, 3, 0))])
+def test_shift_mask_brute_force(dims, ws, sh):
+    region = model.shift_regions(dims, ws, sh, torch.device("cpu"))
+    mask = (region[:, :, None] != region[:, None, :]).float() * -100.0
+
+    def label(p, size, w, s):  # which of the three slices (0:-w), (-w:-s), (-s:) a coordinate is in
+        return 0 if p < size - w else (1 if p < size - s else 2)
+
+    nd, nh, nw = (d // w for d, w in zip(dims, ws))
+    brute = torch.zeros(nd * nh * nw, ws[0] * ws[1] * ws[2])
+    for wi, (a, b, c) in enumerate(itertools.product(range(nd), range(nh), range(nw))):
+        for ti, (i, j, k) in enumerate(itertools.product(range(ws[0]), range(ws[1]), range(ws[2]))):
+            p = (a * ws[0] + i, b * ws[1] + j, c * ws[2] + k)
+            brute[wi, ti] = sum(label(p[x], dims[x], ws[x], sh[x]) * 3 ** (2 - x) for x in range(3))
+    want = (brute[:, :, None] != brute[:, None, :]).float() * -100.0
+    assert torch.equal(mask, want)
+    assert torch.equal(mask, compute_mask(list(dims), ws, sh, torch.device("cpu")))
+
+
+def test_legacy_merging_order_brute_force():
+    torch.manual_seed(0)
+    c = 2
+    x = torch.randn(1, 4, 4, 4, c)
+    pm = model.PatchMerging(c, "legacy")
+    cat = torch.cat([x[:, i::2, j::2, k::2] for i, j, k in model.MERGING_ORDERS["legacy"]], -1)
+    # The legacy order as written before MONAI 1.5: x0 x1 x2 x3 then x[1,0,1], x[0,1,0], x[0,0,1], x[1,1,1].
+    brute = torch.zeros(1, 2, 2, 2, 8 * c)
+    offs = [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1)]
+    for a, b, e in itertools.product(range(2), range(2), range(2)):
+        brute[0, a, b, e] = torch.cat([x[0, 2 * a + i, 2 * b + j, 2 * e + k] for i, j, k in offs])
+    assert torch.equal(cat, brute)
+    with torch.no_grad():
+        assert torch.allclose(pm(x), pm.reduction(pm.norm(brute)))
+    assert not torch.equal(cat, torch.cat([x[:, i::2, j::2, k::2] for i, j, k in model.MERGING_ORDERS["monai"]], -1))
+
+
+def tiny(prior=True, **kw):
+    return model.PersonalizedSwinUNETR(2, 2, feature_size=12, roi=(64, 64, 64), prior=prior, prior_heads=2, **kw)
+
+
+def test_full_backward_reaches_every_parameter():
+    torch.manual_seed(0)
+    net = tiny()
+    x = torch.randn(1, 2, 64, 64, 64)
+    z, skips = net.encode(x)
+    xh = net.personalize(z)
+    loss = net.decode(xh, skips, x).pow(2).mean() + net.equivariance_logits(z).sum() + net.embed(z).sum()
+    loss.backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert net.prior.grad.abs().sum() > 0
+
+
+def test_no_prior_is_identity_and_has_no_prior_parameters():
+    net = tiny(prior=False)
+    z = torch.randn(1, 192, 2, 2, 2)
+    assert net.personalize(z) is z
+    assert not any(n.startswith(("prior", "transfer", "fuse")) for n, _ in net.named_parameters())
+
+
+def test_prior_attention_matches_torch_multihead_attention():
+    torch.manual_seed(0)
+    ours = model.PriorAttention(27, 3)
+    ref = torch.nn.MultiheadAttention(27, 3, batch_first=True)
+    ours.load_state_dict(ref.state_dict())
+    q, prior = torch.randn(2, 96, 27), torch.randn(96, 27)
+    want = ref(q, prior.expand(2, -1, -1), prior.expand(2, -1, -1))[0]
+    for backend in ("naive", "sdpa"):
+        ours.backend = backend
+        assert (ours(q, prior) - want).abs().max() < 1e-5
+
+
+def test_grid_mismatch_and_bad_sizes_are_clear_errors():
+    net = tiny()
+    with pytest.raises(ValueError, match="prior was built for a bottleneck grid"):
+        net.personalize(torch.randn(1, 192, 3, 3, 3))
+    with pytest.raises(ValueError, match="not divisible by 32"):
+        net.encode(torch.randn(1, 2, 64, 64, 50))
+    with pytest.raises(ValueError, match="must divide"):
+        model.PersonalizedSwinUNETR(2, 2, feature_size=12, roi=(96, 96, 96), prior_heads=4)
+
+
+def test_activation_checkpointing_same_output_and_grads():
+    torch.manual_seed(0)
+    a = model.SwinUNETR(2, 2, feature_size=12)
+    b = model.SwinUNETR(2, 2, feature_size=12, use_checkpoint=True)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 2, 32, 32, 64)
+    la, lb = a(x).square().mean(), b(x).square().mean()
+    la.backward()
+    lb.backward()
+    assert torch.allclose(la, lb)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), n
+
+
+# ---- loaders --------------------------------------------------------------------------------
+
+
+def fake_ssl_checkpoint(fs=12):
+    """Tang et al. model_swinvit.pt key names: module.* with mlp.fc1/fc2, 1 input channel, plus heads."""
+    src = model.SwinUNETR(1, 1, feature_size=fs).swinViT.state_dict()
+    sd = {"module." + k.replace("mlp.linear1.", "mlp.fc1.").replace("mlp.linear2.", "mlp.fc2."): torch.randn_like(v.float()).to(v.dtype)
+          for k, v in src.items()}
+    sd["module.rotation_head.weight"] = torch.randn(4, 16 * fs)
+    sd["module.contrastive_head.weight"] = torch.randn(512, 16 * fs)
+    sd["module.conv.0.weight"] = torch.randn(8, 16 * fs, 3, 3, 3)
+    return {"epoch": 10, "state_dict": sd}
+
+
+def test_load_ssl_tiles_patch_embedding(tmp_path):
+    ck = fake_ssl_checkpoint()
+    torch.save(ck, tmp_path / "model_swinvit.pt")
+    net = model.SwinUNETR(4, 3, feature_size=12)
+    report = model.load_ssl_swinvit(net, tmp_path / "model_swinvit.pt", patch_embed="tile", log=lambda s: None)
+    sd = net.state_dict()
+    src = ck["state_dict"]
+    assert torch.equal(sd["swinViT.layers2.0.blocks.1.mlp.linear1.weight"], src["module.layers2.0.blocks.1.mlp.fc1.weight"])
+    assert torch.equal(sd["swinViT.layers4.0.downsample.reduction.weight"], src["module.layers4.0.downsample.reduction.weight"])
+    w1 = src["module.patch_embed.proj.weight"]
+    assert torch.allclose(sd["swinViT.patch_embed.proj.weight"], w1.repeat(1, 4, 1, 1, 1) / 4)
+    # one modality repeated on the 4 channels gives the 1-channel network's embedding
+    x = torch.randn(1, 1, 8, 8, 8)
+    one = torch.nn.functional.conv3d(x, w1, src["module.patch_embed.proj.bias"], stride=2)
+    assert torch.allclose(net.swinViT.patch_embed(x.repeat(1, 4, 1, 1, 1)), one, atol=1e-5)
+    assert all(k.startswith(("encoder", "decoder", "out")) for k in report["missing"])
+    assert len(report["matched"]) == len([k for k in sd if k.startswith("swinViT.")])
+
+
+def test_load_ssl_fails_when_encoder_key_missing():
+    ck = fake_ssl_checkpoint()
+    del ck["state_dict"]["module.layers3.0.blocks.0.attn.qkv.weight"]
+    with pytest.raises(ValueError, match="encoder"):
+        model.load_ssl_swinvit(model.SwinUNETR(4, 3, feature_size=12), ck, log=lambda s: None)
+
+
+def test_load_monai_state_dict_with_module_prefix(tmp_path):
+    ref = MonaiSwinUNETR(in_channels=2, out_channels=2, feature_size=12)
+    torch.save({"state_dict": {"module." + k: v for k, v in ref.state_dict().items()}}, tmp_path / "m.pt")
+    net = model.PersonalizedSwinUNETR(2, 2, feature_size=12, roi=(64, 64, 64), prior_heads=2)
+    report = model.load_monai(net, tmp_path / "m.pt", log=lambda s: None)
+    assert len(report["matched"]) == 159
+    assert set(report["missing"]) == {k for k in net.state_dict() if not k in ref.state_dict()}
+    for k, v in ref.state_dict().items():
+        assert torch.equal(net.state_dict()[k], v)
+    with pytest.raises(ValueError, match="shape"):
+        model.load_monai(model.SwinUNETR(3, 2, feature_size=12), ref.state_dict(), log=lambda s: None)
+
+
+def fake_reference_checkpoint(fs=12, out=2):
+    """The reference code's SSLHead names (swinViT1, static_prior, attn_for_x, tansfer_for_mod,
+    fuse_to_X over 3*16F channels, unused attn_for_mod and single-token heads, encoder/decoder/out)."""
+    dim = 16 * fs
+    base = model.SwinUNETR(2, out, feature_size=fs).state_dict()
+    sd = {("swinViT1." + k[len("swinViT."):] if k.startswith("swinViT.") else k): torch.randn_like(v.float()).to(v.dtype)
+          for k, v in base.items()}
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True).state_dict()
+    sd.update({"attn_for_x." + k: torch.randn_like(v) for k, v in mha.items()})
+    sd.update({"attn_for_mod." + k: torch.randn_like(v) for k, v in mha.items()})
+    sd["static_prior"] = torch.randn(1, dim, 2, 2, 2)
+    for i in (0, 1):
+        sd[f"tansfer_for_mod.{i}.weight"] = torch.randn(dim, dim, 3, 3, 3) * 0.01
+        sd[f"tansfer_for_mod.{i}.bias"] = torch.randn(dim)
+    sd["fuse_to_X.weight"] = torch.randn(dim, 3 * dim, 3, 3, 3) * 0.01
+    sd["fuse_to_X.bias"] = torch.randn(dim)
+    sd["rotation_head.weight"], sd["rotation_head.bias"] = torch.randn(4, dim), torch.randn(4)
+    sd["contrastive_head.weight"], sd["contrastive_head.bias"] = torch.randn(512, dim), torch.randn(512)
+    return sd
+
+
+def test_load_reference_checkpoint_and_fold():
+    sd = fake_reference_checkpoint()
+    net = model.PersonalizedSwinUNETR(2, 2, feature_size=12, roi=(64, 64, 64), prior_heads=2).eval()
+    report = model.load_reference(net, {"state_dict": sd}, log=lambda s: None)
+    own = net.state_dict()
+    assert torch.equal(own["prior"], sd["static_prior"][0])
+    assert torch.equal(own["prior_attn.in_proj_weight"], sd["attn_for_x.in_proj_weight"])
+    assert torch.equal(own["transfer.1.weight"], sd["tansfer_for_mod.1.weight"])
+    assert torch.equal(own["swinViT.layers3.0.blocks.1.attn.qkv.weight"], sd["swinViT1.layers3.0.blocks.1.attn.qkv.weight"])
+    assert torch.equal(own["decoder2.conv_block.conv1.conv.weight"], sd["decoder2.conv_block.conv1.conv.weight"])
+    assert set(report["missing"]) == {k for k in own if k.startswith(("equ_head", "proj_head"))}
+    # the [z, z', z] conv and the folded [z, z'] conv are the same function
+    z, z2 = torch.randn(1, 192, 2, 2, 2), torch.randn(1, 192, 2, 2, 2)
+    w, b = sd["fuse_to_X.weight"], sd["fuse_to_X.bias"]
+    unfolded = torch.nn.functional.conv3d(torch.cat([z, z2, z], 1), w, b, padding=1)
+    with torch.no_grad():
+        assert torch.allclose(net.fuse(torch.cat([z, z2], 1)), unfolded, atol=1e-4)
+    # whole bottleneck against the reference formulation written out here
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    mha.load_state_dict({k[len("attn_for_x."):]: v for k, v in sd.items() if k.startswith("attn_for_x.")})
+    prior = sd["static_prior"]
+    with torch.no_grad():
+        xo = mha(z.flatten(2), prior.flatten(2), prior.flatten(2))[0].reshape(z.shape)
+        for i in (0, 1):
+            xo = torch.nn.functional.conv3d(xo, sd[f"tansfer_for_mod.{i}.weight"], sd[f"tansfer_for_mod.{i}.bias"], padding=1)
+        want = torch.nn.functional.conv3d(torch.cat([z, xo, z], 1), w, b, padding=1)
+        assert torch.allclose(net.personalize(z), want, atol=1e-4)
