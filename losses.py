@@ -1,0 +1,97 @@
+"""Losses of the two stages (METHOD.md). Every function takes batched tensors and returns a scalar.
+
+Stage 1: info_nce (L_contr), equivariance_loss (L_equ), invariance_loss with a running anchor
+(L_inv), decomposition_loss (L_decom). Stage 2 segmentation: seg_loss (Dice + weighted BCE).
+"""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def gather_with_grad(x):
+    """Concatenate x (b, d) from every data-parallel rank -> (world * b, d). The local slice keeps
+    its gradient; the other ranks' slices are constants. Returns (all, offset of the local part)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    rank = dist.get_rank()
+    parts[rank] = x
+    return torch.cat(parts), rank * x.shape[0]
+
+
+def info_nce(anchor, positive, negative, others=None, offset=0, tau=0.1):
+    """L_contr = -log( e^{s+/tau} / (e^{s+/tau} + e^{s-/tau} + sum_others e^{s/tau}) ).
+
+    anchor, positive, negative: (b, d) L2-normalised embeddings of the input, its positive view
+    (same geometry) and its negative view (other geometry). others: (n, d) embeddings of the
+    persons of the global batch, the anchor itself at row offset + i (excluded). Cosine
+    similarity over temperature tau; defined at batch size 1 (the negative view is always there).
+    """
+    s_pos = (anchor * positive).sum(-1, keepdim=True)  # (b, 1)
+    s_neg = (anchor * negative).sum(-1, keepdim=True)
+    logits = [s_pos, s_neg]
+    if others is not None and others.shape[0] > 1:
+        s_oth = anchor @ others.t()  # (b, n)
+        self_idx = torch.arange(anchor.shape[0], device=anchor.device) + offset
+        s_oth = s_oth.masked_fill(F.one_hot(self_idx, others.shape[0]).bool(), float("-inf"))
+        logits.append(s_oth)
+    logits = torch.cat(logits, 1) / tau
+    return F.cross_entropy(logits, torch.zeros(anchor.shape[0], dtype=torch.long, device=anchor.device))
+
+
+def equivariance_loss(logits, k):
+    """L_equ: cross-entropy of F_equ(z) against the class k of the transform applied."""
+    return F.cross_entropy(logits, k)
+
+
+def invariance_loss(x, anchor):
+    """L_inv = MSE(X_h^i', sg(anchor)); zero (and no gradient path) when there is no anchor yet,
+    i.e. for the first modality of a person."""
+    if anchor is None:
+        return x.sum() * 0.0
+    return F.mse_loss(x, anchor.detach())
+
+
+def update_anchor(anchor, x):
+    """Running stop-gradient anchor: sg(x) for the first modality, then (anchor + sg(x)) / 2."""
+    x = x.detach()
+    return x if anchor is None else (anchor + x) / 2
+
+
+def decomposition_loss(pred, target, fg, w_fg=10.0):
+    """L_decom = w_fg * MSE over foreground voxels + MSE over all voxels.
+
+    pred, target: (b, c, D, H, W); fg: (b, 1, D, H, W) bool, the body/brain mask from the data.
+    The foreground term averages over foreground voxels of every channel; it is 0 when the crop
+    holds no foreground."""
+    err = (pred.float() - target.float()).square()
+    mask = fg.expand_as(err).float()
+    fg_term = (err * mask).sum() / mask.sum().clamp_min(1.0)
+    return w_fg * fg_term + err.mean()
+
+
+def dice_loss(logits, target, smooth=1e-5):
+    """Soft Dice over each channel of sigmoid(logits), batch and space pooled, mean over channels."""
+    p = torch.sigmoid(logits.float())
+    t = target.float()
+    dims = (0,) + tuple(range(2, p.dim()))
+    inter = (p * t).sum(dims)
+    return (1 - (2 * inter + smooth) / (p.sum(dims) + t.sum(dims) + smooth)).mean()
+
+
+def seg_loss(logits, target, pos_weight=None, max_weight=10.0):
+    """Dice + weighted binary cross-entropy for region-based (sigmoid) segmentation.
+
+    logits, target: (b, K, D, H, W). pos_weight: (K,) weight of positive voxels; by default the
+    batch's negative/positive ratio per channel, square-rooted and clipped to [1, max_weight],
+    so small regions (ET, lesions) are not drowned by background."""
+    t = target.float()
+    if pos_weight is None:
+        dims = (0,) + tuple(range(2, t.dim()))
+        pos = t.sum(dims)
+        neg = t[:, :1].numel() - pos
+        pos_weight = (neg / pos.clamp_min(1.0)).sqrt().clamp(1.0, max_weight)
+    w = pos_weight.view(1, -1, *([1] * (t.dim() - 2))).to(t)
+    bce = F.binary_cross_entropy_with_logits(logits.float(), t, pos_weight=w)
+    return dice_loss(logits, t) + bce

@@ -1,0 +1,83 @@
+"""losses.py against values computed by hand on tiny tensors."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+import losses
+
+
+def test_info_nce_by_hand():
+    a = torch.tensor([[1.0, 0.0]])
+    p = torch.tensor([[0.6, 0.8]])
+    n = torch.tensor([[0.0, 1.0]])
+    # s+ = 0.6, s- = 0, tau 0.5 -> -log(e^1.2 / (e^1.2 + e^0))
+    want = -math.log(math.exp(1.2) / (math.exp(1.2) + 1.0))
+    got = losses.info_nce(a, p, n, tau=0.5)
+    assert abs(got.item() - want) < 1e-6
+    assert torch.isfinite(got) and got.item() > 0  # batch size 1: finite and non-zero
+
+
+def test_info_nce_with_other_persons_excludes_self():
+    a = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    p = F.normalize(torch.tensor([[1.0, 1.0], [0.0, 1.0]]), dim=-1)
+    n = F.normalize(torch.tensor([[-1.0, 0.0], [1.0, 0.0]]), dim=-1)
+    tau = 0.2
+    got = losses.info_nce(a, p, n, others=a, offset=0, tau=tau)
+    total = 0.0
+    for i in range(2):
+        sp, sn = (a[i] @ p[i]).item(), (a[i] @ n[i]).item()
+        so = [(a[i] @ a[j]).item() for j in range(2) if j != i]
+        den = math.exp(sp / tau) + math.exp(sn / tau) + sum(math.exp(s / tau) for s in so)
+        total += -math.log(math.exp(sp / tau) / den)
+    assert abs(got.item() - total / 2) < 1e-5
+
+
+def test_equivariance_loss_by_hand():
+    logits = torch.tensor([[2.0, 0.0, 0.0, 0.0]])
+    want = -math.log(math.exp(2) / (math.exp(2) + 3))
+    assert abs(losses.equivariance_loss(logits, torch.tensor([0])).item() - want) < 1e-6
+
+
+def test_invariance_running_anchor():
+    x1, x2, x3 = torch.tensor([1.0, 3.0]), torch.tensor([3.0, 3.0]), torch.tensor([0.0, 0.0])
+    anchor = None
+    l1 = losses.invariance_loss(x1, anchor)
+    assert l1.item() == 0.0
+    anchor = losses.update_anchor(anchor, x1)
+    assert torch.equal(anchor, x1)
+    l2 = losses.invariance_loss(x2, anchor)
+    assert abs(l2.item() - ((3 - 1) ** 2 + 0) / 2) < 1e-6
+    anchor = losses.update_anchor(anchor, x2)  # (x1 + x2) / 2 = [2, 3]
+    assert torch.equal(anchor, torch.tensor([2.0, 3.0]))
+    assert abs(losses.invariance_loss(x3, anchor).item() - (4 + 9) / 2) < 1e-6
+    # the anchor is a stop-gradient: gradient flows only into the current feature
+    y = torch.tensor([1.0, 1.0], requires_grad=True)
+    a = torch.tensor([0.0, 0.0], requires_grad=True)
+    losses.invariance_loss(y, a).backward()
+    assert a.grad is None and torch.allclose(y.grad, torch.tensor([1.0, 1.0]))
+
+
+def test_decomposition_foreground_weighting():
+    pred = torch.zeros(1, 1, 1, 1, 4)
+    target = torch.tensor([1.0, 2.0, 0.0, 0.0]).view(1, 1, 1, 1, 4)
+    fg = torch.tensor([True, False, False, False]).view(1, 1, 1, 1, 4)
+    # fg MSE = 1 / 1 voxel; all MSE = (1 + 4) / 4
+    got = losses.decomposition_loss(pred, target, fg, w_fg=10.0)
+    assert abs(got.item() - (10 * 1.0 + 5 / 4)) < 1e-6
+    assert abs(losses.decomposition_loss(pred, target, torch.zeros_like(fg)).item() - 5 / 4) < 1e-6
+
+
+def test_seg_loss_by_hand():
+    logits = torch.tensor([0.0, 2.0]).view(1, 1, 1, 1, 2)
+    target = torch.tensor([0.0, 1.0]).view(1, 1, 1, 1, 2)
+    p = torch.sigmoid(logits).flatten()
+    dice = 1 - (2 * p[1] + 1e-5) / (p.sum() + 1 + 1e-5)
+    w = 3.0
+    bce = (-math.log(1 - p[0].item()) + w * -math.log(p[1].item())) / 2
+    got = losses.seg_loss(logits, target, pos_weight=torch.tensor([w]))
+    assert abs(got.item() - (dice.item() + bce)) < 1e-5
+    # default weight: sqrt(neg/pos) = 1 here
+    got = losses.seg_loss(logits, target)
+    bce1 = (-math.log(1 - p[0].item()) - math.log(p[1].item())) / 2
+    assert abs(got.item() - (dice.item() + bce1)) < 1e-5
