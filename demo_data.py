@@ -137,6 +137,16 @@ def sample(template, origin, tspacing, points):
     return F.grid_sample(template, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
 
 
+def lobes(rng, u, n=5):
+    """Smooth random function of the direction u (..., 3) in about [-1, 1]: a lobulated outline."""
+    v = rng.standard_normal((n, 3)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    freq, phase = rng.uniform(1.5, 3.5, n), rng.uniform(0, 2 * math.pi, n)
+    cos = u @ torch.from_numpy(v).T  # (..., n)
+    freq, phase = torch.tensor(freq * math.pi, dtype=torch.float32), torch.tensor(phase, dtype=torch.float32)
+    return torch.cos(cos * freq + phase).mean(-1)
+
+
 def signal(seq, t1, t2, pd):
     """MR signal of one sequence for relaxation times t1, t2 (ms) and proton density pd."""
     tr, te = seq["TR"], seq["TE"]
@@ -200,10 +210,11 @@ def make_person(index, seed, tumour, template, origin, tspacing, tshape, spacing
     q = to_template(p)
     facts = {"scale": [round(float(v), 4) for v in scale], "tumour": bool(tumour)}
     if tumour:
-        brain0, _, wm0 = sample(template, origin, tspacing, q)
+        coarse = q[::2, ::2, ::2]  # the site needs no full resolution
+        brain0, _, wm0 = sample(template, origin, tspacing, coarse)
         radius = float(rng.uniform(max(8.0, 3.0 * s), max(20.0, 3.5 * s)))
-        site = choose_site(rng, wm0, brain0 > 0.5, q, int(math.ceil(radius / s)))
-        t = p[site[0], site[1], site[2]]
+        site = choose_site(rng, wm0, brain0 > 0.5, coarse, int(math.ceil(radius / (2 * s))))
+        t = p[2 * site[0], 2 * site[1], 2 * site[2]]
         # mass effect: tissue at distance r0 from the site is pushed to r = sqrt(r0^2 + Rm^2)
         d = p - t
         r = d.norm(dim=-1, keepdim=True).clamp_min(1e-3)
@@ -221,14 +232,14 @@ def make_person(index, seed, tumour, template, origin, tspacing, tshape, spacing
         edge = 0.35 * s
         dist = (p - t).norm(dim=-1)
         shape_noise = smooth_noise(rng, shape, 6, channels=2)
-        core_r = radius * float(rng.uniform(0.4, 0.6))
-        r_tum = dist * (1 + 0.15 * shape_noise[0])
+        core_r = radius * float(rng.uniform(0.5, 0.7))
+        r_tum = dist * (1 + 0.15 * shape_noise[0] + 0.25 * lobes(rng, (p - t) / dist[..., None].clamp_min(1e-3)))
         m_core = torch.sigmoid((core_r - r_tum) / edge) * brain
         m_tum = torch.sigmoid((radius - r_tum) / edge) * brain
         # oedema reaches further along white matter and stays out of the ventricles
         inv_b = 1 / brain.clamp_min(1e-3)
         r_oed = dist * (1 + 0.2 * shape_noise[1]) / (0.6 + 0.5 * wm * inv_b)
-        oed_r = radius * float(rng.uniform(1.6, 2.1))
+        oed_r = radius * float(rng.uniform(1.4, 1.9))
         m_oed = (torch.sigmoid((oed_r - r_oed) / edge) * (gm + wm) - m_tum).clamp_min(0)
         frac[3], frac[4], frac[5] = 0.85 * m_oed, m_core, m_tum - m_core
         frac[:3] *= (1 - frac[3:].sum(0) * inv_b).clamp_min(0)
@@ -281,7 +292,7 @@ def make_person(index, seed, tumour, template, origin, tspacing, tshape, spacing
 
     # FDG-PET in SUV: uptake per tissue, scanner blur (FWHM 6 mm), count noise, calibration
     uptake = torch.tensor([PROPS[k][4] for k in TISSUES])
-    uptake[5] = float(rng.uniform(11.0, 20.0))
+    uptake[5] = float(rng.uniform(15.0, 25.0))
     act = torch.einsum("t,txyz->xyz", uptake, frac) + (1 - brain) * mask * PROPS["csf"][4]
     act = act + in_csf * PROPS["csf"][4] + in_skull * 0.7 + in_scalp * 1.0
     act = gaussian_blur(act, 6.0 / 2.3548 / s)
@@ -301,8 +312,10 @@ def lps(arr, first, spacing):
     return np.ascontiguousarray(arr.numpy()[::-1, ::-1, :]), aff
 
 
-def save(arr, affine, path):
+def save(arr, affine, path, dtype=None):
     img = nib.Nifti1Image(arr, affine)
+    if dtype is not None:  # stored scaled (scl_slope), read back as float
+        img.set_data_dtype(dtype)
     img.header.set_xyzt_units("mm", "sec")
     img.set_qform(affine, 1)
     img.set_sform(affine, 1)
@@ -316,6 +329,15 @@ def build(out, n_persons=32, seed=0, spacing=2.0, tumour_fraction=0.8, verbose=T
         raise FileExistsError(f"{out}: already holds a demo data set (manifest.json)")
     if n_persons < 1 or spacing <= 0:
         raise ValueError(f"need n_persons >= 1 and spacing > 0, got {n_persons} and {spacing}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small element-wise ops: extra threads cost more than they give
+    try:
+        return _build(out, n_persons, seed, spacing, tumour_fraction, verbose)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(out, n_persons, seed, spacing, tumour_fraction, verbose):
     t0 = time.time()
     template, origin, tspacing, tshape = load_template(spacing)
     rng = np.random.default_rng([seed, 1 << 20])
@@ -334,7 +356,7 @@ def build(out, n_persons=32, seed=0, spacing=2.0, tumour_fraction=0.8, verbose=T
         seg, aff = lps(arrays["seg"], arrays["first"], spacing)
         save(seg, aff, bdir / f"{pid}_seg.nii.gz")
         save(lps(arrays["ct"], arrays["first"], spacing)[0], aff, adir / "CTres.nii.gz")
-        save(lps(arrays["suv"], arrays["first"], spacing)[0], aff, adir / "SUV.nii.gz")
+        save(lps(arrays["suv"], arrays["first"], spacing)[0], aff, adir / "SUV.nii.gz", np.int16)
         save(np.isin(seg, (1, 4)).astype(np.uint8), aff, adir / "SEG.nii.gz")
         persons.append({"id": pid, **facts})
         if verbose:

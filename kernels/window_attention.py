@@ -21,7 +21,8 @@ The same kernels serve the prior cross-attention (kernels/prior_attention.py): k
 with batch stride 0, no bias, and dK/dV summed over the batch inside the program.
 
 Inputs are bf16, fp16 or fp32 with head dims up to 128 (padded in registers to a power of two
->= 16, the smallest tl.dot size); accumulation is always fp32.
+>= 16, the smallest tl.dot size); accumulation is always fp32. The PyTorch reference is
+model.window_attention(..., backend="naive"); tests/test_kernels.py compares the two.
 """
 import math
 import os
@@ -34,7 +35,7 @@ from einops import rearrange
 BLOCK_M = 64  # queries per program
 BLOCK_N = 64  # keys per inner step
 LOG2E = 1.4426950408889634
-GROUP_PROGRAMS = 1024  # dBias: aim for about this many programs when grouping windows
+GROUP_PROGRAMS = 1024  # dBias: about this many programs; the partial sums stay <= 16 MiB fp32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,7 +89,8 @@ def _attn_fwd(Q, K, V, Bias, Region, O, Lse,
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + offs_d[None, :], mask=tl.trans(mask_kv), other=0.0)
+        v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + offs_d[None, :],
+                    mask=(cols < N)[:, None] & mask_d[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     acc = acc / l_i[:, None]
@@ -126,7 +128,7 @@ def _attn_bwd_dkdv(Q, K, V, Bias, Region, DO, Lse, Delta, DK, DV,
     pid = tl.program_id(1)
     if SHARED_KV:
         h = pid
-        b_lo = 0
+        b_lo = pid * 0
         b_hi = B
     else:
         h = pid % H
@@ -142,7 +144,7 @@ def _attn_bwd_dkdv(Q, K, V, Bias, Region, DO, Lse, Delta, DK, DV,
     dk = tl.zeros([BLOCK_N, HD_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, HD_PAD], tl.float32)
     for bi in range(b_lo, b_hi):
-        b = bi.to(tl.int64)
+        b = tl.cast(bi, tl.int64)
         for start_m in range(0, N, BLOCK_M):
             rows = start_m + tl.arange(0, BLOCK_M)
             mask_m = rows < N
@@ -221,7 +223,7 @@ def _attn_bwd_dbias(Q, K, V, Bias, Region, DO, Lse, Delta, DBias,
     mask_kv = (cols < N)[:, None] & mask_d[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for bi in range(g, B, G):
-        b = bi.to(tl.int64)
+        b = tl.cast(bi, tl.int64)
         q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :], mask=mask_q, other=0.0)
         do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + offs_d[None, :], mask=mask_q, other=0.0)
         k = tl.load(K + b * skb + h * skh + cols[:, None] * skn + offs_d[None, :], mask=mask_kv, other=0.0)
@@ -283,9 +285,9 @@ def attention_forward(q, k, v, out, bias=None, region=None):
 
 
 def attention_backward(q, k, v, out, dout, lse, dq, dk, dv, bias=None, region=None, shared_kv=False,
-                       deterministic=True):
+                       need_dbias=True, deterministic=True):
     """Fills dq, dk, dv ((B, H, N, D) views; with shared_kv dk and dv have batch stride 0 and are
-    summed over the batch). Returns dBias (H, N, N) fp32 when bias is given, else None."""
+    summed over the batch). Returns dBias (H, N, N) fp32 when bias is given and need_dbias."""
     b, h, n, d = q.shape
     meta = _meta(q, bias, region)
     nw = region.shape[0] if region is not None else 1
@@ -303,7 +305,7 @@ def attention_backward(q, k, v, out, dout, lse, dq, dk, dv, bias=None, region=No
     _attn_bwd_dq[(triton.cdiv(n, BLOCK_M), b * h)](
         q, k, v, bias_arg, region_arg, dout, lse, delta, dq, *strides, *_s3(dq),
         h, n, nw, qk_scale, sm_scale, **meta)
-    if bias is None:
+    if bias is None or not need_dbias:
         return None
     g = bias_groups(b, h, n)
     if deterministic:
@@ -342,10 +344,10 @@ class WindowAttentionFunction(torch.autograd.Function):
         heads = qkv.shape[3]
         dout = dout.contiguous()
         dqkv = torch.empty_like(qkv)
-        four = lambda t: rearrange(t, "b n (h d) -> b h n d", h=heads)  # noqa: E731
-        dbias = attention_backward(*_split(qkv), four(out), four(dout), lse, *_split(dqkv), bias, region,
-                                   deterministic=ctx.deterministic)
-        return dqkv, (dbias if ctx.needs_input_grad[1] else None), None, None
+        out, dout = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (out, dout))
+        dbias = attention_backward(*_split(qkv), out, dout, lse, *_split(dqkv), bias, region,
+                                   need_dbias=ctx.needs_input_grad[1], deterministic=ctx.deterministic)
+        return dqkv, dbias, None, None
 
 
 def window_attention_triton(qkv, table, index, region=None, deterministic=None):
@@ -358,6 +360,8 @@ def window_attention_triton(qkv, table, index, region=None, deterministic=None):
     if qkv.ndim != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must be (b, n, 3, heads, hd), got {tuple(qkv.shape)}")
     b, n, _, heads, hd = qkv.shape
+    if qkv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"qkv must be float32, bfloat16 or float16, got {qkv.dtype}")
     if tuple(index.shape) != (n, n):
         raise ValueError(f"index must be ({n}, {n}) for {n} tokens, got {tuple(index.shape)}")
     if table.ndim != 2 or table.shape[1] != heads:

@@ -1,4 +1,43 @@
 import os
 import sys
 
+import nibabel as nib
+import numpy as np
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def write_brats(root, n=5, shape=(36, 40, 34), seed=0, convention="brats"):
+    """Tiny BraTS-layout cases: an ellipsoid 'brain' whose tissues differ per modality, a
+    spherical tumour (necrosis 1, oedema 2, enhancing 4 or 3) in most cases."""
+    rng = np.random.default_rng(seed)
+    names = ("t1", "t1ce", "t2", "flair") if convention == "brats" else ("t1n", "t1c", "t2w", "t2f")
+    sep, et = ("_", 4) if convention == "brats" else ("-", 3)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(np.float32)
+    centre = np.array(shape) / 2
+    affine = np.diag([-2.0, -2.0, 2.0, 1.0])
+    for c in range(n):
+        case = f"Case_{c:03d}"
+        d = root / case
+        d.mkdir(parents=True)
+        radii = np.array(shape) * rng.uniform(0.35, 0.42, 3)
+        brain = (((grid - centre) / radii) ** 2).sum(-1) < 1
+        label = np.zeros(shape, np.uint8)
+        if c % 5 != 4:
+            tc = centre + rng.uniform(-4, 4, 3)
+            r = np.linalg.norm(grid - tc, axis=-1)
+            label[(r < 8) & brain] = 2
+            label[r < 5] = et
+            label[r < 3] = 1
+        tissue = brain.astype(np.float32) * (1 + 0.3 * np.sin(grid[..., 0] / 3 + c))
+        for k, m in enumerate(names):
+            img = tissue * (100 + 40 * k) + (label > 0) * (30 * (k + 1)) + rng.normal(0, 3, shape) * brain
+            nib.save(nib.Nifti1Image(img.astype(np.float32), affine), str(d / f"{case}{sep}{m}.nii.gz"))
+        nib.save(nib.Nifti1Image(label, affine), str(d / f"{case}{sep}seg.nii.gz"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_brats(tmp_path_factory):
+    return write_brats(tmp_path_factory.mktemp("brats"))

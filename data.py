@@ -1,0 +1,1150 @@
+"""Data: dataset layouts, preprocessing with an exact inverse, a memory-mapped cache, random roi
+crops, the transforms Phi and Augment, split files and the data contract stored in checkpoints.
+
+Layouts, detected from --data PATH:
+    brats      <root>/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz   BraTS 2018-2021, labels 0,1,2,4
+               (one extra folder level such as HGG/ LGG/ is allowed)
+    brats2023  <root>/<case>/<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz    BraTS 2023 GLI, labels 0,1,2,3
+    autopet    <root>/<patient>/<study>/{CTres,SUV,SEG}.nii.gz       labels 0,1
+    nnunet     <root>/dataset.json, imagesTr/<id>_000k.nii.gz, labelsTr/<id>.nii.gz
+    datalist   a MONAI-style JSON file {"training": [{"image": [...], "label": ...}], ...}
+    demo       the embedded demo set, BraTS layout (t1, t1ce, t2, flair), built on first use
+    demo-petct the same persons in the AutoPET layout (ct, pet)
+BraTS 2023 modalities get the BraTS 2021 names (t1n -> t1, t1c -> t1ce, t2w -> t2, t2f -> flair)
+so that checkpoints move between the two releases.
+
+Preprocessing of a case (all steps recorded, restore() inverts them voxel-exactly):
+    1. reorient to RAS with axis permutations and flips only (no resampling);
+    2. crop to the bounding box of the foreground: the brain (any modality nonzero) for MRI, the
+       body (CT > -500 HU, holes filled per axial slice) for CT/PET;
+    3. normalise: MRI z-score over each modality's nonzero voxels (background stays 0); CT
+       clipped to [-1000, 1000] HU and scaled to [-1, 1]; PET in SUV, negatives set to 0, divided
+       by 10, never clipped at the top (that would erase the hottest lesions).
+Arrays are (C, x, y, z) with the spatial axes pointing to R, A, S; the code calls them (C, D, H, W).
+
+    python data.py check --data PATH [--modalities t1,t2]   # every problem, one line each
+    python data.py prepare --data PATH                      # fill the cache before a long run
+    python data.py split --data PATH --seed 0 --out split.json
+    python data.py demo [--persons 32 --seed 0 --spacing 2]
+"""
+import argparse
+import base64
+import fcntl
+import hashlib
+import itertools
+import json
+import os
+import re
+import shutil
+import sys
+import threading
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from einops import rearrange
+
+HERE = Path(__file__).resolve().parent
+DEMO_DIR = HERE / "demo_data"  # demo root: brats/ (resolve("demo")) and autopet/ (resolve("demo-petct"))
+CACHE_DIR = HERE / ".cache" / "data"
+VERSION = 1  # of the preprocessing: cache entries of another version are rebuilt
+
+BRATS_FILES = {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair"}  # modality -> file suffix
+BRATS2023_FILES = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
+AUTOPET_FILES = {"ct": "CTres", "pet": "SUV"}
+LABELS = {  # label kind -> (allowed values, regions: name -> label values, in channel order)
+    "brats": ((0, 1, 2, 4), {"tc": (1, 4), "wt": (1, 2, 4), "et": (4,)}),
+    "brats2023": ((0, 1, 2, 3), {"tc": (1, 3), "wt": (1, 2, 3), "et": (3,)}),
+    "autopet": ((0, 1), {"lesion": (1,)}),
+}
+ALIASES = {  # lower-case names seen in file names and dataset.json files -> modality name
+    "t1": "t1", "t1n": "t1", "t1w": "t1", "native": "t1",
+    "t1ce": "t1ce", "t1c": "t1ce", "t1gd": "t1ce", "t1-gd": "t1ce", "t1post": "t1ce",
+    "t2": "t2", "t2w": "t2",
+    "flair": "flair", "t2f": "flair", "t2-flair": "flair", "t2flair": "flair",
+    "ct": "ct", "ctres": "ct", "pet": "pet", "suv": "pet", "fdg": "pet",
+}
+CT_WINDOW = (-1000.0, 1000.0)  # HU, mapped to [-1, 1]
+CT_BODY_HU = -500.0  # body mask threshold (air is -1000)
+PET_SCALE = 10.0  # SUV per normalised unit
+PET_BODY_SUV = 0.1
+NII = (".nii.gz", ".nii")
+
+
+def normalisation(modality):
+    """How one modality is normalised (stored in records and in the data contract)."""
+    if modality == "ct":
+        return {"kind": "ct_window", "low": CT_WINDOW[0], "high": CT_WINDOW[1], "out": [-1.0, 1.0]}
+    if modality == "pet":
+        return {"kind": "suv_scale", "scale": PET_SCALE, "clip_low": 0.0}
+    return {"kind": "zscore_nonzero"}
+
+
+def pad_value(modality):
+    """Normalised value of empty space: air for CT, 0 otherwise."""
+    return -1.0 if modality == "ct" else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts
+
+
+@dataclass
+class Case:
+    id: str
+    images: dict  # modality -> Path, in channel order
+    label: Path | None = None
+
+
+@dataclass
+class DatasetSpec:
+    root: Path
+    layout: str
+    modalities: list  # names in channel order
+    cases: list  # of Case
+    label_kind: str | None  # "brats", "brats2023", "autopet", "binary", "custom" or None
+    label_values: tuple | None = None  # allowed label values, None = not checked
+    regions: dict = field(default_factory=dict)  # region name -> label values, in channel order
+
+    def case(self, case_id):
+        for c in self.cases:
+            if c.id == case_id:
+                return c
+        raise KeyError(f"{self.root}: no case {case_id!r}")
+
+
+def _nii(folder, stem):
+    """Existing NIfTI file folder/stem(.nii.gz|.nii), else the .nii.gz path (reported as missing)."""
+    for ext in NII:
+        if (folder / (stem + ext)).exists():
+            return folder / (stem + ext)
+    return folder / (stem + NII[0])
+
+
+def _strip_nii(name):
+    for ext in NII:
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return None
+
+
+def _subdirs(folder):
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _find_brats(root, files, sep):
+    """Case folders (depth 1 or 2) holding files <prefix><sep><suffix>.nii(.gz)."""
+    suffixes = list(files.values()) + ["seg"]
+    cases = []
+    for d in _subdirs(root):
+        for folder in [d] + _subdirs(d):
+            prefix = None
+            for f in sorted(folder.iterdir()):
+                stem = _strip_nii(f.name)
+                for s in suffixes:
+                    if stem is not None and stem.endswith(sep + s) and len(stem) > len(sep + s):
+                        prefix = stem[: -len(sep + s)]
+                        break
+                if prefix:
+                    break
+            if prefix is None:
+                continue
+            images = {m: _nii(folder, f"{prefix}{sep}{s}") for m, s in files.items()}
+            label = _nii(folder, f"{prefix}{sep}seg")
+            cases.append(Case(folder.name, images, label if label.exists() else None))
+    return cases
+
+
+def _find_autopet(root):
+    cases = []
+    for patient in _subdirs(root):
+        studies = [s for s in _subdirs(patient)
+                   if any((s / (n + e)).exists() for n in ("CTres", "SUV", "SEG") for e in NII)]
+        for study in studies:
+            cid = patient.name if len(studies) == 1 else f"{patient.name}_{study.name}"
+            images = {m: _nii(study, f) for m, f in AUTOPET_FILES.items()}
+            label = _nii(study, "SEG")
+            cases.append(Case(cid, images, label if label.exists() else None))
+    return cases
+
+
+def _modality_name(name):
+    return ALIASES.get(name.strip().lower(), name.strip().lower())
+
+
+def _labels_from_json(labels, where):
+    """Label kind, allowed values and regions from a dataset.json 'labels' entry (nnU-Net v1
+    {"0": "background", ...} or v2 {"background": 0, ...}, region lists allowed)."""
+    if all(k.isdigit() for k in labels):  # v1
+        labels = {v: int(k) for k, v in labels.items()}
+    named = {k.lower(): v for k, v in labels.items()}
+    if any(isinstance(v, list) for v in named.values()):  # region-based (nnU-Net v2)
+        short = {"whole tumor": "wt", "tumor core": "tc", "enhancing tumor": "et"}
+        regions = {short.get(k, k): tuple(int(x) for x in (v if isinstance(v, list) else [v]))
+                   for k, v in named.items() if v not in (0, [0])}
+        if set(regions) == {"tc", "wt", "et"}:  # the BraTS channel order
+            regions = {k: regions[k] for k in ("tc", "wt", "et")}
+        values = tuple(sorted({0, *itertools.chain(*regions.values())}))
+        return "custom", values, regions
+    values = tuple(sorted(int(v) for v in named.values()))
+    if values == (0, 1):
+        return "binary", values, {"fg": (1,)}
+
+    def find(*words):
+        hits = [v for k, v in named.items() if any(w in k for w in words)]
+        return hits[0] if len(hits) == 1 else None
+    ncr = find("necro", "ncr", "non-enh", "non enh", "nonenh")
+    ed = find("edema", "oedema")
+    et = [v for k, v in named.items() if "enhanc" in k and not any(w in k for w in ("non-enh", "non enh", "nonenh"))]
+    if ncr is not None and ed is not None and len(et) == 1:
+        et = et[0]
+        kind = {(1, 2, 4): "brats", (1, 2, 3): "brats2023"}.get((ncr, ed, et), "custom")
+        return kind, values, {"tc": (ncr, et), "wt": (ncr, ed, et), "et": (et,)}
+    if len(values) < 2:
+        raise ValueError(f"{where}: 'labels' lists no foreground label")
+    return "custom", values, {k: (v,) for k, v in named.items() if v != 0}
+
+
+def _resolve_nnunet(root):
+    path = root / "dataset.json"
+    meta = _read_json(path)
+    names = meta.get("channel_names") or meta.get("modality")
+    if not isinstance(names, dict) or not names:
+        raise ValueError(f"{path}: no 'channel_names' (nnU-Net v2) or 'modality' (v1) entry")
+    ending = meta.get("file_ending", ".nii.gz")
+    channels = [_modality_name(names[k]) for k in sorted(names, key=int)]
+    dup = sorted({c for c in channels if channels.count(c) > 1})
+    if dup:
+        raise ValueError(f"{path}: channel names {list(names.values())} repeat {dup}: give each channel "
+                         "its own name (e.g. CT and PET), normalisation depends on it")
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    ids = sorted({m.group(1) for f in images_dir.iterdir()
+                  if (m := re.fullmatch(r"(.+)_(\d{4})" + re.escape(ending), f.name))})
+    cases = []
+    for cid in ids:
+        images = {c: images_dir / f"{cid}_{k:04d}{ending}" for k, c in enumerate(channels)}
+        label = labels_dir / f"{cid}{ending}"
+        cases.append(Case(cid, images, label if label.exists() else None))
+    kind, values, regions = (None, None, {"fg": None})
+    if "labels" in meta:
+        kind, values, regions = _labels_from_json(meta["labels"], path)
+    if kind == "binary" and set(channels) <= {"ct", "pet"}:
+        kind, regions = "autopet", {"lesion": (1,)}
+    return DatasetSpec(root, "nnunet", channels, cases, kind, values, regions)
+
+
+def _resolve_datalist(path):
+    meta = _read_json(path)
+    base = Path(meta.get("basedir", path.parent))
+    if not base.is_absolute():
+        base = path.parent / base
+    entries = []
+    for key in ("training", "validation", "testing"):
+        for e in meta.get(key, []):
+            e = {"image": e} if isinstance(e, (str, list)) else e
+            if not isinstance(e, dict) or "image" not in e:
+                raise ValueError(f"{path}: entry of '{key}' without an 'image': {str(e)[:80]}")
+            imgs = e["image"] if isinstance(e["image"], list) else [e["image"]]
+            entries.append(([base / p for p in imgs], base / e["label"] if e.get("label") else None))
+    if not entries:
+        raise ValueError(f"{path}: no entries in 'training', 'validation' or 'testing'")
+    n = len(entries[0][0])
+    bad = [str(imgs[0]) for imgs, _ in entries if len(imgs) != n]
+    if bad:
+        raise ValueError(f"{path}: entries have different numbers of images ({n} first, then e.g. {bad[0]})")
+    # modality names: the file's 'modality' table, else the suffix of the first entry's file names
+    suffixes = [re.split(r"[_\-]", _strip_nii(p.name) or p.stem)[-1] for p in entries[0][0]]
+    if isinstance(meta.get("modality"), dict) and len(meta["modality"]) == n:
+        channels = [_modality_name(meta["modality"][k]) for k in sorted(meta["modality"], key=int)]
+    else:
+        channels = [_modality_name(s) if s.lower() in ALIASES else f"ch{k}" for k, s in enumerate(suffixes)]
+    if len(set(channels)) != n:
+        channels = [f"ch{k}" for k in range(n)]
+    cases, seen = [], set()
+    for imgs, label in entries:
+        stem = _strip_nii(imgs[0].name) or imgs[0].stem
+        suffix = suffixes[0].lower()
+        if suffix in ALIASES and stem.lower().endswith(suffix) and len(stem) > len(suffix) + 1:
+            stem = stem[: -len(suffix) - 1]  # case_00_flair -> case_00
+        cid = stem if stem not in seen else f"{imgs[0].parent.name}_{stem}"
+        if cid in seen:
+            raise ValueError(f"{path}: two entries share the case id {cid!r}")
+        seen.add(cid)
+        cases.append(Case(cid, dict(zip(channels, imgs)), label))
+    if "labels" in meta:
+        kind, values, regions = _labels_from_json(meta["labels"], path)
+    else:
+        low = [s.lower() for s in suffixes]
+        kind = ("brats" if {"t1ce", "flair"} & set(low) else "brats2023" if {"t1n", "t1c", "t2f"} & set(low)
+                else "autopet" if set(channels) <= {"ct", "pet"} else None)
+        values, regions = LABELS[kind] if kind else (None, {"fg": None})
+    return DatasetSpec(path.parent, "datalist", channels, cases, kind, values, dict(regions))
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _select(spec, modalities):
+    """Keeps the requested modalities (names or aliases, list or 'a,b'), in the order given."""
+    if modalities is None:
+        return spec
+    if isinstance(modalities, str):
+        modalities = [m for m in modalities.split(",") if m.strip()]
+    chosen = [_modality_name(m) for m in modalities]
+    unknown = [m for m, c in zip(modalities, chosen) if c not in spec.modalities]
+    if unknown or not chosen or len(set(chosen)) != len(chosen):
+        raise ValueError(f"{spec.root}: cannot use modalities {list(modalities)}: available "
+                         f"{', '.join(spec.modalities)} (each at most once)")
+    spec.modalities = chosen
+    for c in spec.cases:
+        c.images = {m: c.images[m] for m in chosen}
+    return spec
+
+
+def resolve(data, modalities=None):
+    """Dataset at `data` (a folder, a datalist JSON, "demo" or "demo-petct") -> DatasetSpec."""
+    if str(data) in ("demo", "demo-petct"):
+        root = DEMO_DIR if (DEMO_DIR / "manifest.json").exists() else ensure_demo()
+        return resolve(root / ("brats" if str(data) == "demo" else "autopet"), modalities)
+    root = Path(data).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: no such file or folder")
+    if root.is_file():
+        if root.name == "dataset.json" and (root.parent / "imagesTr").is_dir():
+            return _select(_resolve_nnunet(root.parent), modalities)
+        if root.suffix == ".json":
+            return _select(_resolve_datalist(root), modalities)
+        raise ValueError(f"{root}: expected a dataset folder or a datalist .json file")
+    if (root / "dataset.json").exists() and (root / "imagesTr").is_dir():
+        return _select(_resolve_nnunet(root), modalities)
+    if not any(not p.name.startswith(".") for p in root.iterdir()):
+        raise ValueError(f"{root}: empty folder, expected a dataset")
+    found = [
+        ("brats", _find_brats(root, BRATS_FILES, "_"), BRATS_FILES),
+        ("brats2023", _find_brats(root, BRATS2023_FILES, "-"), BRATS2023_FILES),
+        ("autopet", _find_autopet(root), AUTOPET_FILES),
+    ]
+    found = [f for f in found if f[1]]
+    if not found:
+        raise ValueError(f"{root}: no known dataset layout (expected BraTS <case>/<case>_t1.nii.gz, BraTS 2023 "
+                         "<case>/<case>-t1n.nii.gz, AutoPET <patient>/<study>/CTres.nii.gz, nnU-Net "
+                         "dataset.json + imagesTr/, or a datalist .json)")
+    if len(found) > 1:
+        raise ValueError(f"{root}: holds cases of several layouts ({', '.join(f[0] for f in found)})")
+    layout, cases, files = found[0]
+    values, regions = LABELS[layout]
+    spec = DatasetSpec(root, layout, list(files), cases, layout, values, dict(regions))
+    ids = [c.id for c in cases]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{root}: case ids repeat: {sorted({i for i in ids if ids.count(i) > 1})[:5]}")
+    return _select(spec, modalities)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and checking
+
+
+def _read_checked(case, spec, first_only):
+    """Reads a case and checks it. Returns (problems, arrays, header image); with first_only the
+    first problem is raised instead (FileNotFoundError for a missing file, else ValueError)."""
+    problems = []
+
+    def fail(msg, exc=ValueError):
+        if first_only:
+            raise exc(msg)
+        problems.append(msg)
+
+    files = list(case.images.items()) + ([("label", case.label)] if case.label is not None else [])
+    imgs, ref = {}, None
+    for name, path in files:
+        path = Path(path)
+        if not path.exists():
+            what = "label" if name == "label" else f"modality {name}"
+            fail(f"{path}: missing file ({what} of case {case.id})", FileNotFoundError)
+            continue
+        try:
+            img = nib.load(str(path))
+        except Exception as e:  # nibabel raises many kinds for a bad header
+            fail(f"{path}: not a readable NIfTI file ({_one_line(e)})")
+            continue
+        shape = img.shape
+        if len(shape) == 4 and shape[3] == 1:
+            shape = shape[:3]
+        if len(shape) != 3:
+            fail(f"{path}: {len(shape)}-D image of shape {tuple(shape)}, expected 3-D (one file per modality)")
+            continue
+        aff = img.affine
+        if not np.all(np.isfinite(aff)) or abs(np.linalg.det(aff[:3, :3])) < 1e-8:
+            fail(f"{path}: degenerate affine {aff[:3].tolist()}")
+            continue
+        if ref is None:
+            ref = (path, shape, aff)
+        elif shape != ref[1]:
+            fail(f"{path}: shape {tuple(shape)} differs from {ref[0].name} {tuple(ref[1])}")
+            continue
+        elif not np.allclose(aff, ref[2], atol=1e-3):
+            fail(f"{path}: affine differs from {ref[0].name}'s (max difference {np.abs(aff - ref[2]).max():.3g})")
+            continue
+        imgs[name] = (path, img)
+    if problems or len(imgs) < len(files):
+        return problems, None, None
+
+    arrays = {}
+    for name, (path, img) in imgs.items():
+        try:
+            a = np.asanyarray(img.dataobj).reshape(img.shape[:3])
+        except (EOFError, OSError, zlib.error, ValueError) as e:
+            fail(f"{path}: cannot read the voxels, corrupt or truncated gzip? ({_one_line(e)})")
+            continue
+        if a.dtype.kind == "f":
+            bad = int(np.count_nonzero(~np.isfinite(a)))
+            if bad:
+                fail(f"{path}: {bad} NaN/Inf voxels")
+                continue
+        arrays[name] = a
+    if problems:
+        return problems, None, None
+    if "label" in arrays:
+        lab = arrays["label"]
+        if lab.dtype.kind == "f" and not np.array_equal(lab, np.round(lab)):
+            fail(f"{case.label}: non-integer label values")
+        else:
+            present = _values(lab)
+            allowed = spec.label_values
+            extra = [int(v) for v in present if allowed is not None and v not in allowed]
+            if extra:
+                hint = ""
+                if spec.label_kind == "brats" and 3 in extra:
+                    hint = "; 3 is ET in BraTS 2023: name the files -t1n/-t1c/-t2w/-t2f/-seg"
+                if spec.label_kind == "brats2023" and 4 in extra:
+                    hint = "; 4 is ET in BraTS 2018-2021: name the files _t1/_t1ce/_t2/_flair/_seg"
+                fail(f"{case.label}: label values {extra} outside the {spec.label_kind} set {list(allowed)}{hint}")
+            elif present.min() < 0 or present.max() > 255:
+                fail(f"{case.label}: label values outside 0..255")
+    if "pet" in arrays:
+        pet = arrays["pet"]
+        body = pet[pet > PET_BODY_SUV]
+        med = float(np.median(body)) if body.size else 0.0
+        if med > 100:
+            fail(f"{case.images['pet']}: PET median {med:.0f} over the body looks like activity (Bq/ml), not SUV")
+    if "ct" in arrays and float(arrays["ct"].min()) > -200:
+        fail(f"{case.images['ct']}: CT minimum {float(arrays['ct'].min()):.0f} has no air: expected HU (air -1000)")
+    return problems, arrays, imgs[files[0][0]][1]
+
+
+def _one_line(e):
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}"
+
+
+def _values(a):
+    """Sorted distinct values of an integer-valued array (a histogram when the range is small)."""
+    if a.dtype.kind in "iub" and a.size:
+        lo, hi = int(a.min()), int(a.max())
+        if hi - lo < 1 << 16:
+            flat = a.ravel(order="K")
+            return np.flatnonzero(np.bincount(flat - lo if lo else flat)) + lo
+    return np.unique(a).astype(np.int64)
+
+
+def check_case(case, spec):
+    """Every problem of one case, one line each (empty when the case is usable)."""
+    problems, arrays, _ = _read_checked(case, spec, first_only=False)
+    if arrays is not None and not problems and not _foreground({m: arrays[m] for m in case.images}).any():
+        problems.append(f"{next(iter(case.images.values()))}: no foreground (the image is empty or has no body)")
+    return problems
+
+
+def check_dataset(spec):
+    """Every problem of a dataset, one line each: missing or unreadable files, shape or affine
+    mismatches, NaN/Inf, wrong dimensionality, label values outside the set, empty foreground."""
+    problems = []
+    if not spec.cases:
+        return [f"{spec.root}: no cases"]
+    ids = [c.id for c in spec.cases]
+    for cid in sorted({i for i in ids if ids.count(i) > 1}):
+        problems.append(f"{spec.root}: case id {cid!r} appears more than once")
+    with_label = sum(c.label is not None for c in spec.cases)
+    for c in spec.cases:
+        if 0 < with_label < len(spec.cases) and c.label is None:
+            first = next(iter(c.images.values()))
+            problems.append(f"{first.parent}: case {c.id} has no label file, other cases have one")
+        problems += check_case(c, spec)
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing and its inverse
+
+
+def orientation(affine):
+    """Axis permutation and flips that bring voxel axes to RAS: canonical axis j is source axis
+    perm[j], reversed when flip[j]."""
+    ornt = nib.orientations.io_orientation(affine)  # per source axis: (canonical axis, +1/-1)
+    perm = [int(np.flatnonzero(ornt[:, 0] == j)[0]) for j in range(3)]
+    flip = [bool(ornt[perm[j], 1] < 0) for j in range(3)]
+    return perm, flip
+
+
+def to_canonical(a, perm, flip):
+    """View of a (..., X, Y, Z) array in canonical (RAS) axis order."""
+    lead = a.ndim - 3
+    a = np.transpose(a, list(range(lead)) + [lead + p for p in perm])
+    return a[(Ellipsis, *[slice(None, None, -1) if f else slice(None) for f in flip])]
+
+
+def from_canonical(a, perm, flip):
+    """Inverse of to_canonical."""
+    lead = a.ndim - 3
+    a = a[(Ellipsis, *[slice(None, None, -1) if f else slice(None) for f in flip])]
+    return np.transpose(a, list(range(lead)) + [lead + p for p in np.argsort(perm)])
+
+
+def _fill_axial(mask):
+    """Fills holes (lungs, sinuses) of a body mask: a voxel enclosed by the body along both
+    in-plane axes of its axial slice belongs to the body."""
+    acc = np.logical_or.accumulate
+    along_x = acc(mask, axis=0) & acc(mask[::-1], axis=0)[::-1]
+    along_y = acc(mask, axis=1) & acc(mask[:, ::-1], axis=1)[:, ::-1]
+    return mask | (along_x & along_y)
+
+
+def _foreground(canon):
+    """Foreground mask from canonical arrays {modality: array}."""
+    fg = None
+    if "ct" in canon:
+        fg = _fill_axial(canon["ct"] > CT_BODY_HU)
+    elif "pet" in canon:
+        fg = _fill_axial(canon["pet"] > PET_BODY_SUV)
+    for m, a in canon.items():
+        if m not in ("ct", "pet"):
+            fg = (a != 0) if fg is None else fg | (a != 0)
+    return fg
+
+
+def _normalise(a, modality, out):
+    """Writes the normalised float32 values of one cropped modality into out; returns the
+    normalisation with the statistics used."""
+    out[...] = a
+    norm = normalisation(modality)
+    if norm["kind"] == "ct_window":
+        lo, hi = norm["low"], norm["high"]
+        np.clip(out, lo, hi, out=out)
+        out -= lo
+        out *= 2.0 / (hi - lo)
+        out -= 1.0
+    elif norm["kind"] == "suv_scale":
+        np.maximum(out, 0, out=out)
+        out *= 1.0 / norm["scale"]
+    else:
+        nz = out != 0
+        vals = out[nz]
+        mean = float(vals.mean(dtype=np.float64)) if vals.size else 0.0
+        std = float(vals.std(dtype=np.float64)) if vals.size else 1.0
+        std = std if std > 0 else 1.0
+        out[nz] = (vals - np.float32(mean)) / np.float32(std)
+        norm = {**norm, "mean": mean, "std": std}
+    return norm
+
+
+def _preprocess(case, spec, arrays, img, pad_to=None):
+    """Reorient, crop to the foreground, normalise. Returns (image, fg, label, record)."""
+    ref = next(iter(case.images.values()))
+    if img is None:
+        img = nib.load(str(ref))
+    affine = img.affine
+    perm, flip = orientation(affine)
+    canon = {m: to_canonical(arrays[m], perm, flip) for m in case.images}
+    fg = _foreground(canon)
+    if not fg.any():
+        raise ValueError(f"{ref}: no foreground (the image is empty or has no body)")
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(fg.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append([int(hit[0]), int(hit[-1]) + 1])
+    sl = tuple(slice(a, b) for a, b in box)
+    image = np.empty((len(case.images), *[b - a for a, b in box]), np.float32)  # (C, D, H, W)
+    norms = [{"modality": m, **_normalise(canon[m][sl], m, image[c])} for c, m in enumerate(case.images)]
+    fg = np.ascontiguousarray(fg[sl])
+    label = None
+    if "label" in arrays:
+        label = np.ascontiguousarray(to_canonical(arrays["label"], perm, flip)[sl]).astype(np.uint8)
+    pad = [[0, 0]] * 3
+    if pad_to is not None:
+        want = [pad_to] * 3 if np.isscalar(pad_to) else list(pad_to)
+        pad = [[max(0, w - n) // 2, max(0, w - n) - max(0, w - n) // 2] for w, n in zip(want, fg.shape)]
+        if any(sum(p) for p in pad):
+            image = np.stack([np.pad(c, pad, constant_values=pad_value(m)) for c, m in zip(image, case.images)])
+            fg = np.pad(fg, pad)
+            label = None if label is None else np.pad(label, pad)
+    canon_shape = [int(img.shape[p]) for p in perm]
+    to_src = np.zeros((4, 4))  # canonical voxel -> source voxel
+    for j in range(3):
+        to_src[perm[j], j] = -1.0 if flip[j] else 1.0
+        to_src[perm[j], 3] = canon_shape[j] - 1 if flip[j] else 0.0
+    to_src[3, 3] = 1.0
+    shift = np.eye(4)
+    shift[:3, 3] = [b[0] - p[0] for b, p in zip(box, pad)]
+    header = img.header
+    record = {
+        "version": VERSION,
+        "id": case.id,
+        "source": str(ref),
+        "shape": [int(n) for n in img.shape[:3]],
+        "affine": np.asarray(affine, dtype=np.float64).tolist(),
+        "header": base64.b64encode(header.binaryblock).decode(),
+        "header_class": type(header).__name__,
+        "orientation": "RAS",
+        "perm": perm,
+        "flip": flip,
+        "canonical_shape": canon_shape,
+        "box": box,
+        "pad": pad,
+        "shape_out": [int(n) for n in fg.shape],
+        "affine_out": (np.asarray(affine, dtype=np.float64) @ to_src @ shift).tolist(),
+        "spacing": [float(header.get_zooms()[p]) for p in perm],
+        "modalities": list(case.images),
+        "normalisation": norms,
+        "pad_value": [pad_value(m) for m in case.images],
+    }
+    return image, fg, label, record
+
+
+def restore(array, record, fill=0):
+    """Array in the preprocessed grid (..., D, H, W) -> the original image grid (..., X, Y, Z):
+    undoes padding, crop and reorientation exactly; voxels outside the crop get `fill`."""
+    a = np.asarray(array)
+    if list(a.shape[-3:]) != record["shape_out"]:
+        raise ValueError(f"restore: array shape {tuple(a.shape[-3:])} is not the preprocessed shape "
+                         f"{tuple(record['shape_out'])} of case {record['id']}")
+    a = a[(Ellipsis, *[slice(p0, n - p1) for (p0, p1), n in zip(record["pad"], a.shape[-3:])])]
+    out = np.full(a.shape[:-3] + tuple(record["canonical_shape"]), fill, dtype=a.dtype)
+    out[(Ellipsis, *[slice(b0, b1) for b0, b1 in record["box"]])] = a
+    return np.ascontiguousarray(from_canonical(out, record["perm"], record["flip"]))
+
+
+def write_nifti(array, record, path, grid="preprocessed"):
+    """Writes an array (labels, probabilities, a synthesised modality) as NIfTI with the source's
+    affine and header. grid="preprocessed": restored first; "original": already in that grid.
+    A leading channel axis is written as the 4th NIfTI dimension. Atomic (temp file + rename)."""
+    if grid not in ("preprocessed", "original"):
+        raise ValueError(f"write_nifti: grid must be 'preprocessed' or 'original', got {grid!r}")
+    a = restore(array, record) if grid == "preprocessed" else np.asarray(array)
+    if list(a.shape[-3:]) != record["shape"] or a.ndim not in (3, 4):
+        raise ValueError(f"write_nifti: shape {a.shape} does not fit the source grid {tuple(record['shape'])}")
+    if a.dtype == bool:
+        a = a.astype(np.uint8)
+    elif a.dtype == np.float64:
+        a = a.astype(np.float32)
+    if a.ndim == 4:
+        a = rearrange(a, "c x y z -> x y z c")  # NIfTI keeps channels in the 4th dimension
+    cls = nib.Nifti2Header if record["header_class"] == "Nifti2Header" else nib.Nifti1Header
+    header = cls(binaryblock=base64.b64decode(record["header"]))
+    img = (nib.Nifti2Image if cls is nib.Nifti2Header else nib.Nifti1Image)(a, np.array(record["affine"]), header)
+    img.set_data_dtype(a.dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    path = Path(path)
+    ext = ".nii.gz" if path.name.endswith(".gz") else ".nii"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp{ext}")
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def label_to_regions(label, regions):
+    """Raw labels (..., D, H, W) -> float32 region channels (K, ..., D, H, W); a region with
+    values None is 'any nonzero label'."""
+    out = [(label > 0) if v is None else np.isin(label, v) for v in regions.values()]
+    return np.stack(out).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache and volumes
+
+
+@dataclass
+class Volume:
+    id: str
+    image: np.ndarray  # (C, D, H, W) float32, normalised
+    fg: np.ndarray  # (D, H, W) bool, brain/body mask
+    label: np.ndarray | None  # (D, H, W) uint8, raw dataset labels
+    record: dict
+    region_values: dict  # region name -> label values, in channel order
+    entry: Path | None = None  # cache folder the arrays are mapped from
+
+    @cached_property
+    def regions(self):
+        """(K, D, H, W) float32 region channels (BraTS: TC, WT, ET; AutoPET: lesion) or None."""
+        return None if self.label is None else label_to_regions(self.label, self.region_values)
+
+    def __getstate__(self):
+        # mapped volumes travel to DataLoader workers as their cache path, not as a copy
+        state = {k: v for k, v in self.__dict__.items() if k != "regions"}
+        if self.entry is not None:
+            state.update(image=None, fg=None, label=None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.entry is not None:
+            self.image, self.fg, self.label = _map_arrays(self.entry)
+
+
+def _map_arrays(entry):
+    label = entry / "label.npy"
+    return (np.load(entry / "image.npy", mmap_mode="r"), np.load(entry / "fg.npy", mmap_mode="r"),
+            np.load(label, mmap_mode="r") if label.exists() else None)
+
+
+def _sources(case):
+    files = list(case.images.values()) + ([case.label] if case.label is not None else [])
+    out = {}
+    for p in files:
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{p}: missing file (case {case.id})") from None
+        out[str(Path(p).resolve())] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def _entry_name(case, pad_to):
+    key = json.dumps({"version": VERSION, "images": [[m, str(Path(p).resolve())] for m, p in case.images.items()],
+                      "label": str(Path(case.label).resolve()) if case.label else None,
+                      "norm": [normalisation(m) for m in case.images], "pad_to": pad_to}, sort_keys=True)
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", case.id)[:60]
+    return f"{safe}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+
+
+def _open_entry(entry, case, spec, sources):
+    """The cached volume, or None when missing or built from other source files."""
+    try:
+        record = json.loads((entry / "record.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if record.get("sources") != sources or record.get("version") != VERSION:
+        return None
+    image, fg, label = _map_arrays(entry)
+    return Volume(case.id, image, fg, label, record, dict(spec.regions), entry)
+
+
+@contextmanager
+def _locked(path):
+    """Exclusive lock shared by processes (DDP ranks, DataLoader workers) and threads."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def load_case(case, spec, cache_dir=None, use_cache=True, pad_to=None):
+    """Reads, checks and preprocesses one case -> Volume. With the cache (default CACHE_DIR)
+    a case is decoded once into uncompressed .npy files and later memory-mapped; an entry is
+    rebuilt when a source file changes (size or mtime), written in a temp folder and renamed
+    so an interrupted build leaves nothing half-written, and built under a file lock so ranks
+    and workers sharing the folder build it once. pad_to pads the crop to at least that size."""
+    if not use_cache:
+        problems, arrays, img = _read_checked(case, spec, first_only=True)
+        image, fg, label, record = _preprocess(case, spec, arrays, img, pad_to)
+        return Volume(case.id, image, fg, label, record, dict(spec.regions))
+    cache_dir = Path(cache_dir) if cache_dir is not None else CACHE_DIR
+    entry = cache_dir / _entry_name(case, pad_to)
+    sources = _sources(case)
+    vol = _open_entry(entry, case, spec, sources)
+    if vol is not None:
+        return vol
+    with _locked(cache_dir / (entry.name + ".lock")):
+        vol = _open_entry(entry, case, spec, sources)  # another rank may have built it meanwhile
+        if vol is not None:
+            return vol
+        for old in cache_dir.glob(entry.name + ".tmp-*"):  # left by a builder that died
+            shutil.rmtree(old, ignore_errors=True)
+        problems, arrays, img = _read_checked(case, spec, first_only=True)
+        image, fg, label, record = _preprocess(case, spec, arrays, img, pad_to)
+        record["sources"] = sources
+        tmp = cache_dir / f"{entry.name}.tmp-{os.getpid()}-{threading.get_ident()}"
+        tmp.mkdir(parents=True)
+        try:
+            np.save(tmp / "image.npy", image)
+            np.save(tmp / "fg.npy", fg)
+            if label is not None:
+                np.save(tmp / "label.npy", label)
+            (tmp / "record.json").write_text(json.dumps(record))
+            if entry.exists():  # stale: move aside first, readers keep their open maps
+                trash = cache_dir / f"{entry.name}.old-{os.getpid()}-{threading.get_ident()}"
+                os.replace(entry, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.replace(tmp, entry)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _open_entry(entry, case, spec, sources)
+
+
+def prepare(spec, cache_dir=None, rank=0, world=1):
+    """Builds the cache entries of every case (this rank's share: case i when i % world == rank)."""
+    for i, c in enumerate(spec.cases):
+        if i % world == rank:
+            load_case(c, spec, cache_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits and the data contract
+
+
+def make_split(spec, seed=0, val=0.2, test=0.2, path=None):
+    """Deterministic train/val/test split of the case ids by seed. With `path`, an existing split
+    file is read (and checked against the dataset), else the new split is written there, so
+    every script and rank uses the same split."""
+    ids = sorted(c.id for c in spec.cases)
+    if path is not None and Path(path).exists():
+        saved = _read_json(path)
+        if any(k not in saved for k in ("train", "val", "test")):
+            raise ValueError(f"{path}: a split file needs 'train', 'val' and 'test' lists")
+        unknown = sorted(set(itertools.chain(saved["train"], saved["val"], saved["test"])) - set(ids))
+        if unknown:
+            raise ValueError(f"{path}: case ids not in {spec.root}: {', '.join(unknown[:5])}")
+        if saved.get("seed", seed) != seed:
+            raise ValueError(f"{path}: made with seed {saved['seed']}, asked for seed {seed}: "
+                             "delete the file or use its seed")
+        return {k: list(saved[k]) for k in ("train", "val", "test")}
+    n = len(ids)
+    n_test, n_val = int(round(test * n)), int(round(val * n))
+    if n - n_test - n_val < 1 or min(val, test) < 0:
+        raise ValueError(f"{spec.root}: cannot split {n} cases into val {val} and test {test} with a train part left")
+    order = np.random.default_rng(seed).permutation(n)
+    split = {"train": sorted(ids[i] for i in order[n_test + n_val:]),
+             "val": sorted(ids[i] for i in order[n_test:n_test + n_val]),
+             "test": sorted(ids[i] for i in order[:n_test])}
+    if path is not None:
+        content = {"dataset": str(spec.root), "seed": seed, "val_fraction": val, "test_fraction": test, **split}
+        _atomic_write(Path(path), json.dumps(content, indent=1))
+    return split
+
+
+def _atomic_write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def contract(spec):
+    """What a model trained on this data assumes: stored in checkpoints, compared when reused."""
+    spacing = None
+    if spec.cases:
+        first = next(iter(spec.cases[0].images.values()))
+        if Path(first).exists():
+            img = nib.load(str(first))
+            perm, _ = orientation(img.affine)
+            spacing = [round(float(img.header.get_zooms()[p]), 4) for p in perm]
+    return {
+        "version": VERSION,
+        "layout": spec.layout,
+        "modalities": list(spec.modalities),
+        "normalisation": {m: normalisation(m) for m in spec.modalities},
+        "axis_order": "C,x,y,z (voxel axes towards R,A,S)",
+        "orientation": "RAS",
+        "crop": "foreground bounding box",
+        "spacing": spacing,
+        "label_kind": spec.label_kind,
+        "regions": list(spec.regions),
+    }
+
+
+def compare_contract(saved, current, spacing_tol=0.05):
+    """Differences between two contracts that change what a model sees, one line each."""
+    out = []
+    for key in ("modalities", "normalisation", "axis_order", "orientation", "crop"):
+        if saved.get(key) != current.get(key):
+            out.append(f"{key}: checkpoint {saved.get(key)} != data {current.get(key)}")
+    a, b = saved.get("spacing"), current.get("spacing")
+    if a and b and any(abs(x - y) > spacing_tol * max(x, y) for x, y in zip(a, b)):
+        out.append(f"spacing: checkpoint {a} mm != data {b} mm")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms: Phi (exactly invertible rotations) and Augment (intensity only)
+
+PHI_PLANE = (-3, -2)  # rot90 in the axial (x, y) plane, as the reference code's dims (2, 3) of (B, C, x, y, z)
+
+
+def _cube_rotations():
+    """The 24 proper rotations of the cube as (perm, flips) on the last three axes; the first
+    four are rot90 by k = 0..3 in PHI_PLANE, so 'cube' extends 'rot90'."""
+    probe = torch.arange(24).reshape(2, 3, 4)
+    rots = []
+    for perm in itertools.permutations(range(3)):
+        sign = np.linalg.det(np.eye(3)[list(perm)])
+        for flips in itertools.chain.from_iterable(itertools.combinations(range(3), r) for r in range(4)):
+            if sign * (-1) ** len(flips) > 0:
+                rots.append((perm, flips))
+    first = []
+    for k in range(4):
+        target = torch.rot90(probe, k, PHI_PLANE)
+        first.append(next(r for r in rots if torch.equal(_apply(probe, *r), target)))
+    return first + [r for r in rots if r not in first]
+
+
+def _apply(x, perm, flips):
+    lead = x.dim() - 3
+    x = x.permute(*range(lead), *[lead + p for p in perm])
+    return x.flip([lead + f for f in flips]) if flips else x
+
+
+CUBE = _cube_rotations()
+
+
+def n_phi(kind="rot90"):
+    """Number of transform classes: 4 (rot90 in one plane) or 24 (all cube rotations)."""
+    if kind not in ("rot90", "cube"):
+        raise ValueError(f"unknown transform kind {kind!r}: use 'rot90' or 'cube'")
+    return 4 if kind == "rot90" else 24
+
+
+def phi(x, k, kind="rot90"):
+    """Transform k of a tensor (..., D, H, W): images and labels alike (pure indexing)."""
+    if not 0 <= k < n_phi(kind):
+        raise ValueError(f"transform index {k} outside 0..{n_phi(kind) - 1}")
+    if kind == "rot90":
+        return torch.rot90(x, k, PHI_PLANE)
+    return _apply(x, *CUBE[k])
+
+
+def phi_inverse(x, k, kind="rot90"):
+    """Exact inverse of phi(., k, kind)."""
+    if not 0 <= k < n_phi(kind):
+        raise ValueError(f"transform index {k} outside 0..{n_phi(kind) - 1}")
+    if kind == "rot90":
+        return torch.rot90(x, -k, PHI_PLANE)
+    perm, flips = CUBE[k]
+    lead = x.dim() - 3
+    x = x.flip([lead + f for f in flips]) if flips else x
+    inv = np.argsort(perm)
+    return x.permute(*range(lead), *[lead + int(p) for p in inv])
+
+
+def augment(x, generator, max_drop=0.3, max_block=0.25, scale=0.1, shift=0.1):
+    """Intensity-only view of a (C, D, H, W) or (B, C, D, H, W) tensor, geometry unchanged:
+    per-channel intensity scale 1 +- scale and shift +- shift, then random boxes (each side up
+    to max_block of the volume) filled with N(0, 1) noise until up to max_drop of the voxels
+    are dropped (the SwinUNETR self-supervision patch drop)."""
+    if x.dim() == 5:
+        return torch.stack([augment(v, generator, max_drop, max_block, scale, shift) for v in x])
+    c, *size = x.shape
+    dev = generator.device
+
+    def uniform(n):
+        return torch.rand(n, generator=generator, device=dev).to(x.device)
+
+    a = 1 + (2 * uniform(c) - 1) * scale
+    b = (2 * uniform(c) - 1) * shift
+    y = x * a.view(c, 1, 1, 1).to(x.dtype) + b.view(c, 1, 1, 1).to(x.dtype)
+    target = float(uniform(1)) * max_drop * float(np.prod(size))
+    dropped = 0
+    while dropped < target:
+        lo = [int(torch.randint(0, n, (), generator=generator, device=dev)) for n in size]
+        ext = [int(torch.randint(1, max(2, int(n * max_block) + 1), (), generator=generator, device=dev)) for n in size]
+        hi = [min(lo_ + e, n) for lo_, e, n in zip(lo, ext, size)]
+        box = [h - l_ for l_, h in zip(lo, hi)]
+        noise = torch.randn((c, *box), generator=generator, device=dev).to(device=x.device, dtype=x.dtype)
+        y[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = noise
+        dropped += int(np.prod(box))
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Random roi crops
+
+
+def _crop(a, start, roi, fill):
+    """a[..., start:start+roi] per spatial axis, with `fill` beyond the array (start may be < 0)."""
+    out = np.full(a.shape[:-3] + tuple(roi), fill, dtype=a.dtype)
+    src, dst = [], []
+    for s, r, n in zip(start, roi, a.shape[-3:]):
+        lo, hi = max(s, 0), min(s + r, n)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s, hi - s))
+    out[(Ellipsis, *dst)] = a[(Ellipsis, *src)]
+    return out
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """Random roi crops of volumes (or of cases, loaded lazily through the cache in each worker).
+
+    Sample i comes from volume i % len(volumes); its randomness depends only on (seed, epoch, i),
+    so crops are the same whatever the number of workers or ranks (DistributedSampler). Call
+    set_epoch(e) before each epoch. With probability fg_fraction the crop is centred on a random
+    labelled voxel (any label > 0; the foreground mask when the case has no label), else placed
+    uniformly. Axes shorter than the roi are padded (CT with air, others with 0).
+    Returns image (C, *roi) float32, fg (1, *roi) bool, id, start (3,) and, for labelled
+    volumes, label (1, *roi) uint8 (raw values) and regions (K, *roi) float32."""
+
+    def __init__(self, volumes_or_cases, roi, fg_fraction=0.5, samples_per_epoch=None, seed=0,
+                 spec=None, cache_dir=None):
+        self.items = list(volumes_or_cases)
+        if not self.items:
+            raise ValueError("CropDataset: no volumes or cases")
+        if any(isinstance(v, Case) for v in self.items) and spec is None:
+            raise ValueError("CropDataset: cases need spec= to be loaded")
+        self.roi = (roi,) * 3 if np.isscalar(roi) else tuple(int(r) for r in roi)
+        self.fg_fraction, self.seed, self.epoch = fg_fraction, seed, 0
+        self.samples_per_epoch = samples_per_epoch
+        self.spec, self.cache_dir = spec, cache_dir
+        self._volumes, self._positives = {}, {}
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.samples_per_epoch or len(self.items)
+
+    def volume(self, i):
+        item = self.items[i]
+        if isinstance(item, Volume):
+            return item
+        if i not in self._volumes:
+            self._volumes[i] = load_case(item, self.spec, self.cache_dir)
+        return self._volumes[i]
+
+    def positives(self, i, vol):
+        """Flat indices of the voxels a foreground crop may be centred on (at most 100k)."""
+        if i not in self._positives:
+            src = vol.label if vol.label is not None and np.any(vol.label) else vol.fg
+            idx = np.flatnonzero(np.asarray(src))
+            if len(idx) > 100_000:
+                idx = np.sort(np.random.default_rng(i).choice(idx, 100_000, replace=False))
+            self._positives[i] = idx
+        return self._positives[i]
+
+    def __getitem__(self, index):
+        i = index % len(self.items)
+        vol = self.volume(i)
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        shape = vol.fg.shape
+        pos = self.positives(i, vol)
+        centre = None
+        if rng.random() < self.fg_fraction and len(pos):
+            centre = np.unravel_index(pos[rng.integers(len(pos))], shape)
+        start = []
+        for axis, (n, r) in enumerate(zip(shape, self.roi)):
+            if n < r:
+                start.append(-((r - n) // 2))
+            elif centre is not None:
+                start.append(int(np.clip(centre[axis] - r // 2, 0, n - r)))
+            else:
+                start.append(int(rng.integers(0, n - r + 1)))
+        image = np.stack([_crop(vol.image[c], start, self.roi, v) for c, v in enumerate(vol.record["pad_value"])])
+        out = {"image": torch.from_numpy(image.astype(np.float32, copy=False)),
+               "fg": torch.from_numpy(_crop(vol.fg, start, self.roi, False))[None],
+               "id": vol.id, "start": torch.tensor(start)}
+        if vol.label is not None:
+            label = _crop(vol.label, start, self.roi, 0)
+            out["label"] = torch.from_numpy(label)[None]
+            out["regions"] = torch.from_numpy(label_to_regions(label, vol.region_values))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Demo data
+
+
+def ensure_demo(seed=0, n_persons=32, spacing=2.0, root=DEMO_DIR):
+    """Builds the embedded demo set at `root` unless it already holds one made with these
+    settings; returns root. resolve("demo") is root/brats, resolve("demo-petct") root/autopet."""
+    import demo_data
+
+    root = Path(root)
+    want = {"seed": seed, "n_persons": n_persons, "spacing": float(spacing), "version": demo_data.VERSION}
+
+    def current():
+        try:
+            m = json.loads((root / "manifest.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+        return all(m.get(k) == v for k, v in want.items())
+
+    if current():
+        return root
+    with _locked(root.parent / f".{root.name}.lock"):
+        if current():
+            return root
+        tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            print(f"building the demo data set in {root} ({n_persons} persons, {spacing} mm)", file=sys.stderr)
+            demo_data.build(tmp, n_persons=n_persons, seed=seed, spacing=spacing)
+            if root.exists():
+                old = root.parent / f".{root.name}.old-{os.getpid()}"
+                os.replace(root, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["check", "prepare", "split", "demo"])
+    ap.add_argument("--data", default="demo", help="dataset folder, datalist .json, demo or demo-petct")
+    ap.add_argument("--modalities", default=None, help="subset in channel order, e.g. t1,t2")
+    ap.add_argument("--cache", default=None, help=f"cache folder (default {CACHE_DIR})")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--val", type=float, default=0.2)
+    ap.add_argument("--test", type=float, default=0.2)
+    ap.add_argument("--out", default=None, help="split file to write (split)")
+    ap.add_argument("--persons", type=int, default=32)
+    ap.add_argument("--spacing", type=float, default=2.0)
+    args = ap.parse_args(argv)
+    if args.command == "demo":
+        print(ensure_demo(args.seed, args.persons, args.spacing))
+        return 0
+    try:
+        spec = resolve(args.data, args.modalities)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.command == "check":
+        problems = check_dataset(spec)
+        for p in problems:
+            print(p)
+        print(f"{spec.root}: {spec.layout}, {len(spec.cases)} cases, modalities {','.join(spec.modalities)}: "
+              f"{len(problems)} problem(s)", file=sys.stderr)
+        return 1 if problems else 0
+    if args.command == "prepare":
+        prepare(spec, args.cache)
+        print(f"cached {len(spec.cases)} cases of {spec.root}")
+        return 0
+    split = make_split(spec, args.seed, args.val, args.test, args.out)
+    print(json.dumps({k: len(v) for k, v in split.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

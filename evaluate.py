@@ -1,0 +1,1065 @@
+"""Evaluation: whole-volume sliding-window inference, the paper's metrics (METHOD.md, "Evaluation
+protocols"), its tables as Markdown/CSV/JSON, and figures.
+
+Every metric takes torch tensors or numpy arrays and runs where the tensors live (CPU or GPU);
+nothing here imports scipy, scikit-image or MONAI (the tests compare against them).
+
+    transfer   psnr, nmse, ssim3d, transfer_metrics(protocol="reference" | "strict" | "brasyn")
+    BraTS      brats_regions, dice, hd95, brats_seg_metrics, brats_summary
+    AutoPET    connected_components, autopet_case_metrics, autopet_summary, confusion_rates
+    empty masks: EMPTY_POLICIES presets "brats", "monai", "autopet"; summaries name the policy
+               and count the empty cases, because tools disagree on them
+    tables     transfer_matrix_table (Table 10), transfer_summary_table (Table 9),
+               missing_modality_table (Table 11), autopet_table (Table 8), write_table
+    figures    figure_transfer, figure_segmentation, figure_embedding (PCA)
+
+Volumes are (D, H, W) = (x, y, z) in RAS order as data.py produces them: axial slices are
+fixed z, coronal fixed y, sagittal fixed x.
+"""
+import csv
+import io
+import itertools
+import json
+import math
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+HERE = Path(__file__).resolve().parent
+
+
+def _tensor(x, name="input"):
+    """numpy array or tensor -> tensor on its own device (numpy arrays are shared, not copied)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    raise TypeError(f"{name}: expected a torch tensor or numpy array, got {type(x).__name__}")
+
+
+def _pair(pred, gt, what):
+    p, g = _tensor(pred, f"{what} pred"), _tensor(gt, f"{what} gt")
+    if p.shape != g.shape:
+        raise ValueError(f"{what}: pred shape {tuple(p.shape)} != gt shape {tuple(g.shape)}")
+    return p, g.to(p.device)
+
+
+def _mask(x, name):
+    """Boolean mask from a bool tensor/array or one holding only 0 and 1."""
+    m = _tensor(x, name)
+    if m.dtype == torch.bool:
+        return m
+    if m.is_floating_point() or m.is_complex() or m.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64):
+        if bool(((m != 0) & (m != 1)).any()):
+            raise ValueError(f"{name}: a mask must hold only 0 and 1 (threshold probabilities first)")
+        return m != 0
+    raise TypeError(f"{name}: unsupported mask dtype {m.dtype}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Image similarity: PSNR, NMSE, 3-D SSIM
+
+
+def psnr(pred, gt, data_range):
+    """Peak signal-to-noise ratio 10 log10(R^2 / MSE) in dB, computed in float64."""
+    if not data_range > 0:
+        raise ValueError(f"psnr: data_range must be > 0, got {data_range}")
+    p, g = _pair(pred, gt, "psnr")
+    mse = torch.mean((p.double() - g.double()) ** 2).item()
+    return math.inf if mse == 0 else 10.0 * math.log10(float(data_range) ** 2 / mse)
+
+
+def nmse(pred, gt):
+    """Normalised mean squared error ||pred - gt||^2 / ||gt||^2, computed in float64."""
+    p, g = _pair(pred, gt, "nmse")
+    g = g.double()
+    den = torch.sum(g * g).item()
+    if den == 0:
+        raise ValueError("nmse: the ground truth is all zero, so NMSE is undefined")
+    return torch.sum((p.double() - g) ** 2).item() / den
+
+
+def _box_sum(x, w, step, out):
+    """out[:, i] = sum_k<w x[:, i + k * step] for i < L - (w - 1) * step, where x is (C, L).
+    Built from partial sums of 1, 2, 4, ... terms (4 adds for w = 7 instead of 6); the tail of
+    out is left as it was."""
+    m = x.shape[1] - (w - 1) * step
+    terms, p, width, offset, bits = [], x, 1, 0, w
+    while bits:
+        if bits & 1:
+            terms.append(p[:, offset * step: offset * step + m])
+            offset += width
+        bits >>= 1
+        if bits:
+            n = p.shape[1] - width * step
+            p = p[:, :n] + p[:, width * step: width * step + n]
+            width *= 2
+    o = out[:, :m]
+    if len(terms) == 1:
+        return o.copy_(terms[0])
+    torch.add(terms[0], terms[1], out=o)
+    for t in terms[2:]:
+        o.add_(t)
+    return o
+
+
+def ssim3d(pred, gt, data_range, win_size=7, mask=None, dtype=torch.float32):
+    """Mean 3-D SSIM with scikit-image's `structural_similarity` defaults: uniform win_size^3
+    window, sample covariance, K1 = 0.01, K2 = 0.03, averaged over the voxels at least
+    (win_size - 1) // 2 from the border (or over the mask voxels among them).
+
+    Box sums are separable and run over flat arrays: a shift by 1, W or H*W along the flattened
+    volume sums along w, h or d, and the sums that wrap across a row or slice fall in the
+    cropped border. Depth is streamed in chunks so the working set stays in cache on CPU.
+    Accuracy: the images are scaled by 1/data_range and the box sums run on x + y and x - y
+    minus their global means, so float32 sums stay small; the mean offset is added back
+    exactly. Relative to float64 the mean SSIM moves by ~1e-8 on typical volumes; pass
+    dtype=torch.float64 for the exact path (about 2x slower on CPU)."""
+    p, g = _pair(pred, gt, "ssim3d")
+    if p.ndim != 3:
+        raise ValueError(f"ssim3d: expected (D, H, W) volumes, got shape {tuple(p.shape)}")
+    w = int(win_size)
+    if w < 3 or w % 2 == 0:
+        raise ValueError(f"ssim3d: win_size must be odd and >= 3, got {win_size}")
+    if min(p.shape) < w:
+        raise ValueError(f"ssim3d: every side must be >= win_size {w}, got shape {tuple(p.shape)}")
+    if not data_range > 0:
+        raise ValueError(f"ssim3d: data_range must be > 0, got {data_range}")
+    D, H, W = p.shape
+    P, r, N = H * W, w - 1, w ** 3
+    half = r // 2
+    valid = None
+    if mask is not None:
+        m = _mask(mask, "ssim3d mask").to(p.device)
+        if m.shape != p.shape:
+            raise ValueError(f"ssim3d: mask shape {tuple(m.shape)} != volume shape {tuple(p.shape)}")
+        valid = m[half:D - half, half:H - half, half:W - half].to(torch.float64)
+        if valid.sum().item() == 0:
+            raise ValueError(f"ssim3d: the mask has no voxel at least {half} voxels from the border")
+
+    inv = 1.0 / float(data_range)
+    mx = p.sum(dtype=torch.float64).item() / p.numel()
+    my = g.sum(dtype=torch.float64).item() / g.numel()
+    ks, kd = (mx + my) * inv, (mx - my) * inv  # means of s = (x + y) / R and d = (x - y) / R
+    c1 = 2.0 * (0.01 ** 2) * N * N  # A1, B1 scaled by 2 N^2 (in units of R)
+    c2 = 2.0 * (0.03 ** 2) * (N - 1)  # A2, B2 scaled by 2 N / cn, cn = N / (N - 1)
+
+    chunk = D if p.is_cuda else 8
+    keep = max(4 * chunk, 32) + r  # slices of h/w-filtered sums kept for the depth window
+    dev = p.device
+    prod = torch.empty(4, chunk * P, dtype=dtype, device=dev)
+    wsum = torch.empty(4, chunk * P, dtype=dtype, device=dev)
+    hsum = torch.empty(4, keep * P, dtype=dtype, device=dev)
+    usum = torch.empty(4, chunk * P, dtype=dtype, device=dev)
+    xf, yf = rearrange(p, "d h w -> d (h w)"), rearrange(g, "d h w -> d (h w)")
+    total = torch.zeros((), dtype=torch.float64, device=dev)
+    filled, done = 0, 0  # slices in hsum; output slices finished
+    for z0 in range(0, D, chunk):
+        n = min(chunk, D - z0)
+        xs = xf[z0:z0 + n].reshape(-1).to(dtype)
+        ys = yf[z0:z0 + n].reshape(-1).to(dtype)
+        s, d, ss, dd = prod[:, :n * P]
+        torch.add(xs, ys, out=s).mul_(inv).sub_(ks)
+        torch.sub(xs, ys, out=d).mul_(inv).sub_(kd)
+        torch.mul(s, s, out=ss)
+        torch.mul(d, d, out=dd)
+        _box_sum(prod[:, :n * P], w, 1, wsum)  # along w
+        if filled + n > keep:
+            hsum[:, :r * P] = hsum[:, (filled - r) * P:filled * P].clone()
+            filled = r
+        _box_sum(wsum[:, :n * P], w, W, hsum[:, filled * P:(filled + n) * P])  # along h
+        filled += n
+        m = z0 + n - r - done  # new output slices with a full depth window
+        if m <= 0:
+            continue
+        lo = filled - m - r
+        u = _box_sum(hsum[:, lo * P:filled * P], w, P, usum)  # along d: (4, m * P)
+        S, Sd, Sss, Sdd = u.to(torch.float64) if dtype != torch.float64 else u
+        # ux, uy from the sums of s and d (plus the exact offset), variances from Sss - Ss^2 / N
+        st, dt = S + N * ks, Sd + N * kd
+        q = dt * dt
+        b1 = torch.addcmul(q + c1, st, st)  # Ss^2 + Sd^2 + c1
+        a1 = b1 - 2 * q  # Ss^2 - Sd^2 + c1
+        vs = torch.addcmul(Sss, S, S, value=-1.0 / N).add_(c2)
+        vd = torch.addcmul(Sdd, Sd, Sd, value=-1.0 / N)
+        a1.mul_(vs - vd)
+        b1.mul_(vs.add_(vd))
+        smap = rearrange(a1.div_(b1), "(m h w) -> m h w", m=m, h=H)[:, :H - r, :W - r]
+        if valid is None:
+            total += smap.sum(dtype=torch.float64)
+        else:
+            total += (smap * valid[done:done + m]).sum(dtype=torch.float64)
+        done += m
+    count = valid.sum() if valid is not None else (D - r) * (H - r) * (W - r)
+    return (total / count).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Transfer protocols
+
+
+def _ptp(x):
+    return (x.max() - x.min()).item()
+
+
+def _percentile(x, q):
+    """np.percentile(x, q) with linear interpolation (torch.quantile caps the input size)."""
+    flat = x.reshape(-1)
+    pos = q / 100.0 * (flat.numel() - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    vlo = flat.kthvalue(lo + 1).values.double()
+    vhi = vlo if hi == lo else flat.kthvalue(hi + 1).values.double()
+    return (vlo + (vhi - vlo) * (pos - lo)).item()
+
+
+def _clip_scale(x, what, p_lo=0.5, p_hi=99.5):
+    lo, hi = _percentile(x, p_lo), _percentile(x, p_hi)
+    if not hi > lo:
+        raise ValueError(f"transfer_metrics: {what} has equal {p_lo} and {p_hi} percentiles ({lo}); cannot scale to [0, 1]")
+    return (x.double().clamp(lo, hi) - lo) / (hi - lo)
+
+
+def transfer_metrics(pred, gt, fg, protocol="reference", tumour=None, ssim_dtype=torch.float32):
+    """PSNR, NMSE and 3-D SSIM of one generated modality (D, H, W) against its ground truth.
+
+    reference  the paper's numbers: the prediction is z-scored over the foreground (the voxels
+               the data layer normalised the truth over), background voxels are replaced by the
+               truth, data_range = max(ptp(pred), ptp(gt)); metrics over the whole volume.
+    strict     the raw prediction, no pasting; PSNR and NMSE over foreground voxels, SSIM map
+               averaged over foreground voxels, data_range from the foreground.
+    brasyn     BraSyn challenge style: each image clipped to its own 0.5-99.5 percentiles over
+               the whole volume and scaled to [0, 1]; PSNR (range 1), NMSE and SSIM over the
+               volume, plus SSIM inside the tumour (both images multiplied by the tumour mask,
+               map averaged over it) and outside. BraSyn uses torchmetrics' Gaussian window;
+               here every protocol shares the 7^3 uniform window.
+    Returns a dict with the metrics, the protocol and the data range used."""
+    p, g = _pair(pred, gt, "transfer_metrics")
+    if p.ndim != 3:
+        raise ValueError(f"transfer_metrics: expected (D, H, W) volumes, got shape {tuple(p.shape)}")
+    out = {"protocol": protocol}
+    if protocol in ("reference", "strict"):
+        if fg is None:
+            raise ValueError(f"transfer_metrics: protocol {protocol!r} needs the foreground mask fg")
+        m = _mask(fg, "transfer_metrics fg").to(p.device)
+        if m.shape != p.shape:
+            raise ValueError(f"transfer_metrics: fg shape {tuple(m.shape)} != volume shape {tuple(p.shape)}")
+        if not bool(m.any()):
+            raise ValueError("transfer_metrics: the foreground mask is empty")
+        p, g = p.double(), g.double()
+        if protocol == "reference":
+            v = p[m]
+            std = v.std(unbiased=False).item()
+            if std == 0:
+                raise ValueError("transfer_metrics: the prediction is constant over the foreground; cannot z-score it")
+            p = torch.where(m, (p - v.mean()) / std, g)
+            rng = max(_ptp(p), _ptp(g))
+            out.update(psnr=psnr(p, g, rng), nmse=nmse(p, g), ssim=ssim3d(p, g, rng, dtype=ssim_dtype))
+        else:
+            pv, gv = p[m], g[m]
+            rng = max(_ptp(pv), _ptp(gv))
+            if rng == 0:
+                raise ValueError("transfer_metrics: prediction and truth are constant over the foreground")
+            out.update(psnr=psnr(pv, gv, rng), nmse=nmse(pv, gv), ssim=ssim3d(p, g, rng, mask=m, dtype=ssim_dtype))
+        out["data_range"] = rng
+    elif protocol == "brasyn":
+        p, g = _clip_scale(p, "the prediction"), _clip_scale(g, "the ground truth")
+        out.update(psnr=psnr(p, g, 1.0), nmse=nmse(p, g), ssim=ssim3d(p, g, 1.0, dtype=ssim_dtype), data_range=1.0)
+        out["ssim_tumour"] = out["ssim_non_tumour"] = math.nan
+        if tumour is not None:
+            t = _tensor(tumour, "transfer_metrics tumour").to(p.device) != 0
+            if t.shape != p.shape:
+                raise ValueError(f"transfer_metrics: tumour shape {tuple(t.shape)} != volume shape {tuple(p.shape)}")
+            if bool(t.any()):
+                out["ssim_tumour"] = ssim3d(p * t, g * t, 1.0, mask=t, dtype=ssim_dtype)
+            if not bool(t.all()):
+                out["ssim_non_tumour"] = ssim3d(p * ~t, g * ~t, 1.0, mask=~t, dtype=ssim_dtype)
+    else:
+        raise ValueError(f"transfer_metrics: protocol must be 'reference', 'strict' or 'brasyn', got {protocol!r}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Overlap and distance metrics, with a named policy for empty masks
+
+# Keys: Dice and HD95 when both masks are empty, when only the truth is empty (the prediction
+# is not) and when only the prediction is empty. NaN values are left out of means.
+EMPTY_POLICIES = {
+    # mmFormer / BraTS challenge: 373.13 mm is the diagonal of the 240 x 240 x 155 1-mm grid
+    "brats": dict(dice_both_empty=1.0, dice_gt_empty=0.0, dice_pred_empty=0.0,
+                  hd_both_empty=0.0, hd_gt_empty=373.13, hd_pred_empty=373.13),
+    # MONAI DiceMetric(ignore_empty=True) and compute_hausdorff_distance
+    "monai": dict(dice_both_empty=math.nan, dice_gt_empty=math.nan, dice_pred_empty=0.0,
+                  hd_both_empty=math.nan, hd_gt_empty=math.inf, hd_pred_empty=math.inf),
+    # AutoPET: a true negative has no Dice, a false positive on a negative case scores 0
+    "autopet": dict(dice_both_empty=math.nan, dice_gt_empty=0.0, dice_pred_empty=0.0,
+                    hd_both_empty=math.nan, hd_gt_empty=math.inf, hd_pred_empty=math.inf),
+}
+
+
+def _policy(empty):
+    """(name, values) of an empty-mask policy given by preset name or as a dict."""
+    if isinstance(empty, str):
+        if empty not in EMPTY_POLICIES:
+            raise ValueError(f"unknown empty-mask policy {empty!r}; presets: {sorted(EMPTY_POLICIES)}")
+        return empty, EMPTY_POLICIES[empty]
+    if isinstance(empty, dict):
+        missing = set(EMPTY_POLICIES["brats"]) - set(empty)
+        if missing:
+            raise ValueError(f"empty-mask policy dict lacks {sorted(missing)}")
+        return str(empty.get("name", "custom")), empty
+    raise TypeError(f"empty policy must be a preset name or a dict, got {type(empty).__name__}")
+
+
+def _empty_case(p_any, g_any, pol, kind):
+    if not p_any and not g_any:
+        return pol[f"{kind}_both_empty"]
+    if not g_any:
+        return pol[f"{kind}_gt_empty"]
+    return pol[f"{kind}_pred_empty"]
+
+
+def dice(pred, gt, empty="brats"):
+    """Dice 2|P&G| / (|P| + |G|) of two binary masks; empty masks follow the policy."""
+    p, g = _mask(pred, "dice pred"), _mask(gt, "dice gt").to(_tensor(pred).device)
+    if p.shape != g.shape:
+        raise ValueError(f"dice: pred shape {tuple(p.shape)} != gt shape {tuple(g.shape)}")
+    _, pol = _policy(empty)
+    n_p, n_g = p.sum().item(), g.sum().item()
+    if n_p == 0 or n_g == 0:
+        return _empty_case(n_p > 0, n_g > 0, pol, "dice")
+    return 2.0 * (p & g).sum().item() / (n_p + n_g)
+
+
+def confusion_rates(pred, gt):
+    """tp, fp, tn, fn and TPR = tp/p, TNR = tn/n, FPR = fp/n, FNR = fn/p (NaN when the
+    denominator is 0, as MONAI). Works on voxel masks or on per-case 0/1 vectors."""
+    p, g = _mask(pred, "confusion pred"), _mask(gt, "confusion gt").to(_tensor(pred).device)
+    if p.shape != g.shape:
+        raise ValueError(f"confusion_rates: pred shape {tuple(p.shape)} != gt shape {tuple(g.shape)}")
+    tp, fp = (p & g).sum().item(), (p & ~g).sum().item()
+    tn, fn = (~p & ~g).sum().item(), (~p & g).sum().item()
+    pos, neg = tp + fn, tn + fp
+
+    def ratio(a, b):
+        return a / b if b > 0 else math.nan
+    return dict(tp=tp, fp=fp, tn=tn, fn=fn, tpr=ratio(tp, pos), tnr=ratio(tn, neg),
+                fpr=ratio(fp, neg), fnr=ratio(fn, pos))
+
+
+def _spacing(spacing, where):
+    s = (1.0, 1.0, 1.0) if spacing is None else tuple(float(v) for v in np.broadcast_to(np.asarray(spacing, dtype=float), (3,)))
+    if not all(v > 0 for v in s):
+        raise ValueError(f"{where}: spacing must be positive, got {spacing}")
+    return s
+
+
+def _edges(m):
+    """Surface voxels: mask voxels with a 6-neighbour outside the mask (outside the array too)."""
+    D, H, W = m.shape
+    x = torch.zeros((D + 2, H + 2, W + 2), dtype=torch.bool, device=m.device)
+    x[1:-1, 1:-1, 1:-1] = m
+    inner = m.clone()
+    for a, b, c in ((0, 1, 1), (2, 1, 1), (1, 0, 1), (1, 2, 1), (1, 1, 0), (1, 1, 2)):
+        inner &= x[a:a + D, b:b + H, c:c + W]
+    return m & ~inner
+
+
+def _sq_distance_map(feature, spacing):
+    """Exact squared Euclidean distance (mm^2) from every voxel to the nearest feature voxel:
+    a separable min-plus transform, g(i) = min_j f(j) + (s (i - j))^2 along each axis in turn,
+    done by brute force over each line (exact; O(n) per voxel per axis)."""
+    g = torch.where(feature, 0.0, math.inf).to(torch.float64)
+    for axis in range(3):
+        g = g.movedim(axis, -1).contiguous()
+        n = g.shape[-1]
+        i = torch.arange(n, device=g.device, dtype=torch.float64)
+        cost = ((i[:, None] - i[None, :]) * spacing[axis]) ** 2  # (i, j)
+        rows = rearrange(g, "... n -> (...) n")
+        out = torch.empty_like(rows)
+        step = max(1, (1 << 22) // (n * n))
+        for r0 in range(0, rows.shape[0], step):
+            out[r0:r0 + step] = (rows[r0:r0 + step, None, :] + cost).amin(-1)
+        g = out.reshape(g.shape).movedim(-1, axis)
+    return g
+
+
+def _quantile(v, q):
+    """torch.quantile(v, q) with linear interpolation, without its input-size limit."""
+    s = torch.sort(v).values
+    pos = q * (s.numel() - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return (s[lo] + (s[hi] - s[lo]) * (pos - lo)).item()
+
+
+def hd95(pred, gt, spacing=None, empty="brats", percentile=95.0):
+    """Symmetric percentile Hausdorff distance in mm, MONAI's convention: surface voxels are mask
+    voxels with a 6-neighbour outside; the result is the larger of the two directed
+    `percentile`-th percentiles of exact Euclidean surface-to-surface distances."""
+    p, g = _mask(pred, "hd95 pred"), _mask(gt, "hd95 gt").to(_tensor(pred).device)
+    if p.shape != g.shape or p.ndim != 3:
+        raise ValueError(f"hd95: expected two (D, H, W) masks of one shape, got {tuple(p.shape)} and {tuple(g.shape)}")
+    s = _spacing(spacing, "hd95")
+    _, pol = _policy(empty)
+    p_any, g_any = bool(p.any()), bool(g.any())
+    if not p_any or not g_any:
+        return _empty_case(p_any, g_any, pol, "hd")
+    # both surfaces lie in the bounding box of the union, so the distances can be computed there
+    nz = torch.nonzero(p | g)
+    lo, hi = nz.min(0).values.tolist(), (nz.max(0).values + 1).tolist()
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    ep, eg = _edges(p[box]), _edges(g[box])
+    d_pg = _sq_distance_map(eg, s)[ep].sqrt()
+    d_gp = _sq_distance_map(ep, s)[eg].sqrt()
+    return max(_quantile(d_pg, percentile / 100.0), _quantile(d_gp, percentile / 100.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# BraTS regions
+
+BRATS_CONVENTIONS = {  # region -> label values; "brats": 2018-2021 (ET = 4), "brats2023": ET = 3
+    "brats": {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)},
+    "brats2023": {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)},
+}
+REGIONS = ("WT", "TC", "ET")
+
+
+def brats_regions(label, convention="brats"):
+    """Label map (D, H, W) -> {"WT", "TC", "ET"} boolean masks. convention "brats" (labels
+    0, 1, 2, 4), "brats2023" (0, 1, 2, 3) or "auto" (decided by whether 3 or 4 occurs).
+    Any other label value is an error, so a wrong convention cannot silently zero ET."""
+    lab = _tensor(label, "brats_regions label")
+    values = set(torch.unique(lab).tolist())
+    if convention == "auto":
+        if {3, 4} <= values:
+            raise ValueError("brats_regions: labels 3 and 4 both occur; cannot tell the BraTS convention")
+        convention = "brats2023" if 3 in values else "brats"
+    if convention not in BRATS_CONVENTIONS:
+        raise ValueError(f"brats_regions: convention must be 'brats', 'brats2023' or 'auto', got {convention!r}")
+    allowed = {0, 1, 2, 4} if convention == "brats" else {0, 1, 2, 3}
+    if not values <= allowed:
+        raise ValueError(f"brats_regions: label values {sorted(values - allowed)} are not in the {convention} "
+                         f"convention {sorted(allowed)}")
+    return {k: torch.isin(lab, torch.tensor(v, dtype=lab.dtype, device=lab.device))
+            for k, v in BRATS_CONVENTIONS[convention].items()}
+
+
+def _regions(x, name):
+    """{"WT", "TC", "ET"} masks from a dict (any key case) or a (3, D, H, W) array in REGIONS order."""
+    if isinstance(x, dict):
+        d = {str(k).upper(): v for k, v in x.items()}
+        if set(d) != set(REGIONS):
+            raise ValueError(f"brats_seg_metrics: {name} must have the regions {REGIONS}, got {sorted(d)}")
+        return d
+    t = _tensor(x, name)
+    if t.ndim != 4 or t.shape[0] != 3:
+        raise ValueError(f"brats_seg_metrics: {name} must be a dict or a (3, D, H, W) array in {REGIONS} order, "
+                         f"got shape {tuple(t.shape)}")
+    return dict(zip(REGIONS, t))
+
+
+def brats_seg_metrics(pred_regions, gt_regions, policy="brats", spacing=None, hd=False):
+    """Dice (and HD95 when hd=True) per BraTS region for one case. Regions come as dicts from
+    brats_regions or as (3, D, H, W) arrays in WT, TC, ET order (model outputs in data.py's
+    tc, wt, et channel order: pass dict(zip(("TC", "WT", "ET"), masks))).
+    Returns {"WT", "TC", "ET", ["HD95_WT", ...], "empty_truth", "empty_pred", "policy"}."""
+    name, _ = _policy(policy)
+    pr, gr = _regions(pred_regions, "pred_regions"), _regions(gt_regions, "gt_regions")
+    out = {"policy": name, "empty_truth": [], "empty_pred": []}
+    for k in REGIONS:
+        p, g = _mask(pr[k], f"pred {k}"), _mask(gr[k], f"truth {k}")
+        out[k] = dice(p, g, policy)
+        if hd:
+            out[f"HD95_{k}"] = hd95(p, g, spacing, policy)
+        if not bool(g.any()):
+            out["empty_truth"].append(k)
+        if not bool(p.any()):
+            out["empty_pred"].append(k)
+    return out
+
+
+def _nanmean(values):
+    v = [float(x) for x in values if not math.isnan(float(x))]
+    return sum(v) / len(v) if v else math.nan
+
+
+def _std(values):
+    v = [float(x) for x in values if not math.isnan(float(x))]
+    if len(v) < 2:
+        return math.nan if not v else 0.0
+    m = sum(v) / len(v)
+    return math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+
+
+def brats_summary(cases):
+    """Mean Dice (and HD95) per region over cases from brats_seg_metrics, NaN values left out,
+    with the policy and the counts of empty truths, empty predictions and excluded values."""
+    if not cases:
+        raise ValueError("brats_summary: no cases")
+    policies = {c["policy"] for c in cases}
+    if len(policies) != 1:
+        raise ValueError(f"brats_summary: cases were scored under different empty policies {sorted(policies)}")
+    out = {"policy": policies.pop(), "n": len(cases)}
+    for k in REGIONS:
+        for key in (k, f"HD95_{k}"):
+            if key in cases[0]:
+                vals = [c[key] for c in cases]
+                out[key] = _nanmean(vals)
+                out[f"n_excluded_{key}"] = sum(math.isnan(v) for v in vals)
+        out[f"n_empty_truth_{k}"] = sum(k in c["empty_truth"] for c in cases)
+        out[f"n_empty_pred_{k}"] = sum(k in c["empty_pred"] for c in cases)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# AutoPET: connected components and case-level metrics
+
+
+def _neighbour_offsets(connectivity):
+    """Half of the neighbourhood (each undirected edge once): offsets with |d|_1 <= 1, 2 or 3."""
+    order = {6: 1, 18: 2, 26: 3}
+    if connectivity not in order:
+        raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
+    offs = [o for o in itertools.product((-1, 0, 1), repeat=3) if 0 < sum(map(abs, o)) <= order[connectivity]]
+    return [o for o in offs if o > (0, 0, 0)]
+
+
+def connected_components(mask, connectivity=18):
+    """Labels (D, H, W) int64, 0 = background, components numbered 1..n, and n.
+    Union-find on the voxel graph in torch: every round hooks the larger of two linked roots
+    onto the smaller, then pointer jumping flattens the trees; a few rounds suffice."""
+    m = _mask(mask, "connected_components mask")
+    if m.ndim != 3:
+        raise ValueError(f"connected_components: expected a (D, H, W) mask, got shape {tuple(m.shape)}")
+    n = int(m.sum().item())
+    labels = torch.zeros(m.shape, dtype=torch.int64, device=m.device)
+    if n == 0:
+        return labels, 0
+    ids = torch.full(m.shape, -1, dtype=torch.int64, device=m.device)
+    ids[m] = torch.arange(n, device=m.device)
+    src, dst = [], []
+    for off in _neighbour_offsets(connectivity):
+        a = ids[tuple(slice(max(0, -o), s - max(0, o)) for o, s in zip(off, m.shape))]
+        b = ids[tuple(slice(max(0, o), s - max(0, -o)) for o, s in zip(off, m.shape))]
+        linked = (a >= 0) & (b >= 0)
+        src.append(a[linked])
+        dst.append(b[linked])
+    src, dst = torch.cat(src), torch.cat(dst)
+    parent = torch.arange(n, device=m.device)
+    while True:
+        ps, pd = parent[src], parent[dst]
+        differ = ps != pd
+        if not bool(differ.any()):
+            break
+        hi, lo = torch.maximum(ps, pd)[differ], torch.minimum(ps, pd)[differ]
+        parent.scatter_reduce_(0, hi, lo, reduce="amin")
+        while True:  # pointer jumping until every voxel points at its root
+            nxt = parent[parent]
+            if torch.equal(nxt, parent):
+                break
+            parent = nxt
+    roots, comp = torch.unique(parent, return_inverse=True)
+    labels[m] = comp + 1
+    return labels, int(roots.numel())
+
+
+def _unmatched_volume(a, b, connectivity):
+    """Voxels of the components of a that touch no voxel of b."""
+    lab, n = connected_components(a, connectivity)
+    if n == 0:
+        return 0
+    sizes = torch.bincount(lab[a], minlength=n + 1)
+    hit = torch.zeros(n + 1, dtype=torch.bool, device=a.device)
+    hit[lab[a & b]] = True
+    return int(sizes[~hit].sum().item())
+
+
+def autopet_case_metrics(pred, gt, spacing):
+    """AutoPET metrics of one case (binary lesion masks, spacing in mm): Dice under the AutoPET
+    policy (NaN for a true negative, 0 for a false positive on a negative case), false-positive
+    volume (predicted 18-connected components touching no true voxel) and false-negative volume
+    (true components touching no predicted voxel) in mL, and the case-level flags."""
+    p, g = _mask(pred, "autopet pred"), _mask(gt, "autopet gt").to(_tensor(pred).device)
+    if p.shape != g.shape or p.ndim != 3:
+        raise ValueError(f"autopet_case_metrics: expected two (D, H, W) masks of one shape, got {tuple(p.shape)} and {tuple(g.shape)}")
+    ml = math.prod(_spacing(spacing, "autopet_case_metrics")) / 1000.0
+    return dict(dice=dice(p, g, "autopet"), fp_volume_ml=_unmatched_volume(p, g, 18) * ml,
+                fn_volume_ml=_unmatched_volume(g, p, 18) * ml, gt_positive=bool(g.any()),
+                pred_positive=bool(p.any()), policy="autopet")
+
+
+def autopet_summary(cases):
+    """Table 8 numbers over cases from autopet_case_metrics: Dice over all cases but true
+    negatives (a false positive on a negative case scores 0), Dice- over lesion cases, case-level
+    TPR/TNR/FNR/FPR (a case is positive when its truth has a lesion, predicted positive when the
+    prediction has a lesion voxel), mean false-positive and false-negative volume in mL."""
+    if not cases:
+        raise ValueError("autopet_summary: no cases")
+    gt = torch.tensor([c["gt_positive"] for c in cases])
+    pr = torch.tensor([c["pred_positive"] for c in cases])
+    rates = confusion_rates(pr, gt)
+    return dict(
+        dice=_nanmean(c["dice"] for c in cases),
+        dice_minus=_nanmean(c["dice"] for c in cases if c["gt_positive"]),
+        tpr=rates["tpr"], tnr=rates["tnr"], fnr=rates["fnr"], fpr=rates["fpr"],
+        fp_volume_ml=_nanmean(c["fp_volume_ml"] for c in cases),
+        fn_volume_ml=_nanmean(c["fn_volume_ml"] for c in cases),
+        n=len(cases), n_positive=int(gt.sum()), n_negative=int((~gt).sum()),
+        n_true_negative=rates["tn"], policy="autopet")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sliding-window inference
+
+
+def _window_starts(size, roi, overlap):
+    """Window starts along one axis: stride int(roi * (1 - overlap)) (at least 1), the last
+    window flush with the end (MONAI's placement)."""
+    if roi >= size:
+        return [0]
+    stride = max(int(roi * (1 - overlap)), 1)
+    n = next(k for k in range(1, size + 1) if (k - 1) * stride + roi >= size)
+    return [min(k * stride, size - roi) for k in range(n)]
+
+
+def importance_map(roi, blend="gaussian", sigma_scale=0.125, device=None):
+    """Window weights (float64): Gaussian with sigma = sigma_scale * roi per axis centred on the
+    window (floored at max(min, 1e-3) so no voxel gets weight 0), or constant 1."""
+    if blend == "constant":
+        return torch.ones(roi, dtype=torch.float64, device=device)
+    if blend != "gaussian":
+        raise ValueError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
+    w = None
+    for r in roi:
+        x = torch.arange(r, dtype=torch.float64, device=device) - (r - 1) / 2.0
+        g = torch.exp(-x ** 2 / (2 * (sigma_scale * r) ** 2))
+        w = g if w is None else w[..., None] * g
+    return w.clamp(min=max(w.min().item(), 1e-3))
+
+
+@torch.no_grad()
+def sliding_window_inference(fn, image, roi, overlap=0.5, sw_batch_size=4, blend="gaussian",
+                             sigma_scale=0.125, out_channels=None, device=None, stitch_device=None):
+    """Whole-volume inference: fn maps (n, C, *roi) -> (n, K, *roi); image is (C, D, H, W) or
+    (1, C, D, H, W) of any size (zero-padded symmetrically where smaller than roi, cropped
+    back). Windows run in batches of sw_batch_size on `device` (default: the image's); outputs
+    are blended with the importance map and stitched on `stitch_device` (default: the image's;
+    "cpu" keeps the full-size accumulators off the GPU). Accumulation is float64, so an identity
+    fn gives back a float32 input exactly. Returns the output in fn's dtype, shaped like image."""
+    x = _tensor(image, "sliding_window_inference image")
+    batched = x.ndim == 5
+    if batched:
+        if x.shape[0] != 1:
+            raise ValueError(f"sliding_window_inference: batch size must be 1, got shape {tuple(x.shape)}")
+        x = x[0]
+    if x.ndim != 4:
+        raise ValueError(f"sliding_window_inference: image must be (C, D, H, W) or (1, C, D, H, W), got {tuple(x.shape)}")
+    roi = (int(roi),) * 3 if np.isscalar(roi) else tuple(int(r) for r in roi)
+    if len(roi) != 3 or min(roi) < 1:
+        raise ValueError(f"sliding_window_inference: roi must be 3 positive sizes, got {roi}")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"sliding_window_inference: overlap must be in [0, 1), got {overlap}")
+    device = torch.device(device) if device is not None else x.device
+    stitch = torch.device(stitch_device) if stitch_device is not None else x.device
+    size = tuple(x.shape[1:])
+    pad = [(max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for r, s in zip(roi, size)]
+    if any(a or b for a, b in pad):
+        x = F.pad(x, [v for ab in reversed(pad) for v in ab])
+    full = tuple(x.shape[1:])
+    weight = importance_map(roi, blend, sigma_scale, stitch)
+    windows = list(itertools.product(*[_window_starts(s, r, overlap) for s, r in zip(full, roi)]))
+    acc, norm, out_dtype = None, torch.zeros(full, dtype=torch.float64, device=stitch), None
+    for i in range(0, len(windows), sw_batch_size):
+        batch = windows[i:i + sw_batch_size]
+        xb = torch.stack([x[:, a:a + roi[0], b:b + roi[1], c:c + roi[2]] for a, b, c in batch]).to(device)
+        yb = fn(xb)
+        if not isinstance(yb, torch.Tensor) or yb.ndim != 5 or yb.shape[0] != len(batch) or tuple(yb.shape[2:]) != roi:
+            raise ValueError(f"sliding_window_inference: fn must map (n, C, *roi) to (n, K, *roi); for input "
+                             f"{tuple(xb.shape)} it returned {tuple(yb.shape) if isinstance(yb, torch.Tensor) else type(yb).__name__}")
+        if acc is None:
+            k = yb.shape[1]
+            if out_channels is not None and k != out_channels:
+                raise ValueError(f"sliding_window_inference: fn returned {k} channels, expected {out_channels}")
+            acc, out_dtype = torch.zeros((k,) + full, dtype=torch.float64, device=stitch), yb.dtype
+        yb = yb.to(stitch, torch.float64) * weight
+        for j, (a, b, c) in enumerate(batch):
+            acc[:, a:a + roi[0], b:b + roi[1], c:c + roi[2]] += yb[j]
+            norm[a:a + roi[0], b:b + roi[1], c:c + roi[2]] += weight
+    out = (acc / norm)[(slice(None), *[slice(a, a + s) for (a, _), s in zip(pad, size)])]
+    out = out.to(out_dtype)
+    return out[None] if batched else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables (Markdown, CSV, JSON)
+
+MODALITY_ORDER = ("t1", "t1ce", "t2", "flair", "ct", "pet")
+
+
+def _ordered(names):
+    """Unique names, known modalities first in MODALITY_ORDER, the rest in order of appearance."""
+    seen = list(dict.fromkeys(names))
+    known = [m for m in MODALITY_ORDER if m in seen]
+    return known + [m for m in seen if m not in known]
+
+
+def _label(name):
+    return {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "Flair", "ct": "CT", "pet": "PET"}.get(name, name)
+
+
+def transfer_matrix_table(results):
+    """Table 10: per source a "mean" and a "std" row, per target PSNR, NMSE and SSIM over cases.
+    results: dicts with source, target, psnr, nmse, ssim (one per case and pair)."""
+    if not results:
+        raise ValueError("transfer_matrix_table: no results")
+    sources = _ordered(r["source"] for r in results)
+    targets = _ordered(r["target"] for r in results)
+    rows = []
+    for s in sources:
+        for stat, fn in (("mean", _nanmean), ("std", _std)):
+            row = {"source": _label(s), "stat": stat}
+            for t in targets:
+                sel = [r for r in results if r["source"] == s and r["target"] == t]
+                for k in ("psnr", "nmse", "ssim"):
+                    row[f"{_label(t)} {k.upper()}"] = fn(r[k] for r in sel) if sel else math.nan
+            rows.append(row)
+    return rows
+
+
+def transfer_summary_table(results, pairs=(("t1", "t2"), ("t2", "flair"))):
+    """Table 9: one row per method (results' "method", default "ours"), for each source -> target
+    pair the mean and std of PSNR, NMSE and SSIM (Markdown shows them as mean ± std)."""
+    if not results:
+        raise ValueError("transfer_summary_table: no results")
+    rows = []
+    for method in dict.fromkeys(r.get("method", "ours") for r in results):
+        row = {"method": method}
+        for s, t in pairs:
+            sel = [r for r in results if r.get("method", "ours") == method and r["source"] == s and r["target"] == t]
+            for k in ("psnr", "nmse", "ssim"):
+                col = f"{_label(s)}->{_label(t)} {k.upper()}"
+                row[col] = _nanmean(r[k] for r in sel) if sel else math.nan
+                row[f"{col} std"] = _std(r[k] for r in sel) if sel else math.nan
+        rows.append(row)
+    return rows
+
+
+def missing_modality_table(results, modalities=None):
+    """Table 11: one row per subset of available modalities (15 for four MRI modalities, 3 for
+    CT/PET; smallest subsets first), "x" under each present modality, mean Dice (%) of WT, TC,
+    ET, their average, the case count and the count of (case, region) pairs with an empty
+    truth; then the mean row over subsets. results: dicts from brats_seg_metrics with a
+    "subset" (tuple of modality names or "t1+t2")."""
+    if not results:
+        raise ValueError("missing_modality_table: no results")
+
+    def key(r):
+        s = r["subset"]
+        return tuple(s.split("+")) if isinstance(s, str) else tuple(s)
+    mods = list(modalities) if modalities is not None else _ordered(m for r in results for m in key(r))
+    subsets = sorted({frozenset(key(r)) for r in results}, key=lambda s: (len(s), sorted(mods.index(m) for m in s)))
+    rows = []
+    for sub in subsets:
+        sel = [r for r in results if frozenset(key(r)) == sub]
+        row = {_label(m): ("x" if m in sub else "") for m in mods}
+        for k in REGIONS:
+            row[k] = 100.0 * _nanmean(r[k] for r in sel)
+        row["mean"] = _nanmean(row[k] for k in REGIONS)
+        row["n"] = len(sel)
+        row["empty truth"] = sum(len(r.get("empty_truth", [])) for r in sel)
+        rows.append(row)
+    mean = {_label(m): "" for m in mods}
+    mean[_label(mods[0])] = "mean"
+    for k in (*REGIONS, "mean"):
+        mean[k] = _nanmean(r[k] for r in rows)
+    mean["n"] = sum(r["n"] for r in rows)
+    mean["empty truth"] = sum(r["empty truth"] for r in rows)
+    return rows + [mean]
+
+
+def autopet_table(results):
+    """Table 8: one row per method (results' "method", default "ours") from autopet_summary:
+    Dice, Dice-, TPR, TNR, FNR, FPR in %, FP and FN volume in mL, case counts."""
+    if not results:
+        raise ValueError("autopet_table: no results")
+    rows = []
+    for method in dict.fromkeys(r.get("method", "ours") for r in results):
+        s = autopet_summary([r for r in results if r.get("method", "ours") == method])
+        rows.append({"method": method, "Dice": 100 * s["dice"], "Dice-": 100 * s["dice_minus"],
+                     "TPR": 100 * s["tpr"], "TNR": 100 * s["tnr"], "FNR": 100 * s["fnr"], "FPR": 100 * s["fpr"],
+                     "FP vol (mL)": s["fp_volume_ml"], "FN vol (mL)": s["fn_volume_ml"],
+                     "cases": s["n"], "true negatives": s["n_true_negative"]})
+    return rows
+
+
+def git_commit():
+    """Commit of the working tree (with "+dirty" if it has changes), or "unknown"."""
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True, timeout=10)
+        head = run("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return "unknown"
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _json_value(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, (np.floating, np.integer, np.bool_)):
+        return _json_value(v.item())
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return _json_value(v.item())
+    if isinstance(v, dict):
+        return {str(k): _json_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def _markdown(rows, columns, digits):
+    """Markdown table; a column "X" followed by "X std" is shown as "mean ± std"."""
+    shown = [c for c in columns if not (c.endswith(" std") and c[:-4] in columns)]
+
+    def fmt(v):
+        if isinstance(v, float):
+            return "-" if math.isnan(v) else f"{v:.{digits}f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    for r in rows:
+        cells = []
+        for c in shown:
+            cell = fmt(r[c])
+            if f"{c} std" in columns and isinstance(r[f"{c} std"], float) and not math.isnan(r[f"{c} std"]):
+                cell += f" ± {fmt(r[f'{c} std'])}"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(rows, columns, path_stem, meta=None, digits=3):
+    """Writes rows (dicts) as path_stem.md, .csv and .json. columns: the keys in order (None:
+    the first row's). The JSON holds columns, rows and meta: protocol, policy, seed, commit (git
+    rev-parse, or "unknown"), config, plus any other meta keys. All three files are written to
+    temporary names first and renamed only when all succeeded. Returns the three paths."""
+    stem = Path(path_stem)
+    if not rows or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"write_table {stem}: rows must be a non-empty list of dicts")
+    columns = list(rows[0]) if columns is None else list(columns)
+    for i, r in enumerate(rows):
+        missing = [c for c in columns if c not in r]
+        if missing:
+            raise ValueError(f"write_table {stem}: row {i} lacks columns {missing}")
+    meta = dict(meta or {})
+    for k in ("protocol", "policy", "seed", "config"):
+        meta.setdefault(k, None)
+    if not meta.get("commit"):
+        meta["commit"] = git_commit()
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for r in rows:
+        writer.writerow([repr(r[c]) if isinstance(r[c], float) else r[c] for c in columns])
+    texts = {
+        ".md": _markdown(rows, columns, digits),
+        ".csv": buf.getvalue(),
+        ".json": json.dumps(_json_value({"columns": columns, "rows": [{c: r[c] for c in columns} for r in rows],
+                                         "meta": meta}), indent=2, allow_nan=False) + "\n",
+    }
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    tmps = {}
+    try:
+        for ext, text in texts.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{stem.name}", suffix=ext + ".tmp", dir=stem.parent)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            tmps[ext] = tmp
+        for ext, tmp in tmps.items():
+            os.replace(tmp, str(stem) + ext)
+    finally:
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return [Path(str(stem) + ext) for ext in texts]
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures (matplotlib's Agg canvas directly: no pyplot, no global backend change)
+
+
+def _numpy(x, name):
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def _volume(x, name):
+    a = _numpy(x, name)
+    if a.ndim != 3:
+        raise ValueError(f"{name}: expected a (D, H, W) volume, got shape {a.shape}")
+    return a
+
+
+VIEWS = ("axial", "coronal", "sagittal")
+
+
+def _mid_slices(a):
+    """Axial (fixed z), coronal (fixed y), sagittal (fixed x) mid-slices, oriented for imshow
+    with origin="lower" (anterior or superior up)."""
+    d, h, w = a.shape
+    return [a[:, :, w // 2].T, a[:, h // 2, :].T, a[d // 2, :, :].T]
+
+
+def _figure(rows, cols, panel=1.6, dpi=100):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(cols * panel, rows * panel), dpi=dpi)
+    FigureCanvasAgg(fig)
+    axes = np.atleast_2d(fig.subplots(rows, cols, squeeze=False))
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.93, wspace=0.04, hspace=0.12)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return fig, axes
+
+
+def _save(fig, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}", suffix=".png.tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def figure_transfer(path, inputs, preds, truths, names, source_name, dpi=100):
+    """Figures 8, 10-12: one row per target modality; columns input, generated, truth and
+    signed difference generated - truth (red positive, blue negative, colour scale symmetric
+    about 0), each on the axial, coronal and sagittal mid-slices. inputs: the source volume
+    (D, H, W) or one per target; preds, truths: (T, D, H, W) or lists of volumes."""
+    names = list(names)
+    preds = [_volume(p, "figure_transfer pred") for p in preds]
+    truths = [_volume(t, "figure_transfer truth") for t in truths]
+    ins = _numpy(inputs, "figure_transfer inputs")
+    ins = [ins] * len(names) if ins.ndim == 3 else [_volume(i, "figure_transfer input") for i in ins]
+    if not (len(preds) == len(truths) == len(ins) == len(names)) or not names:
+        raise ValueError(f"figure_transfer: {len(names)} names, {len(preds)} predictions, {len(truths)} truths, "
+                         f"{len(ins)} inputs: they must match and not be empty")
+    kinds = (f"input ({source_name})", "generated", "truth", "generated - truth")
+    fig, axes = _figure(len(names), 4 * len(VIEWS), dpi=dpi)
+    for i, (name, x, p, t) in enumerate(zip(names, ins, preds, truths)):
+        if not (x.shape == p.shape == t.shape):
+            raise ValueError(f"figure_transfer: shapes differ for {name}: {x.shape}, {p.shape}, {t.shape}")
+        lo, hi = np.percentile(t, [1, 99])
+        xlo, xhi = np.percentile(x, [1, 99])
+        sl = [_mid_slices(a) for a in (x, p, t, p - t)]
+        lim = float(max(max(np.abs(s).max() for s in sl[3]), 1e-6))
+        for k in range(4):
+            for v, view in enumerate(VIEWS):
+                ax = axes[i, k * len(VIEWS) + v]
+                if k == 3:
+                    ax.imshow(sl[k][v], cmap="bwr", vmin=-lim, vmax=lim, origin="lower")
+                else:
+                    a, b = (xlo, xhi) if k == 0 else (lo, hi)
+                    ax.imshow(sl[k][v], cmap="gray", vmin=a, vmax=max(b, a + 1e-6), origin="lower")
+                if i == 0:
+                    ax.set_title(f"{kinds[k]}\n{view}", fontsize=6)
+                if k == 0 and v == 0:
+                    ax.set_ylabel(_label(name), fontsize=8)
+    return _save(fig, path)
+
+
+# label value -> colour: BraTS NCR/NET red, edema green, enhancing tumour (3 or 4) yellow
+SEG_COLOURS = {1: (0.9, 0.1, 0.1), 2: (0.1, 0.8, 0.1), 3: (1.0, 0.9, 0.0), 4: (1.0, 0.9, 0.0)}
+
+
+def figure_segmentation(path, image, pred_label, gt_label, dpi=100, alpha=0.45):
+    """Overlay of label maps on an image: row 1 ground truth, row 2 prediction, columns axial,
+    coronal and sagittal mid-slices through the centre of the truth (of the volume if empty)."""
+    from matplotlib.colors import ListedColormap
+    img = _volume(image, "figure_segmentation image")
+    labs = [_volume(gt_label, "figure_segmentation gt_label"), _volume(pred_label, "figure_segmentation pred_label")]
+    if not (img.shape == labs[0].shape == labs[1].shape):
+        raise ValueError(f"figure_segmentation: shapes differ: image {img.shape}, truth {labs[0].shape}, prediction {labs[1].shape}")
+    nz = np.argwhere(labs[0] > 0)
+    centre = nz.mean(0).round().astype(int) if len(nz) else np.array(img.shape) // 2
+
+    def slices(a):
+        cz, cy, cx = centre
+        return [a[:, :, cx].T, a[:, cy, :].T, a[cz, :, :].T]
+    cmap = ListedColormap([SEG_COLOURS.get(v, (0.2, 0.4, 1.0)) for v in range(1, 5)])
+    lo, hi = np.percentile(img, [1, 99])
+    fig, axes = _figure(2, len(VIEWS), panel=2.2, dpi=dpi)
+    for i, (lab, title) in enumerate(zip(labs, ("truth", "prediction"))):
+        for v, (s_img, s_lab) in enumerate(zip(slices(img), slices(lab))):
+            ax = axes[i, v]
+            ax.imshow(s_img, cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-6), origin="lower")
+            ax.imshow(np.ma.masked_equal(np.clip(s_lab, 0, 4), 0), cmap=cmap, vmin=0.5, vmax=4.5,
+                      alpha=alpha, origin="lower", interpolation="nearest")
+            if i == 0:
+                ax.set_title(VIEWS[v], fontsize=8)
+            if v == 0:
+                ax.set_ylabel(title, fontsize=8)
+    return _save(fig, path)
+
+
+def pca(feats, k=2):
+    """Projection of feats (n, c) onto its first k principal axes (float64, centred). Each axis
+    is signed so that its largest-magnitude loading is positive, making the result unique."""
+    x = _tensor(feats, "pca feats").double()
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"pca: expected (n >= 2, c) features, got shape {tuple(x.shape)}")
+    x = x - x.mean(0)
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    axes = vh[:k]
+    sign = torch.sign(axes.gather(1, axes.abs().argmax(1, keepdim=True)))
+    return x @ (axes * sign).T
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+
+
+def figure_embedding(path, feats, modality, person, dpi=100):
+    """Figure 9: 2-D PCA of features (n, c), colour by modality, marker by person (persons
+    beyond the marker list are also written next to their points)."""
+    from matplotlib.lines import Line2D
+    modality, person = [str(m) for m in modality], [str(p) for p in person]
+    f = _tensor(feats, "figure_embedding feats").detach().cpu()
+    f = rearrange(f, "n ... -> n (...)")
+    if not (len(modality) == len(person) == f.shape[0]):
+        raise ValueError(f"figure_embedding: {f.shape[0]} features, {len(modality)} modality and {len(person)} person labels")
+    xy = pca(f, 2).numpy()
+    mods, people = list(dict.fromkeys(modality)), list(dict.fromkeys(person))
+    from matplotlib import colormaps
+    colours = colormaps["tab10"]
+    fig, axes = _figure(1, 1, panel=4.0, dpi=dpi)
+    ax = axes[0, 0]
+    fig.subplots_adjust(left=0.08, right=0.72, bottom=0.08, top=0.92)
+    for i, (m, p) in enumerate(zip(modality, person)):
+        j = people.index(p)
+        ax.scatter(xy[i, 0], xy[i, 1], color=colours(mods.index(m) % 10), marker=MARKERS[j % len(MARKERS)], s=28)
+        if j >= len(MARKERS):
+            ax.annotate(p, xy[i], fontsize=5)
+    handles = [Line2D([], [], color=colours(i % 10), marker="o", linestyle="", label=m) for i, m in enumerate(mods)]
+    handles += [Line2D([], [], color="0.4", marker=MARKERS[j % len(MARKERS)], linestyle="", label=p)
+                for j, p in enumerate(people[:len(MARKERS)])]
+    ax.legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title("PCA of X_h' (colour: modality, marker: person)", fontsize=8)
+    ax.set_xlabel("PC 1", fontsize=7)
+    ax.set_ylabel("PC 2", fontsize=7)
+    return _save(fig, path)

@@ -1,0 +1,657 @@
+"""Tests of data.py and demo_data.py against MONAI, nibabel and brute-force references."""
+import itertools
+import json
+import os
+import pickle
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+import demo_data  # noqa: E402
+
+SHAPE = (20, 24, 16)
+LPS = np.array([[-1.0, 0, 0, 19], [0, -1.0, 0, 23], [0, 0, 1.0, -5], [0, 0, 0, 1]])
+# voxel axes (y, z, x)-like and anisotropic: exercises transposes as well as flips
+PERMUTED = np.array([[0, 0, -1.5, 10], [1.2, 0, 0, -3], [0, -0.9, 0, 7], [0, 0, 0, 1]])
+
+
+def save(path, arr, affine=LPS):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(arr, affine), str(path))
+    return path
+
+
+def brain_case(rng, shape=SHAPE, label_values=(1, 2, 4)):
+    """Four positive MRI arrays inside an ellipsoid 'brain' and a label with a nested tumour."""
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    r = np.sqrt(((grid / np.array([0.8, 0.7, 0.75])[:, None, None, None]) ** 2).sum(0))
+    brain = r < 1
+    mri = [np.where(brain, rng.integers(50, 1000, shape), 0).astype(np.int16) for _ in range(4)]
+    t = np.sqrt(((grid - np.array([0.2, -0.1, 0.1])[:, None, None, None]) ** 2).sum(0))
+    label = np.zeros(shape, np.uint8)
+    ncr, ed, et = label_values
+    label[brain & (t < 0.55)] = ed
+    label[brain & (t < 0.35)] = et
+    label[brain & (t < 0.2)] = ncr
+    return mri, label
+
+
+def make_brats(root, n=2, style="2021", affine=LPS, seed=0, shape=SHAPE):
+    rng = np.random.default_rng(seed)
+    names = ["t1", "t1ce", "t2", "flair"] if style == "2021" else ["t1n", "t1c", "t2w", "t2f"]
+    sep = "_" if style == "2021" else "-"
+    out = {}
+    for i in range(n):
+        cid = f"case_{i:02d}"
+        mri, label = brain_case(rng, shape, (1, 2, 4) if style == "2021" else (1, 2, 3))
+        for name, a in zip(names, mri):
+            save(root / cid / f"{cid}{sep}{name}.nii.gz", a, affine)
+        save(root / cid / f"{cid}{sep}seg.nii.gz", label, affine)
+        out[cid] = (mri, label)
+    return out
+
+
+def make_autopet(root, n=2, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(n):
+        pid = f"PETCT_{i:03d}"
+        grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, k) for k in SHAPE], indexing="ij"))
+        body = np.sqrt(((grid / 0.8) ** 2).sum(0)) < 1
+        ct = np.where(body, rng.normal(40, 30, SHAPE), -1000).astype(np.int16)
+        lung = np.sqrt((((grid - np.array([0.3, 0, 0])[:, None, None, None]) / 0.2) ** 2).sum(0)) < 1
+        ct[lung] = -850  # a hole inside the body that the body mask must fill
+        ct[10, 12, 3] = 2500  # bone above the window
+        suv = np.where(body, rng.uniform(0.5, 3, SHAPE), 0).astype(np.float32)
+        suv[10, 12, 8] = 80.0  # a very hot lesion voxel: must survive normalisation unclipped
+        suv[9, 9, 9] = -0.3
+        seg = np.zeros(SHAPE, np.uint8)
+        seg[9:12, 11:14, 7:10] = 1
+        study = root / pid / "03-12-2006-NA-PET-CT"
+        save(study / "CTres.nii.gz", ct)
+        save(study / "SUV.nii.gz", suv)
+        save(study / "SEG.nii.gz", seg)
+        out[pid] = (ct, suv, seg, body, lung)
+    return out
+
+
+def make_nnunet(root, n=2):
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        mri, label = brain_case(rng)
+        for k, a in enumerate(mri[:2]):
+            save(root / "imagesTr" / f"BRATS_{i:03d}_{k:04d}.nii.gz", a)
+        save(root / "labelsTr" / f"BRATS_{i:03d}.nii.gz", label)
+    meta = {"channel_names": {"0": "FLAIR", "1": "T1w"},
+            "labels": {"background": 0, "necrotic core": 1, "edema": 2, "enhancing tumor": 4},
+            "numTraining": n, "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    base = tmp_path_factory.mktemp("layouts")
+    arrays = {
+        "brats": make_brats(base / "brats"),
+        "brats_nested": make_brats(base / "brats_nested" / "HGG", n=1),
+        "brats2023": make_brats(base / "brats2023", style="2023"),
+        "permuted": make_brats(base / "permuted", n=1, affine=PERMUTED),
+        "autopet": make_autopet(base / "autopet"),
+    }
+    make_nnunet(base / "nnunet")
+    entries = [{"image": [f"brats/{c}/{c}_{m}.nii.gz" for m in ("flair", "t1ce", "t1", "t2")],
+                "label": f"brats/{c}/{c}_seg.nii.gz", "fold": 0} for c in ("case_00", "case_01")]
+    (base / "datalist.json").write_text(json.dumps({"training": entries}))
+    return base, arrays
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts
+
+
+def test_detection_and_modality_order(folders):
+    base, _ = folders
+    s = data.resolve(base / "brats")
+    assert (s.layout, s.modalities, s.label_kind) == ("brats", ["t1", "t1ce", "t2", "flair"], "brats")
+    assert [c.id for c in s.cases] == ["case_00", "case_01"]
+    assert s.cases[0].images["t1ce"].name == "case_00_t1ce.nii.gz" and s.cases[0].label.name == "case_00_seg.nii.gz"
+    assert list(s.regions) == ["tc", "wt", "et"]
+    assert [c.id for c in data.resolve(base / "brats_nested").cases] == ["case_00"]
+    s = data.resolve(base / "brats2023")
+    assert (s.layout, s.modalities, s.label_kind) == ("brats2023", ["t1", "t1ce", "t2", "flair"], "brats2023")
+    assert s.cases[0].images["flair"].name == "case_00-t2f.nii.gz"
+    s = data.resolve(base / "autopet")
+    assert (s.layout, s.modalities, s.label_kind) == ("autopet", ["ct", "pet"], "autopet")
+    assert [c.id for c in s.cases] == ["PETCT_000", "PETCT_001"]
+    assert s.cases[0].images["pet"].name == "SUV.nii.gz" and s.cases[0].label.name == "SEG.nii.gz"
+    s = data.resolve(base / "nnunet")
+    assert (s.layout, s.modalities, s.label_kind) == ("nnunet", ["flair", "t1"], "brats")
+    assert s.regions == {"tc": (1, 4), "wt": (1, 2, 4), "et": (4,)}
+    assert s.cases[1].images["t1"].name == "BRATS_001_0001.nii.gz"
+    s = data.resolve(base / "datalist.json")
+    assert (s.layout, s.modalities, s.label_kind) == ("datalist", ["flair", "t1ce", "t1", "t2"], "brats")
+    assert [c.id for c in s.cases] == ["case_00", "case_01"]
+    # subsets keep the order asked for, aliases map to the BraTS 2021 names
+    s = data.resolve(base / "brats2023", "t2f,t1n")
+    assert s.modalities == ["flair", "t1"] and list(s.cases[0].images) == ["flair", "t1"]
+    assert s.cases[0].images["t1"].name == "case_00-t1n.nii.gz"
+    with pytest.raises(ValueError, match="available t1, t1ce, t2, flair"):
+        data.resolve(base / "brats", "t1,pet")
+
+
+def test_preprocessing_matches_monai(folders):
+    from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, LoadImaged,
+                                  NormalizeIntensityd, Orientationd)
+    base, _ = folders
+    keys = ["image", "label"]
+    ras = (("L", "R"), ("P", "A"), ("I", "S"))
+    monai = Compose([LoadImaged(keys), EnsureChannelFirstd(keys), Orientationd(keys, axcodes="RAS", labels=ras),
+                     CropForegroundd(keys, source_key="image"),
+                     NormalizeIntensityd("image", nonzero=True, channel_wise=True)])
+    for name in ("brats", "permuted", "brats2023"):
+        spec = data.resolve(base / name)
+        case = spec.cases[0]
+        vol = data.load_case(case, spec, use_cache=False)
+        ref = monai({"image": [str(p) for p in case.images.values()], "label": str(case.label)})
+        assert vol.image.shape == tuple(ref["image"].shape) and vol.image.dtype == np.float32
+        np.testing.assert_allclose(vol.image, ref["image"].numpy(), atol=2e-6)
+        assert np.array_equal(vol.label, ref["label"].numpy()[0])
+        for c in range(4):  # z-score over each modality's nonzero mask, background kept at 0
+            x = vol.image[c]
+            m = x != 0
+            assert abs(x[m].mean()) < 1e-5 and abs(x[m].std() - 1) < 1e-5
+        assert np.array_equal(vol.fg, (vol.image != 0).any(0))
+        np.testing.assert_allclose(np.array(vol.record["affine_out"]), ref["image"].affine.numpy(), atol=1e-5)
+
+
+def test_ct_pet_normalisation_and_body_mask(folders):
+    base, arrays = folders
+    spec = data.resolve(base / "autopet")
+    vol = data.load_case(spec.cases[0], spec, use_cache=False)
+    ct, suv, seg, body, lung = arrays["autopet"]["PETCT_000"]
+    rec = vol.record
+    assert rec["perm"] == [0, 1, 2] and rec["flip"] == [True, True, False]
+    sl = tuple(slice(a, b) for a, b in rec["box"])
+    canon = lambda a: a[::-1, ::-1, :][sl]  # noqa: E731 (LPS -> RAS by hand)
+    expect_ct = np.empty(canon(ct).shape, np.float32)
+    expect_pet = np.empty_like(expect_ct)
+    for idx in np.ndindex(expect_ct.shape):  # brute force, voxel by voxel
+        hu = float(canon(ct)[idx])
+        expect_ct[idx] = (min(max(hu, -1000.0), 1000.0) + 1000.0) / 1000.0 - 1.0
+        expect_pet[idx] = max(float(canon(suv)[idx]), 0.0) / 10.0
+    np.testing.assert_allclose(vol.image[0], expect_ct, atol=1e-6)
+    np.testing.assert_allclose(vol.image[1], expect_pet, atol=1e-6)
+    assert vol.image[1].max() == pytest.approx(8.0)  # SUV 80 kept: no top clipping
+    assert vol.fg[canon(lung)].all() and np.array_equal(vol.fg, canon(body))  # the lung is filled
+    assert np.array_equal(vol.regions[0], canon(seg).astype(np.float32))
+
+
+def test_label_to_regions_both_conventions(folders):
+    from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
+    rng = np.random.default_rng(0)
+    for kind in ("brats", "brats2023"):
+        values, regions = data.LABELS[kind]
+        label = rng.choice(values, size=(6, 7, 5)).astype(np.uint8)
+        got = data.label_to_regions(label, regions)
+        et = 4 if kind == "brats" else 3
+        expect = np.zeros((3, *label.shape), np.float32)
+        for idx in np.ndindex(label.shape):
+            v = label[idx]
+            expect[(0, *idx)] = v in (1, et)  # TC: necrotic core and enhancing
+            expect[(1, *idx)] = v in (1, 2, et)  # WT: everything
+            expect[(2, *idx)] = v == et  # ET
+        assert np.array_equal(got, expect)
+        if kind == "brats":
+            assert np.array_equal(got, np.asarray(ConvertToMultiChannelBasedOnBratsClasses()(label)).astype(np.float32))
+    # through load_case, on a BraTS 2023 folder
+    base, arrays = folders
+    spec = data.resolve(base / "brats2023")
+    vol = data.load_case(spec.cases[0], spec, use_cache=False)
+    assert set(np.unique(vol.label)) == {0, 1, 2, 3}
+    assert np.array_equal(vol.regions[2], (vol.label == 3).astype(np.float32))
+    assert np.array_equal(vol.regions[0], np.isin(vol.label, (1, 3)).astype(np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Restoration to the original grid
+
+
+@pytest.mark.parametrize("name", ["brats", "permuted"])
+def test_round_trip_restore(folders, tmp_path, name):
+    base, _ = folders
+    spec = data.resolve(base / name)
+    case = spec.cases[0]
+    src = nib.load(str(case.label))
+    orig = np.asanyarray(src.dataobj)
+    for pad_to in (None, 32):
+        vol = data.load_case(case, spec, use_cache=False, pad_to=pad_to)
+        if pad_to:
+            assert all(n >= 32 for n in vol.image.shape[1:]) and vol.image.shape[1:] == vol.label.shape
+        assert np.array_equal(data.restore(vol.label, vol.record), orig)
+        # the canonical grid agrees with nibabel's as_closest_canonical
+        canon = np.asanyarray(nib.as_closest_canonical(src).dataobj)
+        rec = vol.record
+        assert np.array_equal(data.to_canonical(orig, rec["perm"], rec["flip"]), canon)
+        # forward(restore(r)) == r for any array r in the preprocessed grid, channels too
+        r = np.random.default_rng(0).standard_normal((3, *vol.fg.shape)).astype(np.float32)
+        back = data.to_canonical(data.restore(r, rec), rec["perm"], rec["flip"])
+        back = back[(Ellipsis, *[slice(a, b) for a, b in rec["box"]])]
+        unpadded = r[(Ellipsis, *[slice(p0, n - p1) for (p0, p1), n in zip(rec["pad"], r.shape[1:])])]
+        assert np.array_equal(back, unpadded)
+    # written files: identical voxels, the source affine and header fields
+    out = data.write_nifti(vol.label, vol.record, tmp_path / "pred" / "seg.nii.gz")
+    img = nib.load(str(out))
+    assert np.array_equal(np.asanyarray(img.dataobj), orig) and img.get_data_dtype() == np.uint8
+    assert np.array_equal(img.affine, src.affine) and img.header.get_zooms() == src.header.get_zooms()
+    assert img.header["sform_code"] == src.header["sform_code"]
+    probs = data.write_nifti(vol.regions, vol.record, tmp_path / "probs.nii")
+    assert nib.load(str(probs)).shape == orig.shape + (3,)
+    assert not [p for p in tmp_path.rglob("*.tmp*")]
+    with pytest.raises(ValueError, match="not the preprocessed shape"):
+        data.restore(vol.label[1:], vol.record)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms
+
+
+def _cube_reference(x):
+    """Closure of np.rot90 over the three planes, starting from x: the 24 cube rotations."""
+    seen = {x.tobytes() + bytes(str(x.shape), "ascii"): x}
+    frontier = [x]
+    while frontier:
+        nxt = []
+        for a in frontier:
+            for axes in ((0, 1), (0, 2), (1, 2)):
+                b = np.ascontiguousarray(np.rot90(a, 1, axes))
+                key = b.tobytes() + bytes(str(b.shape), "ascii")
+                if key not in seen:
+                    seen[key] = b
+                    nxt.append(b)
+        frontier = nxt
+    return seen
+
+
+def test_phi_exact_inverses():
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(2, 3, 5, 6, 7, generator=g)
+    label = torch.randint(0, 5, (1, 5, 6, 7), generator=g, dtype=torch.uint8)
+    assert (data.n_phi(), data.n_phi("rot90"), data.n_phi("cube")) == (4, 4, 24)
+    for kind in ("rot90", "cube"):
+        for k in range(data.n_phi(kind)):
+            for x in (image, label):
+                y = data.phi(x, k, kind)
+                assert torch.equal(data.phi_inverse(y, k, kind), x)
+    for k in range(4):  # rot90 in the axial plane, the first four cube rotations are the same
+        ref = np.rot90(image.numpy(), k, axes=(-3, -2))
+        assert np.array_equal(data.phi(image, k).numpy(), ref)
+        assert torch.equal(data.phi(image, k, "cube"), data.phi(image, k))
+    cube = torch.arange(60).reshape(3, 4, 5)
+    ref = _cube_reference(cube.numpy())
+    got = {data.phi(cube, k, "cube").numpy().tobytes() + bytes(str(tuple(data.phi(cube, k, "cube").shape)), "ascii")
+           for k in range(24)}
+    assert len(ref) == 24 and got == set(ref)
+    with pytest.raises(ValueError):
+        data.phi(image, 4)
+
+
+def test_augment_intensity_and_patch_drop():
+    x = 100 + torch.rand(2, 24, 20, 16, generator=torch.Generator().manual_seed(1))
+    y = data.augment(x, torch.Generator().manual_seed(5))
+    assert y.shape == x.shape and not torch.equal(y, x)
+    assert torch.equal(y, data.augment(x, torch.Generator().manual_seed(5)))  # reproducible
+    assert not torch.equal(y, data.augment(x, torch.Generator().manual_seed(6)))
+    dropped = y.abs() < 50  # noise ~N(0, 1) lands far from the 100..101 signal
+    assert torch.equal(dropped[0], dropped[1])  # boxes cover all channels
+    assert 0 < dropped[0].float().mean() <= 0.3 + 0.25 ** 3
+    assert 0.7 < y[dropped].std() < 1.3 and abs(y[dropped].mean()) < 0.2
+    for c in range(2):  # kept voxels are an affine map of the input: a x + b
+        keep = ~dropped[c]
+        xs, ys = x[c][keep].double(), y[c][keep].double()
+        a = ((xs - xs.mean()) * (ys - ys.mean())).sum() / ((xs - xs.mean()) ** 2).sum()
+        b = ys.mean() - a * xs.mean()
+        assert 0.9 <= a <= 1.1 and -0.1 <= b <= 0.1
+        assert (a * xs + b - ys).abs().max() < 1e-4
+    batch = data.augment(torch.stack([x, x]), torch.Generator().manual_seed(5))
+    assert torch.equal(batch[0], y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Crops
+
+
+def _toy_volume(shape=(40, 40, 40), blob=(slice(30, 32), slice(4, 6), slice(20, 22)), ct=False):
+    image = np.random.default_rng(0).standard_normal((2, *shape)).astype(np.float32)
+    label = np.zeros(shape, np.uint8)
+    label[blob] = 4
+    record = {"pad_value": [-1.0 if ct else 0.0, 0.0]}
+    return data.Volume("toy", image, np.ones(shape, bool), label, record, dict(data.LABELS["brats"][1]))
+
+
+def test_crop_sizes_and_foreground_ratio():
+    vol = _toy_volume()
+    roi = 16
+    # brute-force probability that a uniformly placed crop contains the blob
+    starts = [range(0, 40 - roi + 1)] * 3
+    hit = sum(all(s <= lo and hi <= s + roi for s, lo, hi in zip(st, (30, 4, 20), (32, 6, 22)))
+              for st in itertools.product(*starts))
+    p_uniform = hit / 25 ** 3
+    for fraction in (0.0, 0.5, 1.0):
+        ds = data.CropDataset([vol], roi, fg_fraction=fraction, samples_per_epoch=300, seed=3)
+        with_tumour = 0
+        for i in range(len(ds)):
+            s = ds[i]
+            assert s["image"].shape == (2, roi, roi, roi) and s["regions"].shape == (3, roi, roi, roi)
+            assert s["fg"].shape == (1, roi, roi, roi) and s["fg"].dtype == torch.bool
+            st = s["start"].tolist()
+            sl = tuple(slice(a, a + roi) for a in st)
+            assert np.array_equal(s["image"].numpy(), vol.image[(slice(None), *sl)])
+            assert torch.equal(s["regions"][1], torch.from_numpy(vol.label[sl] > 0).float())
+            with_tumour += bool(s["regions"][1].any())
+        expect = fraction + (1 - fraction) * p_uniform
+        assert abs(with_tumour / len(ds) - expect) < 0.08, (fraction, with_tumour / len(ds), expect)
+    epoch0 = [ds[i]["start"].tolist() for i in range(20)]
+    assert epoch0 == [ds[i]["start"].tolist() for i in range(20)]  # same epoch, same crops
+    ds.set_epoch(1)
+    assert epoch0 != [ds[i]["start"].tolist() for i in range(20)]
+
+
+def test_crop_padding_when_volume_is_small():
+    vol = _toy_volume(shape=(10, 40, 12), blob=(slice(2, 4), slice(10, 12), slice(3, 5)), ct=True)
+    ds = data.CropDataset([vol], (16, 16, 16), fg_fraction=1.0, samples_per_epoch=4)
+    s = ds[0]
+    st = s["start"].tolist()
+    assert st[0] == -3 and st[2] == -2  # centred padding on the short axes
+    img = s["image"].numpy()
+    assert (img[0, :3] == -1).all() and (img[0, 13:] == -1).all()  # CT pads with air
+    assert (img[1, :3] == 0).all() and not s["fg"][0, :3].any() and s["fg"][0, 3:13, :, 2:14].all()
+    assert np.array_equal(img[:, 3:13, :, 2:14], vol.image[:, :, st[1]:st[1] + 16, :])
+
+
+def test_crop_dataset_workers_and_distributed_sampler():
+    vol = _toy_volume()
+    ds = data.CropDataset([vol, vol], 8, fg_fraction=0.5, samples_per_epoch=12, seed=0)
+    single = sorted(tuple(ds[i]["start"].tolist()) + (i,) for i in range(12))
+    got = []
+    for rank in range(2):
+        sampler = torch.utils.data.DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=False)
+        loader = torch.utils.data.DataLoader(ds, batch_size=3, sampler=sampler, num_workers=2)
+        idx = list(sampler)
+        starts = [tuple(s) for b in loader for s in b["start"].tolist()]
+        assert len(starts) == len(idx) == 6
+        got += [s + (i,) for s, i in zip(starts, idx)]
+    assert sorted(got) == single
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+
+
+def test_cache_reuse_invalidation_and_interrupted_write(tmp_path, monkeypatch):
+    make_brats(tmp_path / "ds", n=1)
+    spec = data.resolve(tmp_path / "ds")
+    case = spec.cases[0]
+    cache = tmp_path / "cache"
+    calls = []
+    real = data._preprocess
+    monkeypatch.setattr(data, "_preprocess", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    # several threads (as ranks/workers would) ask at once: one build, one entry
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(data.load_case(case, spec, cache))) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(calls) == 1 and len(out) == 4
+    entries = [p for p in cache.iterdir() if p.is_dir()]
+    assert len(entries) == 1
+    vol = out[0]
+    assert isinstance(vol.image, np.memmap) and vol.image.dtype == np.float32
+    ref = data.load_case(case, spec, use_cache=False)
+    assert np.array_equal(vol.image, ref.image) and np.array_equal(vol.label, ref.label)
+    assert len(calls) == 2  # the uncached load above
+    # reuse: no rebuild
+    again = data.load_case(case, spec, cache)
+    assert len(calls) == 2 and np.array_equal(again.image, vol.image)
+    # pickles (DataLoader workers with spawn) carry the path, not the voxels
+    blob = pickle.dumps(again)
+    assert len(blob) < 20_000 and np.array_equal(pickle.loads(blob).image, vol.image)
+
+    # a changed source is rebuilt
+    t1 = case.images["t1"]
+    arr = np.asanyarray(nib.load(str(t1)).dataobj).astype(np.int16)
+    save(t1, np.where(arr > 0, arr + np.random.default_rng(9).integers(0, 300, arr.shape), 0).astype(np.int16))
+    st = os.stat(t1)
+    os.utime(t1, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    changed = data.load_case(case, spec, cache)
+    assert len(calls) == 3
+    assert not np.array_equal(changed.image[0], vol.image[0]) and np.array_equal(changed.image[1:], vol.image[1:])
+    assert changed.record["sources"] != vol.record["sources"]
+    assert np.array_equal(changed.image, data.load_case(case, spec, use_cache=False).image)
+
+    # an interrupted build leaves no entry and no temp folder behind
+    cache2 = tmp_path / "cache2"
+    real_save = np.save
+
+    def dying_save(path, arr, *a, **k):
+        if str(path).endswith("fg.npy"):
+            raise KeyboardInterrupt("killed")
+        return real_save(path, arr, *a, **k)
+
+    monkeypatch.setattr(data.np, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        data.load_case(case, spec, cache2)
+    assert [p for p in cache2.iterdir() if p.is_dir()] == []
+    monkeypatch.setattr(data.np, "save", real_save)
+    assert np.array_equal(data.load_case(case, spec, cache2).image, changed.image)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def _copy_brats(tmp_path, name):
+    make_brats(tmp_path / name, n=1)
+    return tmp_path / name / "case_00"
+
+
+def _bad(tmp_path, problem):
+    folder = _copy_brats(tmp_path, problem)
+    t1ce = folder / "case_00_t1ce.nii.gz"
+    t2 = folder / "case_00_t2.nii.gz"
+    if problem == "missing":
+        t1ce.unlink()
+        return folder.parent, FileNotFoundError, "case_00_t1ce.nii.gz: missing file"
+    if problem == "truncated":
+        raw = t1ce.read_bytes()
+        t1ce.write_bytes(raw[: len(raw) // 2])
+        return folder.parent, ValueError, "case_00_t1ce.nii.gz: cannot read the voxels, corrupt or truncated gzip"
+    if problem == "corrupt":
+        t1ce.write_bytes(b"\x1f\x8b" + os.urandom(400))
+        return folder.parent, ValueError, "case_00_t1ce.nii.gz: not a readable NIfTI"
+    if problem == "shape":
+        save(t2, np.ones((20, 24, 15), np.int16))
+        return folder.parent, ValueError, r"case_00_t2.nii.gz: shape \(20, 24, 15\) differs"
+    if problem == "affine":
+        aff = LPS.copy()
+        aff[0, 3] += 2.0
+        save(t2, np.asanyarray(nib.load(str(t2)).dataobj), aff)
+        return folder.parent, ValueError, "case_00_t2.nii.gz: affine differs"
+    if problem == "nan":
+        a = np.asanyarray(nib.load(str(t2)).dataobj).astype(np.float32)
+        a[3, 4, 5] = np.nan
+        a[4, 4, 5] = np.inf
+        save(t2, a)
+        return folder.parent, ValueError, "case_00_t2.nii.gz: 2 NaN/Inf voxels"
+    if problem == "4d":
+        save(t2, np.ones((*SHAPE, 3), np.int16))
+        return folder.parent, ValueError, r"case_00_t2.nii.gz: 4-D image of shape \(20, 24, 16, 3\), expected 3-D"
+    if problem == "labels":
+        seg = folder / "case_00_seg.nii.gz"
+        a = np.asanyarray(nib.load(str(seg)).dataobj).copy()
+        a[a == 4] = 3
+        save(seg, a)
+        return folder.parent, ValueError, r"case_00_seg.nii.gz: label values \[3\] outside the brats set .*BraTS 2023"
+    if problem == "empty_image":
+        for m in ("t1", "t1ce", "t2", "flair"):
+            save(folder / f"case_00_{m}.nii.gz", np.zeros(SHAPE, np.int16))
+        return folder.parent, ValueError, "case_00_t1.nii.gz: no foreground"
+    raise AssertionError(problem)
+
+
+@pytest.mark.parametrize("problem", ["missing", "truncated", "corrupt", "shape", "affine", "nan", "4d", "labels",
+                                     "empty_image"])
+def test_bad_input_messages(tmp_path, problem):
+    root, exc, message = _bad(tmp_path, problem)
+    spec = data.resolve(root)
+    with pytest.raises(exc, match=message):
+        data.load_case(spec.cases[0], spec, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() or not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    problems = data.check_dataset(spec)
+    assert len(problems) == 1 and __import__("re").search(message, problems[0]), problems
+    assert "\n" not in problems[0]
+
+
+def test_bad_folders_and_check_command(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty: empty folder"):
+        data.resolve(tmp_path / "empty")
+    save(tmp_path / "other" / "scans" / "scan.nii.gz", np.ones(SHAPE, np.int16))
+    with pytest.raises(ValueError, match="other: no known dataset layout"):
+        data.resolve(tmp_path / "other")
+    with pytest.raises(FileNotFoundError, match="nowhere: no such file"):
+        data.resolve(tmp_path / "nowhere")
+    # several broken cases: every problem, one line each
+    root = tmp_path / "mixed"
+    make_brats(root, n=3)
+    (root / "case_01" / "case_01_flair.nii.gz").unlink()
+    a = np.asanyarray(nib.load(str(root / "case_02" / "case_02_seg.nii.gz")).dataobj).copy()
+    a[0, 0, 0] = 7
+    save(root / "case_02" / "case_02_seg.nii.gz", a)
+    assert data.main(["check", "--data", str(root)]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and "case_01_flair.nii.gz: missing file" in lines[0] and "[7]" in lines[1]
+    assert data.main(["check", "--data", str(tmp_path / "empty")]) == 1
+    good = tmp_path / "good"
+    make_brats(good, n=1)
+    assert data.main(["check", "--data", str(good)]) == 0
+    run = subprocess.run([sys.executable, str(Path(data.__file__)), "check", "--data", str(root)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and len(run.stdout.strip().splitlines()) == 2
+
+
+def test_nnunet_duplicate_channel_names_fail(tmp_path):
+    make_nnunet(tmp_path / "nn")
+    meta = json.loads((tmp_path / "nn" / "dataset.json").read_text())
+    meta["channel_names"] = {"0": "CT", "1": "CT"}
+    (tmp_path / "nn" / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"dataset.json: channel names \['CT', 'CT'\] repeat \['ct'\]"):
+        data.resolve(tmp_path / "nn")
+
+
+def test_label_tables_of_dataset_json(tmp_path):
+    # nnU-Net v2 region-based BraTS (labels converted to 1 edema, 2 core, 3 enhancing)
+    kind, values, regions = data._labels_from_json(
+        {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": 3}, "x")
+    assert values == (0, 1, 2, 3) and regions == {"tc": (2, 3), "wt": (1, 2, 3), "et": (3,)}
+    # MSD Task01 (v1 table): 1 edema, 2 non-enhancing, 3 enhancing
+    kind, values, regions = data._labels_from_json(
+        {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}, "x")
+    assert kind == "custom" and regions == {"tc": (2, 3), "wt": (2, 1, 3), "et": (3,)}
+    # single-file datalist entries keep their full names as case ids
+    for i in range(2):
+        save(tmp_path / "imagesTr" / f"BRATS_{i:03d}.nii.gz", np.ones(SHAPE, np.int16))
+    entries = [{"image": f"imagesTr/BRATS_{i:03d}.nii.gz"} for i in range(2)]
+    (tmp_path / "list.json").write_text(json.dumps({"training": entries}))
+    spec = data.resolve(tmp_path / "list.json")
+    assert [c.id for c in spec.cases] == ["BRATS_000", "BRATS_001"] and spec.modalities == ["ch0"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits and contract
+
+
+def test_split_deterministic_and_file(tmp_path):
+    spec = data.DatasetSpec(tmp_path, "brats", ["t1"], [data.Case(f"c{i:02d}", {}) for i in range(20)], "brats")
+    a = data.make_split(spec, seed=0)
+    assert a == data.make_split(spec, seed=0) and a != data.make_split(spec, seed=1)
+    assert (len(a["train"]), len(a["val"]), len(a["test"])) == (12, 4, 4)
+    assert sorted(a["train"] + a["val"] + a["test"]) == sorted(c.id for c in spec.cases)
+    path = tmp_path / "split.json"
+    assert data.make_split(spec, seed=0, path=path) == a
+    assert json.loads(path.read_text())["seed"] == 0
+    spec.cases.reverse()  # order of discovery does not matter; the file is the source of truth
+    assert data.make_split(spec, seed=0, path=path) == a
+    with pytest.raises(ValueError, match="made with seed 0"):
+        data.make_split(spec, seed=3, path=path)
+    with pytest.raises(ValueError, match="cannot split 2 cases"):
+        two = data.DatasetSpec(tmp_path, "x", [], [data.Case("a", {}), data.Case("b", {})], None)
+        data.make_split(two, val=0.5, test=0.5)
+
+
+def test_contract(folders):
+    base, _ = folders
+    a = data.contract(data.resolve(base / "permuted"))
+    assert a["modalities"] == ["t1", "t1ce", "t2", "flair"] and a["orientation"] == "RAS"
+    assert a["spacing"] == [1.5, 1.2, 0.9]  # voxel axes 2, 0, 1 point to R, A, S
+    b = data.contract(data.resolve(base / "brats", "flair,t1,t1ce,t2"))
+    diff = data.compare_contract(a, b)
+    assert any(d.startswith("modalities") for d in diff) and any(d.startswith("spacing") for d in diff)
+    assert data.compare_contract(b, b) == []
+    c = data.contract(data.resolve(base / "autopet"))
+    assert c["normalisation"]["pet"] == {"kind": "suv_scale", "scale": 10.0, "clip_low": 0.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Demo data
+
+
+def test_demo_data_set(tmp_path):
+    root = data.ensure_demo(seed=0, n_persons=4, spacing=4.0, root=tmp_path / "demo")
+    assert "nilearn" not in sys.modules  # its files are used, the package is never imported
+    manifest = json.loads((root / "manifest.json").read_text())
+    built = (root / "manifest.json").stat().st_mtime_ns
+    assert data.ensure_demo(seed=0, n_persons=4, spacing=4.0, root=root) == root
+    assert (root / "manifest.json").stat().st_mtime_ns == built  # same settings: not rebuilt
+    mri = data.resolve(root / "brats")
+    pet = data.resolve(root / "autopet")
+    assert [c.id for c in mri.cases] == [c.id for c in pet.cases] == [p["id"] for p in manifest["persons"]]
+    assert data.check_dataset(mri) == [] and data.check_dataset(pet) == []
+    tumours = [p["tumour"] for p in manifest["persons"]]
+    assert sum(tumours) == 3
+    brains = []
+    for person, c_mri, c_pet in zip(manifest["persons"], mri.cases, pet.cases):
+        imgs = [nib.load(str(p)) for p in [*c_mri.images.values(), c_mri.label, *c_pet.images.values(), c_pet.label]]
+        for img in imgs:  # every modality of a person, MRI and PET/CT, on one grid
+            assert img.shape == imgs[0].shape and np.allclose(img.affine, imgs[0].affine)
+        t1, t1ce, t2, flair, seg, ct, suv, lesion = [np.asanyarray(i.dataobj) for i in imgs]
+        brain = t1 != 0
+        assert all(np.array_equal(brain, a != 0) for a in (t1ce, t2, flair))
+        assert (ct[brain] > -200).all() and (ct[~brain] < -500).any()  # CT body covers the MRI brain
+        assert np.array_equal(lesion, np.isin(seg, (1, 4)).astype(np.uint8))
+        if person["tumour"]:
+            assert set(np.unique(seg)) == {0, 1, 2, 4}
+            rim, oed, normal = seg == 4, seg == 2, brain & (seg == 0)
+            rel = lambda a, m: a[m].mean() / a[normal].mean()  # noqa: E731
+            assert rel(t1ce, rim) > 1.3 * rel(t1, rim)  # gadolinium enhancement of the rim
+            assert rel(t2, oed) > 1.2 and rel(flair, oed) > 1.2  # oedema bright on T2 and FLAIR
+            assert suv[rim].mean() > 1.2 * suv[normal].mean() and suv[seg == 1].mean() < suv[rim].mean()
+        else:
+            assert not seg.any()
+        brains.append(brain)
+    for a, b in itertools.combinations(brains, 2):  # personal anatomy: brain masks differ
+        assert 2 * (a & b).sum() / (a.sum() + b.sum()) < 0.97
+    # deterministic by seed: the generator reproduces a stored person
+    template, origin, tsp, tshape = demo_data.load_template(4.0)
+    arrays, _ = demo_data.make_person(1, 0, tumours[1], template, origin, tsp, tshape, 4.0)
+    seg1 = np.asanyarray(nib.load(str(mri.cases[1].label)).dataobj)
+    assert np.array_equal(demo_data.lps(arrays["seg"], arrays["first"], 4.0)[0], seg1)
+    vol = data.load_case(mri.cases[1], mri, tmp_path / "cache")
+    assert all(n <= 96 for n in vol.image.shape[1:])

@@ -1,0 +1,241 @@
+"""Stage 1: pre-training (Algorithm 1 of the paper, as METHOD.md states it).
+
+    python train_pretrain.py --data demo --out runs/pretrain --max-steps 200
+    torchrun --nproc_per_node=4 train_pretrain.py --data /data/BraTS2021 --out runs/pt
+
+One step, for each person of the batch and each modality i in random order: transform the
+modality by phi^i, repeat it on all |M| input channels, encode it (z), build the views
+(positive: same geometry; negative: another geometry; other persons of the global batch),
+compute L_contr, L_equ on z, the personalized X_h^i' (prior), L_inv against the running
+anchor, decode all |M| modalities and undo phi^i for L_decom. backward() per modality; one
+optimizer step per person-batch.
+"""
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import losses
+import model as M
+import runtime as R
+
+# Table 7 of the supplementary: which constraints and whether the prior is used.
+PRESETS = {
+    "1": dict(contr=True, equ=True, inv=False, prior=False),
+    "2": dict(contr=True, equ=False, inv=True, prior=False),
+    "3": dict(contr=True, equ=True, inv=True, prior=False),
+    "4": dict(contr=True, equ=True, inv=False, prior=True),
+    "5": dict(contr=True, equ=False, inv=True, prior=True),
+    "6": dict(contr=True, equ=True, inv=True, prior=True),
+    "swinunetr": dict(contr=False, equ=False, inv=False, prior=False),
+}
+PRESETS["full"] = PRESETS["6"]
+TERMS = ("contr", "equ", "inv", "decom")
+
+
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    data: str = opt("demo", "dataset folder, datalist JSON, 'demo' (BraTS-layout MRI) or 'demo-petct'")
+    out: str = opt("runs/pretrain", "folder for checkpoints, log and figures")
+    modalities: str = opt("", "comma-separated subset and order of modalities (default: all of the data set)")
+    preset: str = opt("full", "constraint set: 1..6 (Table 7), full (= 6) or swinunetr (plain, L_decom only)")
+    max_steps: int = opt(1000, "optimizer steps (one per person-batch)")
+    batch_size: int = opt(1, "persons per rank per step")
+    roi: str = opt("96", "crop size, one side or D,H,W, multiples of 32")
+    feature_size: int = opt(48, "Swin feature size F (multiple of 12)")
+    prior_heads: int = opt(3, "heads of the prior attention (must divide (roi/32)^3)")
+    phi: str = opt("rot90", "geometric transforms: rot90 (4 classes in one plane) or cube (24 rotations)")
+    lr: float = opt(2e-4, "AdamW learning rate")
+    weight_decay: float = opt(1e-5, "AdamW weight decay")
+    warmup: int = opt(0, "linear warm-up steps")
+    cosine: bool = opt(False, "cosine decay to 0 at --max-steps after the warm-up")
+    clip: float = opt(1.0, "gradient norm clipping (0 = off)")
+    w_contr: float = opt(1.0, "weight of L_contr")
+    w_equ: float = opt(1.0, "weight of L_equ")
+    w_inv: float = opt(1.0, "weight of L_inv")
+    w_decom: float = opt(1.0, "weight of L_decom")
+    w_fg: float = opt(10.0, "foreground weight inside L_decom")
+    tau: float = opt(0.1, "InfoNCE temperature")
+    grad_views: bool = opt(False, "back-propagate through the encodings of the positive and negative views")
+    fg_fraction: float = opt(0.5, "fraction of crops centred on the foreground / lesion")
+    val_fraction: float = opt(0.2, "fraction of cases held out for validation (split file in --out)")
+    test_fraction: float = opt(0.2, "fraction of cases held out for testing")
+    seed: int = opt(0, "seed of the split, crops, transforms and initialisation")
+    resume: str = opt("", "'auto' continues from OUT/last.pt when present; or a checkpoint path")
+    save_every: int = opt(100, "write OUT/last.pt every N steps (and at the end)")
+    workers: int = opt(2, "DataLoader workers per rank")
+    max_nonfinite: int = opt(5, "stop after this many non-finite steps in a row")
+    attn_backend: str = opt("auto", "attention: naive | sdpa | triton | auto (triton on CUDA, else sdpa)")
+    checkpointing: bool = opt(False, "activation checkpointing (less memory, ~30%% more time)")
+    compile: bool = opt(False, "torch.compile the encoder and decoder blocks")
+    amp: bool = opt(True, "bf16 autocast on GPU (CPU always runs fp32)")
+    cache: str = opt("", "preprocessed-data cache folder (default: .cache/data beside data.py)")
+    device: str = opt("auto", "auto | cuda | cpu")
+
+
+def build_model(arch):
+    """The network of a pre-training run from its architecture record (stored in checkpoints)."""
+    kw = dict(feature_size=arch["feature_size"], attn_backend=arch.get("attn_backend", "auto"),
+              use_checkpoint=arch.get("checkpointing", False))
+    if arch["kind"] == "swinunetr":
+        return M.SwinUNETR(arch["in_channels"], arch["out_channels"], **kw)
+    return M.PersonalizedSwinUNETR(arch["in_channels"], arch["out_channels"], roi=tuple(arch["roi"]),
+                                   prior=arch["prior"], prior_heads=arch["prior_heads"],
+                                   n_phi=data.n_phi(arch["phi"]), **kw)
+
+
+def per_sample(fn, x, ks, kind):
+    """fn(x[b], ks[b]) for every sample of a batch (each person has its own transform)."""
+    return torch.stack([fn(x[b], int(ks[b]), kind) for b in range(x.shape[0])])
+
+
+def modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, n_classes):
+    """Losses of one modality i of the batch x (B, |M|, D, H, W); returns (terms, new anchor).
+    rngs / gens: one numpy and one torch generator per person (its transforms and views)."""
+    b, m = x.shape[:2]
+    ks = torch.as_tensor([r.integers(n_classes) for r in rngs], device=x.device)
+    u = per_sample(data.phi, x[:, i:i + 1], ks, cfg.phi).repeat(1, m, 1, 1, 1)  # (B, |M|, roi)
+    z, skips = net.encode(u)
+    terms = {}
+    if use["contr"]:
+        k_neg = [r.integers(1, n_classes) for r in rngs]  # phi' != identity
+        pos = torch.stack([data.augment(u[j], gens[j]) for j in range(b)])
+        neg = per_sample(data.phi, u, k_neg, cfg.phi)
+        neg = torch.stack([data.augment(neg[j], gens[j]) for j in range(b)])
+        with torch.set_grad_enabled(cfg.grad_views):
+            e_pos, e_neg = net.embed(net.encode(pos)[0]), net.embed(net.encode(neg)[0])
+        e = net.embed(z)
+        others, offset = losses.gather_with_grad(e)
+        terms["contr"] = losses.info_nce(e, e_pos, e_neg, others, offset, cfg.tau)
+    if use["equ"]:
+        terms["equ"] = losses.equivariance_loss(net.equivariance_logits(z), ks)  # on z, before the prior
+    xh = net.personalize(z) if isinstance(net, M.PersonalizedSwinUNETR) else z
+    if use["inv"]:
+        terms["inv"] = losses.invariance_loss(xh, anchor)  # on X_h', after the prior
+        anchor = losses.update_anchor(anchor, xh)
+    y = per_sample(data.phi_inverse, net.decode(xh, skips, u), ks, cfg.phi)
+    terms["decom"] = losses.decomposition_loss(y, x, fg, cfg.w_fg)
+    return terms, anchor
+
+
+def main(argv=None):
+    cfg = R.parse_config(Config, argv, __doc__.split("\n\n")[0])
+    if cfg.preset not in PRESETS:
+        raise SystemExit(f"--preset {cfg.preset}: choose one of {', '.join(PRESETS)}")
+    use = PRESETS[cfg.preset]
+    use = {**use, "decom": True}
+    roi = R.roi_tuple(cfg.roi)
+    d = R.setup_distributed(cfg.device)
+    R.seed_everything(cfg.seed)  # same initial weights on every rank (also broadcast below)
+    out = Path(cfg.out)
+
+    spec = data.resolve(cfg.data, [s for s in cfg.modalities.split(",") if s] or None)
+    split = data.make_split(spec, cfg.seed, cfg.val_fraction, cfg.test_fraction,
+                            out / "split.json" if d.main else None)
+    R.barrier(d)
+    if not d.main:
+        split = data.make_split(spec, cfg.seed, cfg.val_fraction, cfg.test_fraction, out / "split.json")
+    nm = len(spec.modalities)
+    arch = {"kind": "swinunetr" if cfg.preset == "swinunetr" else "personalized", "in_channels": nm,
+            "out_channels": nm, "feature_size": cfg.feature_size, "roi": list(roi), "prior": use["prior"],
+            "prior_heads": cfg.prior_heads, "phi": cfg.phi, "attn_backend": cfg.attn_backend,
+            "checkpointing": cfg.checkpointing}
+    net = build_model(arch).to(d.device)
+    R.broadcast_parameters(net, d)
+    if cfg.compile:
+        net.swinViT.compile()
+        for name in ("encoder1", "encoder2", "encoder3", "encoder4", "encoder10",
+                     "decoder5", "decoder4", "decoder3", "decoder2", "decoder1"):
+            getattr(net, name).compile()
+    params = [p for p in net.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, R.lr_lambda(cfg.warmup, cfg.max_steps, cfg.cosine))
+
+    start = 0
+    ck_path = R.resume_path(out, cfg.resume)
+    if ck_path is not None:
+        ck = R.restore_state(ck_path, net, optim, sched, d)
+        if ck["config"]["preset"] != cfg.preset or ck["config"]["seed"] != cfg.seed:
+            raise SystemExit(f"{ck_path}: made with preset {ck['config']['preset']} seed {ck['config']['seed']}; "
+                             f"this run asks for preset {cfg.preset} seed {cfg.seed}")
+        problems = data.compare_contract(ck["contract"], data.contract(spec))
+        if problems:
+            raise SystemExit(f"{ck_path}: data differ from the checkpoint's: " + "; ".join(problems))
+        start = ck["step"]
+        R.log(f"resumed from {ck_path} at step {start}", d)
+    cache = cfg.cache or None
+    loader = R.train_loader(spec, split["train"], roi, cfg.batch_size, cfg.max_steps, start, cfg.seed, d,
+                            cfg.workers, cfg.fg_fraction, cache)
+    jlog = R.JsonlLog(out / "log.jsonl", d.main, resume_step=start if ck_path else None)
+    guard = R.NonFiniteGuard(cfg.max_nonfinite, d)
+    weights = {"contr": cfg.w_contr, "equ": cfg.w_equ, "inv": cfg.w_inv, "decom": cfg.w_decom}
+    n_classes = data.n_phi(cfg.phi)
+    R.log(f"pre-training preset {cfg.preset} ({', '.join(t for t in TERMS if use[t])}"
+          f"{', prior' if use['prior'] else ', no prior'}) on {len(split['train'])} persons x {nm} modalities "
+          f"({', '.join(spec.modalities)}), roi {roi}, F={cfg.feature_size}, {d.world} rank(s) on {d.device}, "
+          f"{sum(p.numel() for p in params) / 1e6:.1f} M parameters", d)
+
+    net.train()
+    step = start
+    bar = tqdm(total=cfg.max_steps, initial=start, disable=not d.main, desc="pre-train", dynamic_ncols=True)
+    timer = R.Timer()
+    for batch in loader:
+        wait = timer.lap()
+        x = batch["image"].to(d.device, non_blocking=True)
+        fg = batch["fg"].to(d.device, non_blocking=True)
+        # All randomness of a step comes from (seed, step, person index in the global batch):
+        # resume is exact and the split of the global batch over ranks does not matter.
+        first = d.rank * x.shape[0]
+        rngs = [np.random.default_rng([cfg.seed, step, first + j]) for j in range(x.shape[0])]
+        gens = [torch.Generator(device=x.device).manual_seed(int(r.integers(2**62))) for r in rngs]
+        order = np.random.default_rng([cfg.seed, step]).permutation(nm)  # same on every rank
+        optim.zero_grad(set_to_none=True)
+        anchor, sums = None, {t: 0.0 for t in TERMS if use[t]}
+        total = 0.0
+        for i in order:
+            with R.autocast(d, cfg.amp):
+                terms, anchor = modality_step(net, x, fg, int(i), rngs, gens, cfg, use, anchor, n_classes)
+            loss = sum(weights[t] * v.float() for t, v in terms.items())
+            loss.backward()  # frees this modality's graph
+            total += loss.item() / nm
+            for t, v in terms.items():
+                sums[t] += v.item() / nm
+        R.average_gradients(net, d)
+        skipped = guard.should_skip(total, net)
+        if skipped:
+            optim.zero_grad(set_to_none=True)
+        else:
+            if cfg.clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            optim.step()
+        lr = optim.param_groups[0]["lr"]
+        sched.step()
+        step += 1
+        jlog.write(step=step, loss=total, **sums, lr=lr, data_wait_s=round(wait, 4),
+                   step_s=round(timer.lap() + wait, 4), skipped=skipped)
+        bar.update(1)
+        bar.set_postfix({"loss": f"{total:.3f}", **{t: f"{v:.3f}" for t, v in sums.items()}})
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            R.save_state(out / "last.pt", net, optim, sched, step, cfg, d, arch=arch,
+                         contract=data.contract(spec), modalities=list(spec.modalities), split=split,
+                         kind="pretrain")
+        timer.lap()
+    bar.close()
+    if d.main:
+        png = R.plot_log(out / "log.jsonl", out / "loss_curves.png", ["loss", *TERMS, "lr"],
+                         f"pre-training, preset {cfg.preset}")
+        R.log(f"done: {step} steps; checkpoint {out / 'last.pt'}, log {out / 'log.jsonl'}, curves {png}"
+              f"{f', {guard.total} non-finite steps skipped' if guard.total else ''}", d)
+    R.cleanup_distributed()
+    return out / "last.pt"
+
+
+if __name__ == "__main__":
+    main()
