@@ -85,10 +85,10 @@ def nmse(pred, gt):
     return torch.sum((p.double() - g) ** 2).item() / den
 
 
-def _box_sum(x, w, step, out):
+def _box_sum(x, w, step, out, scratch):
     """out[:, i] = sum_k<w x[:, i + k * step] for i < L - (w - 1) * step, where x is (C, L).
-    Built from partial sums of 1, 2, 4, ... terms (4 adds for w = 7 instead of 6); the tail of
-    out is left as it was."""
+    Built from partial sums of 1, 2, 4, ... terms held in scratch (4 adds for w = 7 instead of
+    6); the tail of out is left as it was. Returns the written part of out."""
     m = x.shape[1] - (w - 1) * step
     terms, p, width, offset, bits = [], x, 1, 0, w
     while bits:
@@ -98,7 +98,7 @@ def _box_sum(x, w, step, out):
         bits >>= 1
         if bits:
             n = p.shape[1] - width * step
-            p = p[:, :n] + p[:, width * step: width * step + n]
+            p = torch.add(p[:, :n], p[:, width * step: width * step + n], out=scratch[width.bit_length() - 1][:, :n])
             width *= 2
     o = out[:, :m]
     if len(terms) == 1:
@@ -107,6 +107,9 @@ def _box_sum(x, w, step, out):
     for t in terms[2:]:
         o.add_(t)
     return o
+
+
+_SSIM_CHUNK = 8  # depth slices per step on CPU: keeps the working set near the L2 cache
 
 
 def ssim3d(pred, gt, data_range, win_size=7, mask=None, dtype=torch.float32):
@@ -144,60 +147,63 @@ def ssim3d(pred, gt, data_range, win_size=7, mask=None, dtype=torch.float32):
             raise ValueError(f"ssim3d: the mask has no voxel at least {half} voxels from the border")
 
     inv = 1.0 / float(data_range)
-    mx = p.sum(dtype=torch.float64).item() / p.numel()
-    my = g.sum(dtype=torch.float64).item() / g.numel()
+    dev = p.device
+    mx, my = p.mean(dtype=dtype).item(), g.mean(dtype=dtype).item()
     ks, kd = (mx + my) * inv, (mx - my) * inv  # means of s = (x + y) / R and d = (x - y) / R
     c1 = 2.0 * (0.01 ** 2) * N * N  # A1, B1 scaled by 2 N^2 (in units of R)
     c2 = 2.0 * (0.03 ** 2) * (N - 1)  # A2, B2 scaled by 2 N / cn, cn = N / (N - 1)
 
-    chunk = D if p.is_cuda else 8
+    chunk = D if p.is_cuda else _SSIM_CHUNK
     keep = max(4 * chunk, 32) + r  # slices of h/w-filtered sums kept for the depth window
-    dev = p.device
-    prod = torch.empty(4, chunk * P, dtype=dtype, device=dev)
-    wsum = torch.empty(4, chunk * P, dtype=dtype, device=dev)
-    hsum = torch.empty(4, keep * P, dtype=dtype, device=dev)
-    usum = torch.empty(4, chunk * P, dtype=dtype, device=dev)
+    buf = lambda slices: torch.empty(4, slices * P, dtype=dtype, device=dev)
+    prod, wsum, usum, hsum = buf(chunk), buf(chunk), buf(chunk), buf(keep)
+    scratch = [buf(keep) for _ in range(w.bit_length() - 1)]
+    total = torch.zeros(chunk * P, dtype=dtype, device=dev)  # S summed over chunks, per position
+    weight = None
+    if valid is not None:  # mask of the valid region laid out like the flat output slices
+        weight = torch.zeros(D - r, H, W, dtype=dtype, device=dev)
+        weight[:, :H - r, :W - r] = valid
+        weight = weight.reshape(-1)
     xf, yf = rearrange(p, "d h w -> d (h w)"), rearrange(g, "d h w -> d (h w)")
-    total = torch.zeros((), dtype=torch.float64, device=dev)
+    const = lambda v: torch.tensor(v, dtype=dtype, device=dev)
+    neg_ks, neg_kd, c1_t, c2_t = const(-ks), const(-kd), const(c1), const(c2 / N)
     filled, done = 0, 0  # slices in hsum; output slices finished
     for z0 in range(0, D, chunk):
         n = min(chunk, D - z0)
         xs = xf[z0:z0 + n].reshape(-1).to(dtype)
         ys = yf[z0:z0 + n].reshape(-1).to(dtype)
         s, d, ss, dd = prod[:, :n * P]
-        torch.add(xs, ys, out=s).mul_(inv).sub_(ks)
-        torch.sub(xs, ys, out=d).mul_(inv).sub_(kd)
-        torch.mul(s, s, out=ss)
+        torch.add(neg_ks, xs, alpha=inv, out=s).add_(ys, alpha=inv)
+        torch.add(neg_kd, xs, alpha=inv, out=d).sub_(ys, alpha=inv)
+        torch.addcmul(c2_t, s, s, out=ss)  # c2 / N per voxel: its box sum adds c2 to Sss
         torch.mul(d, d, out=dd)
-        _box_sum(prod[:, :n * P], w, 1, wsum)  # along w
+        _box_sum(prod[:, :n * P], w, 1, wsum, scratch)  # along w
         if filled + n > keep:
             hsum[:, :r * P] = hsum[:, (filled - r) * P:filled * P].clone()
             filled = r
-        _box_sum(wsum[:, :n * P], w, W, hsum[:, filled * P:(filled + n) * P])  # along h
+        _box_sum(wsum[:, :n * P], w, W, hsum[:, filled * P:(filled + n) * P], scratch)  # along h
         filled += n
         m = z0 + n - r - done  # new output slices with a full depth window
         if m <= 0:
             continue
         lo = filled - m - r
-        u = _box_sum(hsum[:, lo * P:filled * P], w, P, usum)  # along d: (4, m * P)
-        S, Sd, Sss, Sdd = u.to(torch.float64) if dtype != torch.float64 else u
-        # ux, uy from the sums of s and d (plus the exact offset), variances from Sss - Ss^2 / N
+        S, Sd, Sss, Sdd = _box_sum(hsum[:, lo * P:filled * P], w, P, usum, scratch)  # along d
+        # ux, uy from the sums of s and d (plus the exact offset); variances from Sss - Ss^2 / N
         st, dt = S + N * ks, Sd + N * kd
-        q = dt * dt
-        b1 = torch.addcmul(q + c1, st, st)  # Ss^2 + Sd^2 + c1
-        a1 = b1 - 2 * q  # Ss^2 - Sd^2 + c1
-        vs = torch.addcmul(Sss, S, S, value=-1.0 / N).add_(c2)
+        a1 = torch.addcmul(torch.addcmul(c1_t, dt, dt, value=-1), st, st)  # Ss^2 - Sd^2 + c1
+        b1 = torch.addcmul(a1, dt, dt, value=2)  # Ss^2 + Sd^2 + c1
+        vs = torch.addcmul(Sss, S, S, value=-1.0 / N)  # (Vs + c2) / N: c2 rode along in ss
         vd = torch.addcmul(Sdd, Sd, Sd, value=-1.0 / N)
         a1.mul_(vs - vd)
         b1.mul_(vs.add_(vd))
-        smap = rearrange(a1.div_(b1), "(m h w) -> m h w", m=m, h=H)[:, :H - r, :W - r]
-        if valid is None:
-            total += smap.sum(dtype=torch.float64)
+        if weight is None:
+            total[:m * P].addcdiv_(a1, b1)
         else:
-            total += (smap * valid[done:done + m]).sum(dtype=torch.float64)
+            total[:m * P].add_(a1.div_(b1).mul_(weight[done * P:(done + m) * P]))
         done += m
-    count = valid.sum() if valid is not None else (D - r) * (H - r) * (W - r)
-    return (total / count).item()
+    total = rearrange(total, "(c h w) -> c h w", h=H, w=W)[:, :H - r, :W - r].sum(dtype=torch.float64)
+    count = valid.sum().item() if valid is not None else (D - r) * (H - r) * (W - r)
+    return total.item() / count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,19 +542,22 @@ def connected_components(mask, connectivity=18):
     m = _mask(mask, "connected_components mask")
     if m.ndim != 3:
         raise ValueError(f"connected_components: expected a (D, H, W) mask, got shape {tuple(m.shape)}")
-    n = int(m.sum().item())
+    coords = torch.nonzero(m)  # (n, 3)
+    n = coords.shape[0]
     labels = torch.zeros(m.shape, dtype=torch.int64, device=m.device)
     if n == 0:
         return labels, 0
-    ids = torch.full(m.shape, -1, dtype=torch.int64, device=m.device)
-    ids[m] = torch.arange(n, device=m.device)
+    # voxel ids in a volume padded by one, so every neighbour lookup stays inside it
+    D, H, W = m.shape
+    ids = torch.full(((D + 2) * (H + 2) * (W + 2),), -1, dtype=torch.int64, device=m.device)
+    flat = ((coords[:, 0] + 1) * (H + 2) + coords[:, 1] + 1) * (W + 2) + coords[:, 2] + 1
+    ids[flat] = torch.arange(n, device=m.device)
     src, dst = [], []
-    for off in _neighbour_offsets(connectivity):
-        a = ids[tuple(slice(max(0, -o), s - max(0, o)) for o, s in zip(off, m.shape))]
-        b = ids[tuple(slice(max(0, o), s - max(0, -o)) for o, s in zip(off, m.shape))]
-        linked = (a >= 0) & (b >= 0)
-        src.append(a[linked])
-        dst.append(b[linked])
+    for dz, dy, dx in _neighbour_offsets(connectivity):
+        nb = ids[flat + (dz * (H + 2) + dy) * (W + 2) + dx]
+        linked = nb >= 0
+        src.append(torch.nonzero(linked)[:, 0])
+        dst.append(nb[linked])
     src, dst = torch.cat(src), torch.cat(dst)
     parent = torch.arange(n, device=m.device)
     while True:
@@ -564,7 +573,7 @@ def connected_components(mask, connectivity=18):
                 break
             parent = nxt
     roots, comp = torch.unique(parent, return_inverse=True)
-    labels[m] = comp + 1
+    labels[tuple(coords.T)] = comp + 1
     return labels, int(roots.numel())
 
 

@@ -8,16 +8,32 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+class _Gather(torch.autograd.Function):
+    """all_gather whose backward sums the gradients of every rank's copy of each slice and
+    returns this rank's: training on N ranks gives the gradients of one process holding the
+    whole global batch."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
 def gather_with_grad(x):
-    """Concatenate x (b, d) from every data-parallel rank -> (world * b, d). The local slice keeps
-    its gradient; the other ranks' slices are constants. Returns (all, offset of the local part)."""
+    """Concatenate x (b, d) from every data-parallel rank -> (world * b, d), differentiable
+    (the local part directly, the other ranks' parts through their own backward).
+    Returns (all, offset of the local part)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
-    rank = dist.get_rank()
-    parts[rank] = x
-    return torch.cat(parts), rank * x.shape[0]
+    return _Gather.apply(x), dist.get_rank() * x.shape[0]
 
 
 def info_nce(anchor, positive, negative, others=None, offset=0, tau=0.1):
