@@ -4,14 +4,19 @@ protocols"), its tables as Markdown/CSV/JSON, and figures.
 Every metric takes torch tensors or numpy arrays and runs where the tensors live (CPU or GPU);
 nothing here imports scipy, scikit-image or MONAI (the tests compare against them).
 
-    transfer   psnr, nmse, ssim3d, transfer_metrics(protocol="reference" | "strict" | "brasyn")
-    BraTS      brats_regions, dice, hd95, brats_seg_metrics, brats_summary
-    AutoPET    connected_components, autopet_case_metrics, autopet_summary, confusion_rates
+    inference  sliding_window_inference (Gaussian blending, any volume size, CPU stitching)
+    transfer   psnr, nmse, ssim3d, transfer_metrics(protocol="reference" | "strict" | "brasyn"),
+               transfer_case (all targets of one case)
+    BraTS      brats_regions (2018-21 and 2023 labels), dice, hd95, brats_seg_metrics, seg_case,
+               brats_summary
+    AutoPET    connected_components (18-connectivity), autopet_case_metrics, autopet_summary,
+               confusion_rates
     empty masks: EMPTY_POLICIES presets "brats", "monai", "autopet"; summaries name the policy
                and count the empty cases, because tools disagree on them
     tables     transfer_matrix_table (Table 10), transfer_summary_table (Table 9),
                missing_modality_table (Table 11), autopet_table (Table 8), write_table
-    figures    figure_transfer, figure_segmentation, figure_embedding (PCA)
+    figures    figure_transfer (Figures 8, 10-12), figure_segmentation, figure_embedding (PCA,
+               Figure 9)
 
 Volumes are (D, H, W) = (x, y, z) in RAS order as data.py produces them: axial slices are
 fixed z, coronal fixed y, sagittal fixed x.
@@ -24,6 +29,8 @@ import math
 import os
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +42,15 @@ HERE = Path(__file__).resolve().parent
 
 
 def _tensor(x, name="input"):
-    """numpy array or tensor -> tensor on its own device (numpy arrays are shared, not copied)."""
+    """numpy array or tensor -> tensor on its own device (numpy arrays are shared when torch
+    can hold their dtype and byte order, as nibabel's big-endian or uint16 arrays it cannot)."""
     if isinstance(x, torch.Tensor):
         return x
     if isinstance(x, np.ndarray):
+        if not x.dtype.isnative:
+            x = x.astype(x.dtype.newbyteorder("="))
+        if x.dtype in (np.uint16, np.uint32, np.uint64):
+            x = x.astype(np.int64)
         return torch.from_numpy(np.ascontiguousarray(x))
     raise TypeError(f"{name}: expected a torch tensor or numpy array, got {type(x).__name__}")
 
@@ -55,11 +67,24 @@ def _mask(x, name):
     m = _tensor(x, name)
     if m.dtype == torch.bool:
         return m
-    if m.is_floating_point() or m.is_complex() or m.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64):
-        if bool(((m != 0) & (m != 1)).any()):
-            raise ValueError(f"{name}: a mask must hold only 0 and 1 (threshold probabilities first)")
-        return m != 0
-    raise TypeError(f"{name}: unsupported mask dtype {m.dtype}")
+    if m.is_complex():
+        raise TypeError(f"{name}: unsupported mask dtype {m.dtype}")
+    if bool(((m != 0) & (m != 1)).any()):
+        raise ValueError(f"{name}: a mask must hold only 0 and 1 (threshold probabilities first)")
+    return m != 0
+
+
+@contextmanager
+def _one_thread():
+    """Runs loops of many small CPU ops without the intra-op thread pool: such ops gain nothing
+    from it, and on a busy machine each parallel region can wait a scheduler slice for its
+    other threads (50x slower HD95 measured on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,59 +137,24 @@ def _box_sum(x, w, step, out, scratch):
 _SSIM_CHUNK = 8  # depth slices per step on CPU: keeps the working set near the L2 cache
 
 
-def ssim3d(pred, gt, data_range, win_size=7, mask=None, dtype=torch.float32):
-    """Mean 3-D SSIM with scikit-image's `structural_similarity` defaults: uniform win_size^3
-    window, sample covariance, K1 = 0.01, K2 = 0.03, averaged over the voxels at least
-    (win_size - 1) // 2 from the border (or over the mask voxels among them).
-
-    Box sums are separable and run over flat arrays: a shift by 1, W or H*W along the flattened
-    volume sums along w, h or d, and the sums that wrap across a row or slice fall in the
-    cropped border. Depth is streamed in chunks so the working set stays in cache on CPU.
-    Accuracy: the images are scaled by 1/data_range and the box sums run on x + y and x - y
-    minus their global means, so float32 sums stay small; the mean offset is added back
-    exactly. Relative to float64 the mean SSIM moves by ~1e-8 on typical volumes; pass
-    dtype=torch.float64 for the exact path (about 2x slower on CPU)."""
-    p, g = _pair(pred, gt, "ssim3d")
-    if p.ndim != 3:
-        raise ValueError(f"ssim3d: expected (D, H, W) volumes, got shape {tuple(p.shape)}")
-    w = int(win_size)
-    if w < 3 or w % 2 == 0:
-        raise ValueError(f"ssim3d: win_size must be odd and >= 3, got {win_size}")
-    if min(p.shape) < w:
-        raise ValueError(f"ssim3d: every side must be >= win_size {w}, got shape {tuple(p.shape)}")
-    if not data_range > 0:
-        raise ValueError(f"ssim3d: data_range must be > 0, got {data_range}")
-    D, H, W = p.shape
+def _ssim_slab(x, y, weight, w, dtype, inv, ks, kd, chunk):
+    """Sum of the SSIM map over the valid region of a slab (D, H, W) of both volumes, weighted
+    by `weight` (the mask over the valid region, or None), streamed over depth chunks."""
+    D, H, W = x.shape
     P, r, N = H * W, w - 1, w ** 3
-    half = r // 2
-    valid = None
-    if mask is not None:
-        m = _mask(mask, "ssim3d mask").to(p.device)
-        if m.shape != p.shape:
-            raise ValueError(f"ssim3d: mask shape {tuple(m.shape)} != volume shape {tuple(p.shape)}")
-        valid = m[half:D - half, half:H - half, half:W - half].to(torch.float64)
-        if valid.sum().item() == 0:
-            raise ValueError(f"ssim3d: the mask has no voxel at least {half} voxels from the border")
-
-    inv = 1.0 / float(data_range)
-    dev = p.device
-    mx, my = p.mean(dtype=dtype).item(), g.mean(dtype=dtype).item()
-    ks, kd = (mx + my) * inv, (mx - my) * inv  # means of s = (x + y) / R and d = (x - y) / R
     c1 = 2.0 * (0.01 ** 2) * N * N  # A1, B1 scaled by 2 N^2 (in units of R)
     c2 = 2.0 * (0.03 ** 2) * (N - 1)  # A2, B2 scaled by 2 N / cn, cn = N / (N - 1)
-
-    chunk = D if p.is_cuda else _SSIM_CHUNK
-    keep = max(4 * chunk, 32) + r  # slices of h/w-filtered sums kept for the depth window
+    dev = x.device
+    keep = D + r if chunk >= D else max(4 * chunk, 32) + r  # h/w-filtered slices kept for depth
     buf = lambda slices: torch.empty(4, slices * P, dtype=dtype, device=dev)
     prod, wsum, usum, hsum = buf(chunk), buf(chunk), buf(chunk), buf(keep)
-    scratch = [buf(keep) for _ in range(w.bit_length() - 1)]
+    scratch = [buf(chunk + r) for _ in range(w.bit_length() - 1)]
     total = torch.zeros(chunk * P, dtype=dtype, device=dev)  # S summed over chunks, per position
-    weight = None
-    if valid is not None:  # mask of the valid region laid out like the flat output slices
-        weight = torch.zeros(D - r, H, W, dtype=dtype, device=dev)
-        weight[:, :H - r, :W - r] = valid
-        weight = weight.reshape(-1)
-    xf, yf = rearrange(p, "d h w -> d (h w)"), rearrange(g, "d h w -> d (h w)")
+    if weight is not None:  # laid out like the flat output slices, zero in the cropped border
+        wflat = torch.zeros(D - r, H, W, dtype=dtype, device=dev)
+        wflat[:, :H - r, :W - r] = weight
+        weight = wflat.reshape(-1)
+    xf, yf = rearrange(x, "d h w -> d (h w)"), rearrange(y, "d h w -> d (h w)")
     const = lambda v: torch.tensor(v, dtype=dtype, device=dev)
     neg_ks, neg_kd, c1_t, c2_t = const(-ks), const(-kd), const(c1), const(c2 / N)
     filled, done = 0, 0  # slices in hsum; output slices finished
@@ -201,9 +191,60 @@ def ssim3d(pred, gt, data_range, win_size=7, mask=None, dtype=torch.float32):
         else:
             total[:m * P].add_(a1.div_(b1).mul_(weight[done * P:(done + m) * P]))
         done += m
-    total = rearrange(total, "(c h w) -> c h w", h=H, w=W)[:, :H - r, :W - r].sum(dtype=torch.float64)
+    return rearrange(total, "(c h w) -> c h w", h=H, w=W)[:, :H - r, :W - r].sum(dtype=torch.float64).item()
+
+
+def ssim3d(pred, gt, data_range, win_size=7, mask=None, dtype=torch.float32):
+    """Mean 3-D SSIM with scikit-image's `structural_similarity` defaults: uniform win_size^3
+    window, sample covariance, K1 = 0.01, K2 = 0.03, averaged over the voxels at least
+    (win_size - 1) // 2 from the border (or over the mask voxels among them).
+
+    Box sums are separable and run over flat arrays: a shift by 1, W or H*W along the flattened
+    volume sums along w, h or d, and the sums that wrap across a row or slice fall in the
+    cropped border. On CPU the depth is split in one slab per torch thread, each streamed in
+    chunks of a few slices so its working set stays in cache, and each run by single-threaded
+    ops (a busy machine stalls the thread pool's per-op barriers, measured 20x slower).
+    Accuracy: the images are scaled by 1/data_range and the box sums run on x + y and x - y
+    minus their global means, so float32 sums stay small; the mean offset is added back
+    exactly. Relative to float64 the mean moves by ~1e-9 on typical volumes and below 1e-5 on
+    the tests' worst cases; dtype=torch.float64 is the exact path (about 2x slower on CPU)."""
+    p, g = _pair(pred, gt, "ssim3d")
+    if p.ndim != 3:
+        raise ValueError(f"ssim3d: expected (D, H, W) volumes, got shape {tuple(p.shape)}")
+    w = int(win_size)
+    if w < 3 or w % 2 == 0:
+        raise ValueError(f"ssim3d: win_size must be odd and >= 3, got {win_size}")
+    if min(p.shape) < w:
+        raise ValueError(f"ssim3d: every side must be >= win_size {w}, got shape {tuple(p.shape)}")
+    if not data_range > 0:
+        raise ValueError(f"ssim3d: data_range must be > 0, got {data_range}")
+    D, H, W = p.shape
+    r = w - 1
+    half = r // 2
+    valid = None
+    if mask is not None:
+        m = _mask(mask, "ssim3d mask").to(p.device)
+        if m.shape != p.shape:
+            raise ValueError(f"ssim3d: mask shape {tuple(m.shape)} != volume shape {tuple(p.shape)}")
+        valid = m[half:D - half, half:H - half, half:W - half]
+        if not bool(valid.any()):
+            raise ValueError(f"ssim3d: the mask has no voxel at least {half} voxels from the border")
+    inv = 1.0 / float(data_range)
+    mx, my = p.mean(dtype=dtype).item(), g.mean(dtype=dtype).item()
+    ks, kd = (mx + my) * inv, (mx - my) * inv  # means of s = (x + y) / R and d = (x - y) / R
     count = valid.sum().item() if valid is not None else (D - r) * (H - r) * (W - r)
-    return total.item() / count
+    if p.is_cuda:
+        return _ssim_slab(p, g, valid, w, dtype, inv, ks, kd, D) / count
+    # output slices [o0, o1) of a slab need input slices [o0, o1 + r)
+    parts = max(1, min(torch.get_num_threads(), (D - r) // 16))
+    cuts = [round(i * (D - r) / parts) for i in range(parts + 1)]
+    jobs = [(p[a:b + r], g[a:b + r], None if valid is None else valid[a:b]) for a, b in zip(cuts, cuts[1:])]
+    run = lambda job: _ssim_slab(*job, w, dtype, inv, ks, kd, _SSIM_CHUNK)
+    with _one_thread():
+        if parts == 1:
+            return run(jobs[0]) / count
+        with ThreadPoolExecutor(parts) as pool:
+            return sum(pool.map(run, jobs)) / count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,8 +283,10 @@ def transfer_metrics(pred, gt, fg, protocol="reference", tumour=None, ssim_dtype
     brasyn     BraSyn challenge style: each image clipped to its own 0.5-99.5 percentiles over
                the whole volume and scaled to [0, 1]; PSNR (range 1), NMSE and SSIM over the
                volume, plus SSIM inside the tumour (both images multiplied by the tumour mask,
-               map averaged over it) and outside. BraSyn uses torchmetrics' Gaussian window;
-               here every protocol shares the 7^3 uniform window.
+               map averaged over it) and outside. Differences from the BraSyn script, which
+               reads raw MR intensities: it also raises a negative lower percentile to 0 (that
+               would erase half of a z-scored volume, so it is not done here) and uses
+               torchmetrics' Gaussian window, where every protocol here shares the 7^3 window.
     Returns a dict with the metrics, the protocol and the data range used."""
     p, g = _pair(pred, gt, "transfer_metrics")
     if p.ndim != 3:
@@ -290,6 +333,16 @@ def transfer_metrics(pred, gt, fg, protocol="reference", tumour=None, ssim_dtype
     return out
 
 
+def transfer_case(case, source, preds, truths, fg, names, protocol="reference", tumour=None, **kw):
+    """transfer_metrics for every generated target of one case and source: preds and truths are
+    (T, D, H, W) (or lists), names the T target modalities. Returns one dict per target with
+    case, source, target and the metrics, the rows transfer_*_table expect."""
+    if not (len(preds) == len(truths) == len(names)):
+        raise ValueError(f"transfer_case {case}: {len(preds)} predictions, {len(truths)} truths, {len(names)} names")
+    return [{"case": case, "source": source, "target": t, **transfer_metrics(p, g, fg, protocol, tumour, **kw)}
+            for p, g, t in zip(preds, truths, names)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Overlap and distance metrics, with a named policy for empty masks
 
@@ -299,12 +352,14 @@ EMPTY_POLICIES = {
     # mmFormer / BraTS challenge: 373.13 mm is the diagonal of the 240 x 240 x 155 1-mm grid
     "brats": dict(dice_both_empty=1.0, dice_gt_empty=0.0, dice_pred_empty=0.0,
                   hd_both_empty=0.0, hd_gt_empty=373.13, hd_pred_empty=373.13),
-    # MONAI DiceMetric(ignore_empty=True) and compute_hausdorff_distance
+    # MONAI: DiceMetric(ignore_empty=True); compute_hausdorff_distance(percentile=95) gives NaN
+    # as soon as a mask is empty (the percentile of infinite distances)
     "monai": dict(dice_both_empty=math.nan, dice_gt_empty=math.nan, dice_pred_empty=0.0,
-                  hd_both_empty=math.nan, hd_gt_empty=math.inf, hd_pred_empty=math.inf),
-    # AutoPET: a true negative has no Dice, a false positive on a negative case scores 0
+                  hd_both_empty=math.nan, hd_gt_empty=math.nan, hd_pred_empty=math.nan),
+    # AutoPET: a true negative has no Dice, a false positive on a negative case scores 0;
+    # the challenge defines no surface distance, so empty masks give NaN
     "autopet": dict(dice_both_empty=math.nan, dice_gt_empty=0.0, dice_pred_empty=0.0,
-                    hd_both_empty=math.nan, hd_gt_empty=math.inf, hd_pred_empty=math.inf),
+                    hd_both_empty=math.nan, hd_gt_empty=math.nan, hd_pred_empty=math.nan),
 }
 
 
@@ -376,23 +431,50 @@ def _edges(m):
     return m & ~inner
 
 
-def _sq_distance_map(feature, spacing):
-    """Exact squared Euclidean distance (mm^2) from every voxel to the nearest feature voxel:
-    a separable min-plus transform, g(i) = min_j f(j) + (s (i - j))^2 along each axis in turn,
-    done by brute force over each line (exact; O(n) per voxel per axis)."""
-    g = torch.where(feature, 0.0, math.inf).to(torch.float64)
-    for axis in range(3):
-        g = g.movedim(axis, -1).contiguous()
-        n = g.shape[-1]
-        i = torch.arange(n, device=g.device, dtype=torch.float64)
-        cost = ((i[:, None] - i[None, :]) * spacing[axis]) ** 2  # (i, j)
-        rows = rearrange(g, "... n -> (...) n")
-        out = torch.empty_like(rows)
-        step = max(1, (1 << 22) // (n * n))
-        for r0 in range(0, rows.shape[0], step):
-            out[r0:r0 + step] = (rows[r0:r0 + step, None, :] + cost).amin(-1)
-        g = out.reshape(g.shape).movedim(-1, axis)
-    return g
+def _morton(c):
+    """Z-order key of integer coordinates (n, 3) < 2^10: sorting by it keeps neighbours together."""
+    key = torch.zeros(c.shape[0], dtype=torch.int64, device=c.device)
+    for bit in range(10):
+        for axis in range(3):
+            key |= ((c[:, axis] >> bit) & 1) << (3 * bit + 2 - axis)
+    return key
+
+
+def _within_reach(pts, b):
+    """The points of b that can be nearest to some point of pts: for a point c of pts, every
+    point p of pts has a neighbour in b within d(c, b) + |p - c|, so points of b farther than
+    that from the bounding box of pts are never nearest."""
+    lo, hi = pts.min(0).values, pts.max(0).values
+    c = pts[pts.shape[0] // 2]
+    reach = (b - c).norm(dim=1).min() + (pts - c).norm(dim=1).max()
+    gap = ((lo - b).clamp(min=0) ** 2 + (b - hi).clamp(min=0) ** 2).sum(1)
+    return b[gap <= reach * reach * (1 + 1e-12) + 1e-9]
+
+
+def _cells(pts, side):
+    """Indices of pts grouped by cubic cells of `side` mm, cells in Z-order."""
+    key = _morton(((pts - pts.min(0).values) / side).long())
+    order = torch.argsort(key)
+    counts = torch.unique_consecutive(key[order], return_counts=True)[1]
+    return torch.split(order, counts.tolist())
+
+
+def _nearest(a, b):
+    """Distance from each point of a (n, 3) to its nearest point of b (m, 3), in mm, exact up to
+    float64 rounding.
+    Points of a are grouped in cells of 48 mm, large groups again in cells of 12 mm; each group
+    is compared only with the points of b within reach of it (_within_reach)."""
+    out = torch.empty(a.shape[0], dtype=torch.float64, device=a.device)
+    for coarse in _cells(a, 48.0):
+        near = _within_reach(a[coarse], b)
+        for fine in (_cells(a[coarse], 12.0) if coarse.numel() > 256 else [slice(None)]):
+            idx = coarse[fine]
+            pts = a[idx]
+            cand = _within_reach(pts, near)
+            # pick the nearest with the fast |p|^2 + |q|^2 - 2pq form, then measure that pair exactly
+            nearest = cand[torch.cdist(pts - pts[0], cand - pts[0]).argmin(1)]
+            out[idx] = (pts - nearest).norm(dim=1)
+    return out
 
 
 def _quantile(v, q):
@@ -403,6 +485,7 @@ def _quantile(v, q):
     return (s[lo] + (s[hi] - s[lo]) * (pos - lo)).item()
 
 
+@_one_thread()
 def hd95(pred, gt, spacing=None, empty="brats", percentile=95.0):
     """Symmetric percentile Hausdorff distance in mm, MONAI's convention: surface voxels are mask
     voxels with a 6-neighbour outside; the result is the larger of the two directed
@@ -419,9 +502,10 @@ def hd95(pred, gt, spacing=None, empty="brats", percentile=95.0):
     nz = torch.nonzero(p | g)
     lo, hi = nz.min(0).values.tolist(), (nz.max(0).values + 1).tolist()
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    ep, eg = _edges(p[box]), _edges(g[box])
-    d_pg = _sq_distance_map(eg, s)[ep].sqrt()
-    d_gp = _sq_distance_map(ep, s)[eg].sqrt()
+    scale = torch.tensor(s, dtype=torch.float64, device=p.device)
+    ep = torch.nonzero(_edges(p[box])).double() * scale
+    eg = torch.nonzero(_edges(g[box])).double() * scale
+    d_pg, d_gp = _nearest(ep, eg), _nearest(eg, ep)
     return max(_quantile(d_pg, percentile / 100.0), _quantile(d_gp, percentile / 100.0))
 
 
@@ -489,6 +573,15 @@ def brats_seg_metrics(pred_regions, gt_regions, policy="brats", spacing=None, hd
     return out
 
 
+def seg_case(case, pred_regions, gt_regions, subset=None, policy="brats", spacing=None, hd=False):
+    """brats_seg_metrics of one case tagged with its id and the subset of available modalities
+    (a tuple of names), the rows brats_summary and missing_modality_table expect."""
+    out = {"case": case, **brats_seg_metrics(pred_regions, gt_regions, policy, spacing, hd)}
+    if subset is not None:
+        out["subset"] = tuple(subset)
+    return out
+
+
 def _nanmean(values):
     v = [float(x) for x in values if not math.isnan(float(x))]
     return sum(v) / len(v) if v else math.nan
@@ -535,6 +628,7 @@ def _neighbour_offsets(connectivity):
     return [o for o in offs if o > (0, 0, 0)]
 
 
+@_one_thread()
 def connected_components(mask, connectivity=18):
     """Labels (D, H, W) int64, 0 = background, components numbered 1..n, and n.
     Union-find on the voxel graph in torch: every round hooks the larger of two linked roots
@@ -758,12 +852,12 @@ def transfer_summary_table(results, pairs=(("t1", "t2"), ("t2", "flair"))):
     return rows
 
 
-def missing_modality_table(results, modalities=None):
+def missing_modality_table(results, modalities=None, regions=REGIONS):
     """Table 11: one row per subset of available modalities (15 for four MRI modalities, 3 for
-    CT/PET; smallest subsets first), "x" under each present modality, mean Dice (%) of WT, TC,
-    ET, their average, the case count and the count of (case, region) pairs with an empty
-    truth; then the mean row over subsets. results: dicts from brats_seg_metrics with a
-    "subset" (tuple of modality names or "t1+t2")."""
+    CT/PET; smallest subsets first) with "x" under each present modality, the mean Dice (%) of
+    each region (keys of the results, WT/TC/ET by default) and their average, the case count
+    and the count of (case, region) pairs with an empty truth; then the mean over the subset
+    rows. results: dicts from seg_case with a "subset" (tuple of names, or "t1+t2")."""
     if not results:
         raise ValueError("missing_modality_table: no results")
 
@@ -771,20 +865,23 @@ def missing_modality_table(results, modalities=None):
         s = r["subset"]
         return tuple(s.split("+")) if isinstance(s, str) else tuple(s)
     mods = list(modalities) if modalities is not None else _ordered(m for r in results for m in key(r))
+    unknown = {m for r in results for m in key(r)} - set(mods)
+    if unknown:
+        raise ValueError(f"missing_modality_table: subsets use modalities {sorted(unknown)} not in {mods}")
     subsets = sorted({frozenset(key(r)) for r in results}, key=lambda s: (len(s), sorted(mods.index(m) for m in s)))
     rows = []
     for sub in subsets:
         sel = [r for r in results if frozenset(key(r)) == sub]
-        row = {_label(m): ("x" if m in sub else "") for m in mods}
-        for k in REGIONS:
+        row = {"subset": "+".join(_label(m) for m in mods if m in sub)}
+        row.update({_label(m): ("x" if m in sub else "") for m in mods})
+        for k in regions:
             row[k] = 100.0 * _nanmean(r[k] for r in sel)
-        row["mean"] = _nanmean(row[k] for k in REGIONS)
+        row["mean"] = _nanmean(row[k] for k in regions)
         row["n"] = len(sel)
         row["empty truth"] = sum(len(r.get("empty_truth", [])) for r in sel)
         rows.append(row)
-    mean = {_label(m): "" for m in mods}
-    mean[_label(mods[0])] = "mean"
-    for k in (*REGIONS, "mean"):
+    mean = {"subset": "mean", **{_label(m): "" for m in mods}}
+    for k in (*regions, "mean"):
         mean[k] = _nanmean(r[k] for r in rows)
     mean["n"] = sum(r["n"] for r in rows)
     mean["empty truth"] = sum(r["empty truth"] for r in rows)
@@ -894,6 +991,7 @@ def write_table(rows, columns, path_stem, meta=None, digits=3):
                 f.write(text)
             tmps[ext] = tmp
         for ext, tmp in tmps.items():
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600
             os.replace(tmp, str(stem) + ext)
     finally:
         for tmp in tmps.values():
@@ -906,14 +1004,14 @@ def write_table(rows, columns, path_stem, meta=None, digits=3):
 # Figures (matplotlib's Agg canvas directly: no pyplot, no global backend change)
 
 
-def _numpy(x, name):
+def _numpy(x):
     if isinstance(x, torch.Tensor):
         return x.detach().float().cpu().numpy()
     return np.asarray(x, dtype=np.float32)
 
 
 def _volume(x, name):
-    a = _numpy(x, name)
+    a = _numpy(x)
     if a.ndim != 3:
         raise ValueError(f"{name}: expected a (D, H, W) volume, got shape {a.shape}")
     return a
@@ -949,6 +1047,7 @@ def _save(fig, path):
     os.close(fd)
     try:
         fig.savefig(tmp, format="png")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -964,7 +1063,7 @@ def figure_transfer(path, inputs, preds, truths, names, source_name, dpi=100):
     names = list(names)
     preds = [_volume(p, "figure_transfer pred") for p in preds]
     truths = [_volume(t, "figure_transfer truth") for t in truths]
-    ins = _numpy(inputs, "figure_transfer inputs")
+    ins = _numpy(inputs)
     ins = [ins] * len(names) if ins.ndim == 3 else [_volume(i, "figure_transfer input") for i in ins]
     if not (len(preds) == len(truths) == len(ins) == len(names)) or not names:
         raise ValueError(f"figure_transfer: {len(names)} names, {len(preds)} predictions, {len(truths)} truths, "

@@ -76,15 +76,16 @@ def update_anchor(anchor, x):
 
 
 def decomposition_loss(pred, target, fg, w_fg=10.0):
-    """L_decom = w_fg * MSE over foreground voxels + MSE over all voxels.
+    """L_decom = w_fg * MSE over foreground voxels + MSE over all voxels, per sample, then the
+    batch mean (so a batch split over ranks gives the same loss as one process).
 
     pred, target: (b, c, D, H, W); fg: (b, 1, D, H, W) bool, the body/brain mask from the data.
-    The foreground term averages over foreground voxels of every channel; it is 0 when the crop
-    holds no foreground."""
-    err = (pred.float() - target.float()).square()
-    mask = fg.expand_as(err).float()
-    fg_term = (err * mask).sum() / mask.sum().clamp_min(1.0)
-    return w_fg * fg_term + err.mean()
+    The foreground term averages over the foreground voxels of every channel; it is 0 for a crop
+    without foreground."""
+    err = (pred.float() - target.float()).square().flatten(2)  # (b, c, n)
+    mask = fg.flatten(2).expand_as(err).float()
+    fg_term = (err * mask).sum((1, 2)) / mask.sum((1, 2)).clamp_min(1.0)
+    return (w_fg * fg_term + err.mean((1, 2))).mean()
 
 
 def dice_loss(logits, target, smooth=1e-5):

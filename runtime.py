@@ -87,6 +87,18 @@ def all_reduce_max(value, d):
     return t.item()
 
 
+def mean_over_ranks(values, d):
+    """[float, {name: float}] averaged over ranks (for logging the global batch)."""
+    if d.world == 1:
+        return values
+    total, terms = values
+    keys = sorted(terms)
+    t = torch.tensor([total] + [terms[k] for k in keys], dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    t = (t / d.world).tolist()
+    return t[0], dict(zip(keys, t[1:]))
+
+
 def all_gather_objects(obj, d):
     if d.world == 1:
         return [obj]
@@ -256,7 +268,7 @@ class JsonlLog:
                 self.path.write_text("")
             elif self.path.exists():
                 keep = [line for line in self.path.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", -1) < resume_step]
+                        if line.strip() and json.loads(line).get("step", -1) <= resume_step]
                 self.path.write_text("".join(line + "\n" for line in keep))
 
     def write(self, **entry):

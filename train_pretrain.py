@@ -54,6 +54,7 @@ class Config:
     phi: str = opt("rot90", "geometric transforms: rot90 (4 classes in one plane) or cube (24 rotations)")
     lr: float = opt(2e-4, "AdamW learning rate")
     weight_decay: float = opt(1e-5, "AdamW weight decay")
+    adam_eps: float = opt(1e-8, "AdamW epsilon")
     warmup: int = opt(0, "linear warm-up steps")
     cosine: bool = opt(False, "cosine decay to 0 at --max-steps after the warm-up")
     clip: float = opt(1.0, "gradient norm clipping (0 = off)")
@@ -132,6 +133,9 @@ def main(argv=None):
     use = PRESETS[cfg.preset]
     use = {**use, "decom": True}
     roi = R.roi_tuple(cfg.roi)
+    if (cfg.phi == "rot90" and roi[0] != roi[1]) or (cfg.phi == "cube" and len(set(roi)) > 1):
+        raise SystemExit(f"--roi {cfg.roi}: the {cfg.phi} transforms rotate the crop, so its rotated sides must be "
+                         "equal (rot90: D = H; cube: all three)")
     d = R.setup_distributed(cfg.device)
     R.seed_everything(cfg.seed)  # same initial weights on every rank (also broadcast below)
     out = Path(cfg.out)
@@ -155,7 +159,7 @@ def main(argv=None):
                      "decoder5", "decoder4", "decoder3", "decoder2", "decoder1"):
             getattr(net, name).compile()
     params = [p for p in net.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, R.lr_lambda(cfg.warmup, cfg.max_steps, cfg.cosine))
 
     start = 0
@@ -208,6 +212,7 @@ def main(argv=None):
             for t, v in terms.items():
                 sums[t] += v.item() / nm
         R.average_gradients(net, d)
+        total, sums = R.mean_over_ranks([total, sums], d)  # the log shows the global batch
         skipped = guard.should_skip(total, net)
         if skipped:
             optim.zero_grad(set_to_none=True)

@@ -66,6 +66,12 @@ def test_decomposition_foreground_weighting():
     got = losses.decomposition_loss(pred, target, fg, w_fg=10.0)
     assert abs(got.item() - (10 * 1.0 + 5 / 4)) < 1e-6
     assert abs(losses.decomposition_loss(pred, target, torch.zeros_like(fg)).item() - 5 / 4) < 1e-6
+    # per-sample foreground means, then the batch mean
+    pred2 = torch.zeros(2, 1, 1, 1, 4)
+    target2 = torch.stack([target[0], torch.full((1, 1, 1, 4), 2.0)])
+    fg2 = torch.stack([fg[0], torch.ones(1, 1, 1, 4, dtype=torch.bool)])
+    want = ((10 * 1.0 + 5 / 4) + (10 * 4.0 + 4.0)) / 2
+    assert abs(losses.decomposition_loss(pred2, target2, fg2).item() - want) < 1e-5
 
 
 def test_seg_loss_by_hand():

@@ -1,0 +1,278 @@
+"""Stage-2 tuning on tiny synthetic BraTS cases: loss goes down, stage-1 / SSL weights load by
+name, exact resume, the fused path for every modality subset, 2-rank validation = 1 process,
+and a modality-order mismatch stops the run."""
+import itertools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import model as M
+import runtime as R
+import train_downstream as T
+import train_pretrain
+
+ROOT = Path(__file__).resolve().parent.parent
+ROI = (32, 32, 64)  # smallest crop the rot90 pre-training accepts (D = H) with > 1 voxel at roi/32
+TINY = ["--feature-size", "12", "--roi", ",".join(map(str, ROI)), "--prior-heads", "2", "--workers", "0"]
+QUIET = lambda s: None  # noqa: E731
+
+
+@pytest.fixture(scope="session")
+def stage1(tiny_brats, tmp_path_factory):
+    """One stage-1 checkpoint (t1, t2; one step) and a shared preprocessing cache."""
+    out, cache = tmp_path_factory.mktemp("stage1"), tmp_path_factory.mktemp("cache")
+    train_pretrain.main(["--data", str(tiny_brats), "--out", str(out), "--modalities", "t1,t2", "--max-steps", "1",
+                         "--cache", str(cache), *TINY])
+    return out / "last.pt", cache
+
+
+def tune(tiny_brats, stage1, out, steps, *extra):
+    # Adam's epsilon raised: gradient elements that are zero up to CPU rounding noise (the
+    # relative-position-bias gradients are summed in a thread-dependent order) would otherwise
+    # be blown up to +-lr on the first step and decide the comparisons.
+    ck, cache = stage1
+    return T.main(["--data", str(tiny_brats), "--out", str(out), "--init", f"ours:{ck}", "--max-steps", str(steps),
+                   "--lr", "1e-3", "--adam-eps", "1e-6", "--val-every", "0", "--cache", str(cache), *TINY, *extra])
+
+
+def train_batch(tiny_brats, out, cache):
+    """All training cases of a run in one batch (the crops are the whole padded volumes)."""
+    spec = data.resolve(tiny_brats, ["t1", "t2"])
+    ids = json.loads((out / "split.json").read_text())["train"]
+    ds = data.CropDataset([spec.case(i) for i in ids], ROI, spec=spec, cache_dir=cache)
+    return torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
+
+
+@torch.no_grad()
+def objective(path, batch, task, inputs, targets):
+    """Algorithm-2 objective of a checkpoint on a batch, fixed modality order and full subsets."""
+    net, meta = T.load_tuned(path)
+    cfg = T.Config(task=task)
+    n = len(inputs)
+    return T.tuning_step(net, batch["image"], batch, cfg, inputs, targets, np.arange(n),
+                         torch.ones(n, batch["image"].shape[0]), R.Dist(), backward=False)["loss"]
+
+
+def train_entries(path):
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("data_wait_s", "step_s")} for r in rows if "loss" in r]
+
+
+def test_seg_from_stage1_loads_names_lowers_loss_and_resumes_exactly(tiny_brats, stage1, tmp_path):
+    ck = torch.load(stage1[0], weights_only=True)
+    a, b = tmp_path / "a", tmp_path / "b"
+    r0 = tune(tiny_brats, stage1, a, 0)
+    head = {"out.conv.conv.weight", "out.conv.conv.bias"}
+    assert set(r0["init"]["skipped"]) == head
+    assert sorted(r0["init"]["loaded"]) == sorted(set(ck["model"]) - head)
+    assert sorted(r0["init"]["missing"]) == sorted(head)
+    shutil.copy(a / "last.pt", tmp_path / "step0.pt")
+    sd0 = torch.load(tmp_path / "step0.pt", weights_only=True)["model"]
+    assert all(torch.equal(sd0[k], ck["model"][k]) for k in r0["init"]["loaded"])
+    assert sd0["out.conv.conv.weight"].shape[0] == 3  # TC, WT, ET
+
+    tune(tiny_brats, stage1, a, 1, "--resume", "auto")
+    ra = tune(tiny_brats, stage1, a, 2, "--resume", "auto")
+    rb = tune(tiny_brats, stage1, b, 2)
+    sa, sb = torch.load(a / "last.pt", weights_only=True), torch.load(b / "last.pt", weights_only=True)
+    assert sa["step"] == sb["step"] == 2
+    for k in sb["model"]:
+        torch.testing.assert_close(sa["model"][k], sb["model"][k], rtol=0, atol=1e-6, msg=k)
+    for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        for k in pb:
+            torch.testing.assert_close(pa[k], pb[k], rtol=1e-4, atol=1e-9)
+    la, lb = train_entries(a / "log.jsonl"), train_entries(b / "log.jsonl")
+    assert [r["step"] for r in la] == [r["step"] for r in lb] == [1, 2]
+    for ra_, rb_ in zip(la, lb):
+        assert ra_.keys() == rb_.keys() and all(ra_[k] == pytest.approx(rb_[k], rel=1e-5, abs=1e-7) for k in ra_)
+    assert ra["val"].keys() == rb["val"].keys() == {"dice_tc", "dice_wt", "dice_et", "dice"}
+    assert all(ra["val"][k] == pytest.approx(rb["val"][k], abs=1e-6) for k in ra["val"])
+    assert any(torch.ne(sa["model"][k], sd0[k]).any() for k in sd0)
+
+    batch = train_batch(tiny_brats, a, stage1[1])
+    before = objective(tmp_path / "step0.pt", batch, "seg", [0, 1], [])
+    after = objective(a / "last.pt", batch, "seg", [0, 1], [])
+    assert after < before
+    # best.pt is a loadable model with the task record
+    net, meta = T.load_tuned(a / "best.pt")
+    assert meta["task"] == "seg" and meta["regions"] == ["tc", "wt", "et"] and meta["modalities"] == ["t1", "t2"]
+
+
+def test_transfer_single_source_keeps_target_head_rows_and_lowers_loss(tiny_brats, stage1, tmp_path):
+    ck = torch.load(stage1[0], weights_only=True)
+    out = tmp_path / "tr"
+    r0 = tune(tiny_brats, stage1, out, 0, "--task", "transfer", "--inputs", "t1", "--targets", "t2")
+    assert r0["init"]["skipped"] == [] and sorted(r0["init"]["loaded"]) == sorted(ck["model"])
+    shutil.copy(out / "last.pt", tmp_path / "step0.pt")
+    sd0 = torch.load(tmp_path / "step0.pt", weights_only=True)["model"]
+    # the stage-1 decoder already predicts t2 (channel 1): its row of the output layer is kept
+    assert torch.equal(sd0["out.conv.conv.weight"], ck["model"]["out.conv.conv.weight"][1:2])
+    assert torch.equal(sd0["out.conv.conv.bias"], ck["model"]["out.conv.conv.bias"][1:2])
+    r = tune(tiny_brats, stage1, out, 3, "--task", "transfer", "--inputs", "t1", "--targets", "t2", "--resume", "auto")
+    val = json.loads((out / "val.json").read_text())
+    assert set(val["cases"]) == set(json.loads((out / "split.json").read_text())["val"])
+    case = next(iter(val["cases"].values()))
+    assert set(case["pairs"]) == {"t1>t2"} and case["psnr"] == case["pairs"]["t1>t2"]["psnr"]
+    assert np.isfinite(r["val"]["psnr"]) and np.isfinite(r["val"]["psnr_identity"])
+
+    batch = train_batch(tiny_brats, out, stage1[1])
+    assert objective(out / "last.pt", batch, "transfer", [0], [1]) < objective(tmp_path / "step0.pt", batch,
+                                                                                "transfer", [0], [1])
+
+
+def test_stage1_into_plain_swinunetr_and_new_decoder(stage1):
+    ck = torch.load(stage1[0], weights_only=True)
+    arch = dict(ck["arch"], kind="swinunetr", out_channels=3)
+    plain = train_pretrain.build_model(arch)
+    rep = T.load_stage1(plain, ck, "seg", [], log=QUIET)
+    bottleneck = [k for k in ck["model"] if k.startswith(("prior", "prior_attn.", "transfer.", "fuse.",
+                                                          "equ_head.", "proj_head.", "out."))]
+    assert {k.split(".")[0] for k in bottleneck} == {"prior", "prior_attn", "transfer", "fuse", "equ_head",
+                                                     "proj_head", "out"}
+    assert sorted(rep["skipped"]) == sorted(bottleneck)
+    assert sorted(rep["loaded"]) == sorted(set(ck["model"]) - set(bottleneck))
+    sd = plain.state_dict()
+    assert all(torch.equal(sd[k], ck["model"][k]) for k in rep["loaded"])
+
+    # F.4: keep E, O, Attn, T, Fuse; draw the whole decoder D anew
+    net = train_pretrain.build_model(dict(ck["arch"], out_channels=2))
+    torch.manual_seed(1)
+    rep = T.load_stage1(net, ck, "transfer", ["t1", "t2"], new_decoder=True, log=QUIET)
+    decoder = [k for k in ck["model"] if k.split(".")[0] in
+               ("encoder1", "encoder2", "encoder3", "encoder4", "encoder10", "decoder5", "decoder4", "decoder3",
+                "decoder2", "decoder1", "out")]
+    assert len(decoder) > 40 and sorted(rep["skipped"]) == sorted(decoder)
+    sd = net.state_dict()
+    assert all(torch.equal(sd[k], ck["model"][k]) for k in rep["loaded"])
+    assert not any(torch.equal(sd[k], ck["model"][k]) for k in decoder if sd[k].numel() > 1)
+    assert any(k.startswith("prior_attn.") for k in rep["loaded"]) and "swinViT.patch_embed.proj.weight" in rep["loaded"]
+
+
+def fake_ssl_checkpoint(path, fs=12):
+    """Tang et al. model_swinvit.pt key names: module.* with mlp.fc1/fc2, 1 input channel, plus heads."""
+    src = M.SwinUNETR(1, 1, feature_size=fs).swinViT.state_dict()
+    sd = {"module." + k.replace("mlp.linear1.", "mlp.fc1.").replace("mlp.linear2.", "mlp.fc2."): torch.randn_like(v)
+          for k, v in src.items() if v.is_floating_point()}
+    sd.update({"module.rotation_head.weight": torch.randn(4, 16 * fs), "module.contrastive_head.weight":
+               torch.randn(512, 16 * fs), "module.conv.0.weight": torch.randn(8, 16 * fs, 3, 3, 3)})
+    torch.save({"epoch": 10, "state_dict": sd}, path)
+    return sd
+
+
+def test_init_ssl_loads_encoder_by_real_key_names(tiny_brats, stage1, tmp_path):
+    sd = fake_ssl_checkpoint(tmp_path / "model_swinvit.pt")
+    r = T.main(["--data", str(tiny_brats), "--modalities", "t1,t2", "--out", str(tmp_path / "ssl"), "--arch", "swinunetr",
+                "--init", f"ssl:{tmp_path / 'model_swinvit.pt'}", "--max-steps", "0", "--cache", str(stage1[1]), *TINY])
+    tuned = torch.load(tmp_path / "ssl" / "last.pt", weights_only=True)["model"]
+    encoder = sorted(k for k in tuned if k.startswith("swinViT.") and tuned[k].is_floating_point())
+    assert sorted(k for k in r["init"]["loaded"] if tuned[k].is_floating_point()) == encoder
+    for key, v in sd.items():  # brute force: every encoder tensor of the file, by its own name
+        if ".rotation_head." in key or ".contrastive_head." in key or ".conv.0." in key:
+            continue
+        ours = "swinViT." + key[len("module."):].replace(".fc1.", ".linear1.").replace(".fc2.", ".linear2.")
+        want = v.repeat(1, 2, 1, 1, 1) / 2 if key.endswith("patch_embed.proj.weight") else v
+        assert torch.equal(tuned[ours], want), ours
+    assert not any(k.startswith("swinViT.") for k in r["init"]["missing"])
+
+
+def all_subsets(n):
+    return [list(s) for k in range(1, n + 1) for s in itertools.combinations(range(n), k)]
+
+
+@torch.no_grad()
+def test_fused_inference_every_subset_of_4_and_of_2():
+    torch.manual_seed(0)
+    net = M.PersonalizedSwinUNETR(4, 3, feature_size=12, roi=ROI, prior_heads=2).eval()
+    x = torch.randn(1, 4, *ROI)
+    subsets = all_subsets(4)
+    assert len(subsets) == 15
+    outs = T.fused_outputs(net, x, subsets)
+    # brute force: encode each modality on its own, average by hand, decode
+    feats = []
+    for i in range(4):
+        u = x[:, [i] * 4]
+        z, skips = net.encode(u)
+        feats.append((net.personalize(z), skips, u))
+    for s, y in zip(subsets, outs):
+        xh = sum(feats[i][0] for i in s) / len(s)
+        skips = [sum(feats[i][1][k] for i in s) / len(s) for k in range(4)]
+        u = sum(feats[i][2] for i in s) / len(s)
+        torch.testing.assert_close(y, net.decode(xh, skips, u), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outs[2], net(x[:, [2] * 4]), rtol=1e-4, atol=1e-5)  # one modality: plain forward
+    assert not torch.allclose(outs[-1], outs[0])
+
+    # two modalities (CT / PET): whole-volume prediction of a volume smaller than the roi, CT padded with air
+    net2 = M.PersonalizedSwinUNETR(2, 1, feature_size=12, roi=ROI, prior_heads=2).eval()
+    meta = {"modalities": ["ct", "pet"], "roi": list(ROI)}
+    image = torch.rand(2, 20, 30, 50) * 2 - 1
+    subsets = all_subsets(2)
+    preds = T.predict_subsets(net2, image, [[meta["modalities"][i] for i in s] for s in subsets], meta)
+    padded = torch.full((1, 2, *ROI), -1.0)
+    padded[:, 1] = 0.0
+    padded[0, :, 6:26, 1:31, 7:57] = image
+    for s, p in zip(subsets, preds):
+        assert p.shape == (1, 20, 30, 50)
+        ref = net2.decode(*T.fuse([(*T.encode(net2, padded[:, [i] * 2]), padded[:, [i] * 2]) for i in s],
+                                  torch.ones(len(s), 1)))
+        torch.testing.assert_close(p, ref[0, :, 6:26, 1:31, 7:57], rtol=1e-4, atol=1e-5)
+    assert torch.equal(T.predict(net2, image, ["pet"], meta), preds[1])
+    with pytest.raises(ValueError, match="non-empty set"):
+        T.predict(net2, image, [], meta)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_validation_two_gloo_ranks_equals_one_process(tiny_brats, stage1, tmp_path):
+    out = tmp_path / "ddp"
+    ids = sorted(c.id for c in data.resolve(tiny_brats).cases)
+    assert len(ids) == 5
+    out.mkdir()
+    (out / "split.json").write_text(json.dumps({"train": ids, "val": ids, "test": []}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(ROOT / "train_downstream.py"), "--data", str(tiny_brats), "--out", str(out), "--init",
+           f"ours:{stage1[0]}", "--inputs", "t1", "--max-steps", "0", "--device", "cpu", "--cache", str(stage1[1]),
+           *TINY]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = json.loads((out / "val.json").read_text())
+    assert list(two["cases"]) == ids
+
+    net, meta = T.load_tuned(out / "last.pt")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        spec = data.resolve(tiny_brats, ["t1", "t2"])
+        cases, summary = T.validate(net, spec, ids, meta, R.Dist(), cache_dir=stage1[1])
+    finally:
+        torch.set_num_threads(threads)
+    assert cases == two["cases"] and summary == two["summary"]
+    # by hand: the mean over the 5 cases of each region's Dice (BraTS policy)
+    for k in ("dice_tc", "dice_wt", "dice_et", "dice"):
+        assert summary[k] == pytest.approx(sum(c[k] for c in cases.values()) / 5, abs=1e-12)
+    assert summary["dice_wt"] > 0 or all(c["dice_wt"] == 0 for c in cases.values())
+
+
+def test_modality_order_mismatch_stops_with_clear_message(tiny_brats, stage1, tmp_path):
+    out = tmp_path / "bad"
+    with pytest.raises(SystemExit, match=r"modalities: checkpoint \['t1', 't2'\] != data \['t2', 't1'\].*"
+                                         r"--modalities t1,t2"):
+        tune(tiny_brats, stage1, out, 1, "--modalities", "t2,t1")
+    assert not out.exists() or not any(out.iterdir())
+    with pytest.raises(SystemExit, match="--roi 64,64,64: the stage-1 checkpoint was built with 32,32,64"):
+        T.main(["--data", str(tiny_brats), "--out", str(out), "--init", f"ours:{stage1[0]}", "--roi", "64",
+                "--max-steps", "1"])
+    assert not out.exists() or not any(out.iterdir())

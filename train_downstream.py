@@ -1,0 +1,609 @@
+"""Stage 2: downstream tuning (Algorithm 2 of the paper, as METHOD.md states it).
+
+    python train_downstream.py --task seg --data demo --init ours:runs/pretrain/last.pt --out runs/seg
+    python train_downstream.py --task transfer --data demo --init ours:runs/pretrain/last.pt --out runs/transfer
+    python train_downstream.py --task transfer --data demo-petct --inputs pet --targets ct --init scratch
+    python train_downstream.py --task seg --data demo --modalities t1,t2 --init ours:runs/pt-petct/last.pt --new-decoder
+    torchrun --nproc_per_node=4 train_downstream.py --task seg --data /data/BraTS2021 --init ssl:model_swinvit.pt
+
+One step, for each person of the batch and each available input modality i in random order:
+repeat the modality on all |M| input channels, encode it (z, skips x^i), personalize it
+(X_h^i' = Fuse(z, T(Attn(z, O, O))); X_h^i' = z for --arch swinunetr), L_inv against the
+running anchor, decode Y^i = D(X_h^i', x^i) and add L_ori(Y^i, Y). Then the fused path: every
+person draws a random non-empty subset S of the inputs; the means over S of X_h^i', of the
+skips and of the inputs are decoded once and add L_ori. Inference from any subset S of the
+modalities is that fused path (S of one modality is the per-modality path).
+L_ori: Dice + weighted BCE on sigmoid regions (seg; BraTS TC, WT, ET; AutoPET lesion) or the
+L_decom reconstruction loss against the target modalities (transfer). One optimizer step per
+person-batch. The val split is scored with sliding windows every --val-every steps; OUT/best.pt
+keeps the best weights (seg: mean Dice over the regions; transfer: strict PSNR from each single
+input to the other targets). OUT/last.pt continues a run exactly (--resume auto).
+
+Other code uses load_tuned(path) -> (model, meta), predict(model, image, subset, meta) and
+predict_subsets(model, image, subsets, meta) (e.g. the 15 subsets of BraTS in one pass).
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import evaluate
+import losses
+import model as M
+import runtime as R
+from train_pretrain import build_model
+
+TASKS = ("seg", "transfer")
+ARCHS = ("full", "swinunetr")
+TERMS = ("ori", "inv", "fused")
+# D of METHOD.md: the convolutional blocks that read the skips, the up-sampling path and the head.
+DECODER = ("encoder1.", "encoder2.", "encoder3.", "encoder4.", "encoder10.", "decoder5.", "decoder4.",
+           "decoder3.", "decoder2.", "decoder1.", "out.")
+PRIOR = ("prior", "prior_attn.", "transfer.", "fuse.")  # O, Attn, T, Fuse
+STAGE1_HEADS = ("equ_head.", "proj_head.")  # F_equ and g: loaded, but not used (frozen) in stage 2
+# Contract entries that differ on purpose when tuning on another domain with a new decoder (F.4).
+DOMAIN_GAP = ("modalities", "normalisation", "spacing", "layout", "label_kind", "regions")
+
+
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    data: str = opt("demo", "dataset folder, datalist JSON, 'demo' (BraTS-layout MRI) or 'demo-petct'")
+    out: str = opt("runs/downstream", "folder for checkpoints, log, validation results and figures")
+    task: str = opt("seg", "seg (sigmoid regions: BraTS TC,WT,ET; AutoPET lesion) or transfer (modality synthesis)")
+    init: str = opt("scratch", "scratch | ours:CKPT (stage-1 checkpoint) | ssl:PATH (Tang et al. model_swinvit.pt)")
+    arch: str = opt("full", "full (personalized bottleneck; the prior as the stage-1 checkpoint has it) or swinunetr")
+    modalities: str = opt("", "the |M| channels, in order (default: the stage-1 checkpoint's, else all of the data)")
+    inputs: str = opt("", "modalities available as inputs in training and validation (default: all of --modalities)")
+    targets: str = opt("", "transfer: modalities to synthesise (default: all of --modalities)")
+    new_decoder: bool = opt(False, "keep E, O, Attn, T, Fuse of --init ours, draw D anew (supplementary F.4: "
+                                   "another domain with the same number of channels)")
+    patch_embed: str = opt("tile", "--init ssl: adapt the 1-channel patch embedding by 'tile' or 'reinit'")
+    max_steps: int = opt(1000, "optimizer steps (one per person-batch)")
+    batch_size: int = opt(1, "persons per rank per step")
+    roi: str = opt("", "crop and window size, one side or D,H,W, multiples of 32 (default: the checkpoint's, else 96)")
+    feature_size: int = opt(0, "Swin feature size F (default: the checkpoint's, else 48)")
+    prior_heads: int = opt(0, "heads of the prior attention (default: the checkpoint's, else 3)")
+    lr: float = opt(2e-4, "AdamW learning rate")
+    weight_decay: float = opt(1e-5, "AdamW weight decay")
+    adam_eps: float = opt(1e-8, "AdamW epsilon")
+    warmup: int = opt(0, "linear warm-up steps")
+    cosine: bool = opt(False, "cosine decay to 0 at --max-steps after the warm-up")
+    clip: float = opt(1.0, "gradient norm clipping (0 = off)")
+    w_inv: float = opt(1.0, "weight of L_inv (0 for the baselines of Table 8)")
+    w_fused: float = opt(1.0, "weight of L_ori of the fused random-subset path")
+    w_fg: float = opt(10.0, "transfer: foreground weight inside L_decom")
+    fg_fraction: float = opt(0.5, "fraction of crops centred on the tumour / lesion")
+    val_fraction: float = opt(0.2, "fraction of cases held out for validation (when no split is inherited)")
+    test_fraction: float = opt(0.2, "fraction of cases held out for testing (when no split is inherited)")
+    seed: int = opt(0, "seed of the split, crops, subsets and initialisation")
+    val_every: int = opt(100, "score the val split every N steps (and at the end; 0 = only at the end)")
+    overlap: float = opt(0.5, "sliding-window overlap in validation")
+    sw_batch_size: int = opt(4, "windows per forward in validation")
+    resume: str = opt("", "'auto' continues from OUT/last.pt when present; or a checkpoint path")
+    save_every: int = opt(100, "write OUT/last.pt every N steps (and at the end)")
+    workers: int = opt(2, "DataLoader workers per rank")
+    max_nonfinite: int = opt(5, "stop after this many non-finite steps in a row")
+    attn_backend: str = opt("auto", "attention: naive | sdpa | triton | auto (triton on CUDA, else sdpa)")
+    checkpointing: bool = opt(False, "activation checkpointing (less memory, ~30%% more time)")
+    amp: bool = opt(True, "bf16 autocast on GPU (CPU always runs fp32)")
+    cache: str = opt("", "preprocessed-data cache folder (default: .cache/data beside data.py)")
+    device: str = opt("auto", "auto | cuda | cpu")
+
+
+# ---- the fused path (training and inference) -------------------------------------------------
+
+
+def encode(net, u):
+    """(X_h', skips) of one input u (B, |M|, *roi) holding a single modality on every channel."""
+    z, skips = net.encode(u)
+    return (net.personalize(z) if isinstance(net, M.PersonalizedSwinUNETR) else z), skips
+
+
+def fuse(feats, w):
+    """Means over each person's subset. feats[i] = (X_h^i', skips^i, u^i) of the modalities i;
+    w (n, B) 0/1 with a non-empty column per person. Returns (X_h', skips, u) to decode."""
+    w = w / w.sum(0, keepdim=True)
+
+    def mean(ts):
+        return torch.einsum("nb,nb...->b...", w.to(ts[0]), torch.stack(ts))
+
+    n_skips = len(feats[0][1])
+    return (mean([f[0] for f in feats]), [mean([f[1][k] for f in feats]) for k in range(n_skips)],
+            mean([f[2] for f in feats]))
+
+
+def single(x, i):
+    """Modality i of x (B, |M|, D, H, W) repeated on all |M| channels (how a modality is fed)."""
+    return x[:, i:i + 1].repeat(1, x.shape[1], 1, 1, 1)
+
+
+def fused_outputs(net, x, subsets):
+    """Outputs of the fused path for each subset (channel indices) of x (B, |M|, *roi); every
+    modality is encoded once, however many subsets use it."""
+    feats = {}
+    for i in sorted({i for s in subsets for i in s}):
+        u = single(x, i)
+        feats[i] = (*encode(net, u), u)
+    ones = [torch.ones(len(s), x.shape[0], device=x.device) for s in subsets]
+    return [net.decode(*fuse([feats[i] for i in s], w)) for s, w in zip(subsets, ones)]
+
+
+def ori_loss(task, y, x, batch, targets, w_fg):
+    """L_ori: Dice + weighted BCE on the region channels, or L_decom against the targets."""
+    if task == "seg":
+        return losses.seg_loss(y, batch["regions"])
+    return losses.decomposition_loss(y, x[:, targets], batch["fg"], w_fg)
+
+
+def tuning_step(net, x, batch, cfg, inputs, targets, order, w, d, backward=True):
+    """Algorithm 2 on one batch; with backward=True the gradients of every term are accumulated.
+
+    x (B, |M|, *roi); inputs/targets: channel indices; order: the inputs in processing order;
+    w (len(inputs), B): each person's fused subset. Each decoder graph is freed by its own
+    backward(); the encoder graphs are kept until the fused path has used their outputs, then
+    back-propagated once with the gradients collected there (the gradient of one big backward,
+    at the memory of one decoder graph at a time)."""
+    terms = {t: 0.0 for t in TERMS}
+    feats, graphs, anchor, total = [], [], None, 0.0
+    for i in order:
+        u = single(x, inputs[i])
+        with R.autocast(d, cfg.amp), torch.set_grad_enabled(backward):
+            xh, skips = encode(net, u)
+        leaves = [t.detach().requires_grad_(backward) for t in (xh, *skips)]
+        graphs.append((xh, *skips))
+        feats.append((leaves[0], leaves[1:], u))
+        with R.autocast(d, cfg.amp), torch.set_grad_enabled(backward):
+            l_inv = losses.invariance_loss(leaves[0], anchor)  # on X_h', zero for the first modality
+            anchor = losses.update_anchor(anchor, leaves[0])
+            l_ori = ori_loss(cfg.task, net.decode(leaves[0], leaves[1:], u), x, batch, targets, cfg.w_fg)
+            loss = l_ori.float() + cfg.w_inv * l_inv.float()
+        if backward:
+            loss.backward()
+        total += loss.item()
+        terms["ori"] += l_ori.item() / len(order)
+        terms["inv"] += l_inv.item() / max(1, len(order) - 1)
+    with R.autocast(d, cfg.amp), torch.set_grad_enabled(backward):
+        xh, skips, u = fuse(feats, w[order])
+        l_fused = ori_loss(cfg.task, net.decode(xh, skips, u), x, batch, targets, cfg.w_fg).float()
+    if backward:
+        (cfg.w_fused * l_fused).backward()
+        outs = [t for g in graphs for t in g]
+        grads = [leaf.grad for f in feats for leaf in (f[0], *f[1])]
+        torch.autograd.backward(outs, grads)
+    terms["fused"] = l_fused.item()
+    terms["loss"] = total + cfg.w_fused * terms["fused"]  # the objective: sum over modalities + fused path
+    return terms
+
+
+def step_randomness(seed, step, first, b, n_inputs):
+    """The modality order of a step (same on every rank) and each person's fused subset
+    (n_inputs, b) from (seed, step, index of the person in the global batch): resume is exact
+    and the split of the global batch over ranks does not matter."""
+    order = np.random.default_rng([seed, step]).permutation(n_inputs)
+    codes = [int(np.random.default_rng([seed, step, first + j]).integers(1, 2 ** n_inputs)) for j in range(b)]
+    w = torch.tensor([[(c >> i) & 1 for c in codes] for i in range(n_inputs)], dtype=torch.float32)
+    return order, w
+
+
+# ---- whole-volume inference and validation ---------------------------------------------------
+
+
+def subset_indices(subset, names):
+    """Modality names or channel indices -> sorted channel indices (non-empty, known, distinct)."""
+    idx = [names.index(s) if isinstance(s, str) and s in names else s for s in subset]
+    if not idx or any(not isinstance(i, int) or not 0 <= i < len(names) for i in idx) or len(set(idx)) != len(idx):
+        raise ValueError(f"subset {list(subset)}: expected a non-empty set of the modalities {names} (names or indices)")
+    return sorted(idx)
+
+
+@torch.no_grad()
+def predict_subsets(model, image, subsets, meta, roi=None, overlap=0.5, sw_batch_size=4, blend="gaussian",
+                    device=None, amp=True, stitch_device=None):
+    """Whole-volume outputs of a tuned model from each subset of modalities (names or channel
+    indices) of image (|M|, D, H, W), normalised as data.load_case gives it; channels outside
+    the subsets are never read. One pass of sliding windows of the training roi with Gaussian
+    blending (each modality encoded once per window); axes shorter than the roi are padded with
+    each modality's empty-space value (CT: air), as training crops are. Returns a list of float32
+    (K, D, H, W): seg logits per region (> 0 is inside) or the target modalities."""
+    names = list(meta["modalities"])
+    idx = [subset_indices(s, names) for s in subsets]
+    if not idx:
+        raise ValueError("predict: no subsets of modalities given")
+    x = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image, dtype=np.float32))
+    if x.ndim != 4 or x.shape[0] != len(names):
+        raise ValueError(f"predict: image must be ({len(names)}, D, H, W) for the modalities {names}, "
+                         f"got shape {tuple(x.shape)}")
+    roi = tuple(int(r) for r in (roi or meta["roi"]))
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    size = tuple(x.shape[1:])
+    pad = [(max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for r, s in zip(roi, size)]
+    x = x.float()
+    if any(a or b for a, b in pad):
+        flat = [v for ab in reversed(pad) for v in ab]
+        x = torch.stack([F.pad(x[c], flat, value=data.pad_value(m)) for c, m in enumerate(names)])
+
+    def fn(xb):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp and dev.type == "cuda"):
+            return torch.cat(fused_outputs(model, xb, idx), 1).float()
+
+    out = evaluate.sliding_window_inference(fn, x, roi, overlap, sw_batch_size, blend, device=dev,
+                                            stitch_device=stitch_device)
+    out = out[(slice(None), *[slice(a, a + s) for (a, _), s in zip(pad, size)])]
+    return list(out.chunk(len(idx)))
+
+
+def predict(model, image, subset, meta, roi=None, overlap=0.5, sw_batch_size=4, blend="gaussian", device=None,
+            amp=True, stitch_device=None):
+    """predict_subsets for one subset: (K, D, H, W) float32."""
+    return predict_subsets(model, image, [subset], meta, roi, overlap, sw_batch_size, blend, device, amp,
+                           stitch_device)[0]
+
+
+def score_case(net, vol, meta, overlap, sw_batch_size, amp):
+    """Validation numbers of one case. seg: Dice per region from all inputs (BraTS policy: empty
+    truth and prediction score 1; AutoPET: a true negative has no Dice) and their mean. transfer:
+    strict PSNR / NMSE / SSIM from each single input to every other target, their means, and the
+    identity baseline (the z-scored source itself as the prediction)."""
+    dev = next(net.parameters()).device
+    image = torch.from_numpy(np.array(vol.image, dtype=np.float32)).to(dev)  # a copy: the cache is read-only
+    names = meta["modalities"]
+    if meta["task"] == "seg":
+        logits = predict(net, image, meta["inputs"], meta, overlap=overlap, sw_batch_size=sw_batch_size, amp=amp)
+        truth = torch.from_numpy(vol.regions).to(dev) > 0.5
+        policy = "autopet" if meta["label_kind"] == "autopet" else "brats"
+        out = {f"dice_{r}": evaluate.dice(logits[k] > 0, truth[k], policy) for k, r in enumerate(meta["regions"])}
+        vals = [v for v in out.values() if not math.isnan(v)]
+        out["dice"] = sum(vals) / len(vals) if vals else math.nan
+        return out
+    fg = torch.from_numpy(np.array(vol.fg, dtype=bool)).to(dev)
+    wanted = [(s, t) for s in meta["inputs"] for t in meta["targets"] if s != t]
+    wanted = wanted or [(s, t) for s in meta["inputs"] for t in meta["targets"]]  # reconstruction only
+    sources = list(dict.fromkeys(s for s, _ in wanted))
+    preds = predict_subsets(net, image, [[s] for s in sources], meta, overlap=overlap, sw_batch_size=sw_batch_size,
+                            amp=amp)
+    pairs, base = {}, {}
+    for src, pred in zip(sources, preds):
+        for tgt in [t for s, t in wanted if s == src]:
+            gt = image[names.index(tgt)]
+            pred_t = pred[meta["targets"].index(tgt)]
+            pairs[f"{src}>{tgt}"] = evaluate.transfer_metrics(pred_t, gt, fg, "strict")
+            base[f"{src}>{tgt}"] = evaluate.transfer_metrics(image[names.index(src)], gt, fg, "strict")
+    out = {k: sum(p[k] for p in pairs.values()) / len(pairs) for k in ("psnr", "nmse", "ssim")}
+    out["psnr_identity"] = sum(p["psnr"] for p in base.values()) / len(base)
+    out["pairs"] = {k: {m: p[m] for m in ("psnr", "nmse", "ssim")} for k, p in pairs.items()}
+    return out
+
+
+def summarise(cases):
+    """Mean over cases of every scalar entry, NaN values left out."""
+    keys = [k for k, v in next(iter(cases.values())).items() if isinstance(v, float)]
+    out = {}
+    for k in keys:
+        vals = [c[k] for c in cases.values() if not math.isnan(c[k])]
+        out[k] = sum(vals) / len(vals) if vals else math.nan
+    return out
+
+
+@torch.no_grad()
+def validate(net, spec, ids, meta, d, overlap=0.5, sw_batch_size=4, amp=True, cache_dir=None):
+    """Scores the cases `ids`: rank r takes every world-th of the sorted ids (no padding, so each
+    case is scored exactly once), results are gathered by case id on every rank.
+    Returns (per-case results sorted by id, means over the cases)."""
+    ids = sorted(ids)
+    was_training = net.training
+    net.eval()
+    mine = {}
+    for cid in ids[d.rank::d.world]:
+        mine[cid] = score_case(net, data.load_case(spec.case(cid), spec, cache_dir), meta, overlap, sw_batch_size, amp)
+    net.train(was_training)
+    cases = {}
+    for part in R.all_gather_objects(mine, d):
+        cases.update(part)
+    if sorted(cases) != ids:
+        raise RuntimeError(f"validation gathered cases {sorted(cases)}, expected {ids}")
+    cases = {k: cases[k] for k in ids}
+    return cases, summarise(cases)
+
+
+# ---- initialisation --------------------------------------------------------------------------
+
+
+def load_stage1(net, ck, task, targets, new_decoder=False, log=print):
+    """Stage-1 weights (a train_pretrain checkpoint `ck`) into the tuning network `net`.
+
+    Skipped on purpose, by name: the output layer for segmentation (new task; for transfer the
+    rows of the target modalities are kept), the whole decoder D with new_decoder, and the
+    bottleneck modules (O, Attn, T, Fuse, F_equ, g) a plain SwinUNETR does not have. Every other
+    stage-1 tensor must load with its shape. Returns {"loaded", "skipped", "missing"} names
+    (missing: tensors of net left at their random initialisation)."""
+    sd, skipped = dict(ck["model"]), []
+    own = net.state_dict()
+    names = list(ck["modalities"])
+    for k in list(sd):
+        drop = new_decoder and k.startswith(DECODER)
+        drop |= not isinstance(net, M.PersonalizedSwinUNETR) and k.startswith(PRIOR + STAGE1_HEADS)
+        drop |= k.startswith("out.") and (task == "seg" or not set(targets) <= set(names)
+                                         or sd[k].shape[0] != len(names))
+        if drop:
+            skipped.append(k)
+            del sd[k]
+        elif k.startswith("out."):  # transfer: the decoder already predicts these modalities
+            sd[k] = sd[k][[names.index(t) for t in targets]]
+    if isinstance(net, M.PersonalizedSwinUNETR) and net.use_prior and not any(k.startswith(PRIOR) for k in sd):
+        log("[ours] the checkpoint has no prior: O, Attn, T and Fuse start from random weights")
+    report = M.load_mapped(net, sd, "ours", log=log)
+    loaded = report["matched"]
+    log(f"[ours] loaded {len(loaded)} stage-1 tensors; skipped {len(skipped)}: {', '.join(skipped) or '-'}; "
+        f"new (random): {', '.join(k for k in own if k not in loaded) or '-'}")
+    return {"loaded": loaded, "skipped": skipped, "missing": [k for k in own if k not in loaded]}
+
+
+def parse_init(init):
+    kind, _, path = init.partition(":")
+    if kind not in ("scratch", "ours", "ssl") or (kind == "scratch") != (path == ""):
+        raise SystemExit(f"--init {init}: use scratch, ours:CKPT (stage-1 checkpoint) or ssl:PATH (model_swinvit.pt)")
+    return kind, path
+
+
+def check_contract(source, path, spec, new_decoder):
+    """Stops when the tuning data differ from the stage-1 data in what the model sees
+    (modality order, normalisation, orientation, spacing). With new_decoder (another domain,
+    F.4) only the channel count and the geometric conventions must agree."""
+    saved, current = source["contract"], data.contract(spec)
+    if new_decoder:
+        if source["arch"]["in_channels"] != len(spec.modalities):
+            raise SystemExit(f"{path}: pre-trained on {source['arch']['in_channels']} channels "
+                             f"({','.join(source['modalities'])}); --new-decoder tuning needs as many, got "
+                             f"{len(spec.modalities)} ({','.join(spec.modalities)})")
+        gap = data.compare_contract(saved, current)
+        saved = {k: v for k, v in saved.items() if k not in DOMAIN_GAP}
+        current = {k: v for k, v in current.items() if k not in DOMAIN_GAP}
+        if not data.compare_contract(saved, current):
+            return gap  # expected differences, logged by the caller
+    problems = data.compare_contract(saved, current)
+    if problems:
+        hint = ""
+        if saved.get("modalities") != current.get("modalities") and set(saved["modalities"]) <= set(spec.modalities):
+            hint = f" (pass --modalities {','.join(saved['modalities'])})"
+        raise SystemExit(f"{path}: the tuning data differ from the pre-training data: {'; '.join(problems)}{hint}")
+    return []
+
+
+def names_of(flag, value, available, default):
+    chosen = [s.strip() for s in value.split(",") if s.strip()] or list(default)
+    unknown = [s for s in chosen if s not in available]
+    if unknown or len(set(chosen)) != len(chosen):
+        raise SystemExit(f"--{flag} {value}: choose distinct modalities among {','.join(available)}")
+    return chosen
+
+
+def architecture(cfg, source, n_channels, n_out):
+    """The tuning network's architecture record (train_pretrain.build_model builds it): sizes
+    from the stage-1 checkpoint unless given, and checked against it."""
+    s = source["arch"] if source else {}
+    personalized = cfg.arch == "full"
+    prior = s.get("prior", True) if s.get("kind") == "personalized" else True
+    fs = cfg.feature_size or s.get("feature_size", 48)
+    heads = cfg.prior_heads or s.get("prior_heads", 3)
+    roi = R.roi_tuple(cfg.roi or ",".join(map(str, s.get("roi", [96]))))
+    if s:
+        fixed = {"feature-size": (fs, s["feature_size"])}
+        if personalized and s.get("kind") == "personalized":  # O and the heads are shaped like one bottleneck
+            fixed.update({"roi": (",".join(map(str, roi)), ",".join(map(str, s["roi"]))),
+                          "prior-heads": (heads, s["prior_heads"])})
+        for flag, (want, have) in fixed.items():
+            if want != have:
+                raise SystemExit(f"--{flag} {want}: the stage-1 checkpoint was built with {have}")
+    return {"kind": "personalized" if personalized else "swinunetr", "in_channels": n_channels,
+            "out_channels": n_out, "feature_size": fs, "roi": list(roi), "prior": prior, "prior_heads": heads,
+            "phi": s.get("phi", "rot90"), "attn_backend": cfg.attn_backend, "checkpointing": cfg.checkpointing}
+
+
+def tuning_split(spec, cfg, source, out, d):
+    """The stage-1 split when tuning on the same cases (its val and test persons stay unseen
+    by both stages), else a new one; kept in OUT/split.json, which a rerun reuses."""
+    path = out / "split.json"
+    if d.main and not path.exists() and source is not None and "split" in source:
+        s = source["split"]
+        if sorted(s["train"] + s["val"] + s["test"]) == sorted(c.id for c in spec.cases):
+            write_json(path, {"dataset": str(spec.root), "source": "stage-1 checkpoint", **s})
+    split = data.make_split(spec, cfg.seed, cfg.val_fraction, cfg.test_fraction, path if d.main else None)
+    R.barrier(d)
+    if not d.main:
+        split = data.make_split(spec, cfg.seed, cfg.val_fraction, cfg.test_fraction, path)
+    return split
+
+
+def write_json(path, obj):
+    """JSON written to a temporary file, then renamed (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=1))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_tuned(path, device="cpu"):
+    """A tuned model (OUT/best.pt or OUT/last.pt) in eval mode and its meta: task, modalities
+    (channel order), inputs, targets or regions, roi, label kind, arch, contract, split, step, val."""
+    ck = R.load_checkpoint(path)
+    if ck.get("kind") != "downstream":
+        raise ValueError(f"{path}: not a train_downstream checkpoint (kind {ck.get('kind')!r})")
+    net = build_model(ck["arch"])
+    net.load_state_dict(ck["model"])
+    meta = {**ck["task"], "arch": ck["arch"], "contract": ck["contract"], "split": ck["split"],
+            "step": ck["step"], "val": ck.get("val")}
+    return net.to(device).eval(), meta
+
+
+# ---- the loop --------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    cfg = R.parse_config(Config, argv, __doc__.split("\n\n")[0])
+    if cfg.task not in TASKS or cfg.arch not in ARCHS:
+        raise SystemExit(f"--task {cfg.task} --arch {cfg.arch}: choose the task among {TASKS}, the arch among {ARCHS}")
+    init, init_path = parse_init(cfg.init)
+    if cfg.new_decoder and init != "ours":
+        raise SystemExit("--new-decoder needs --init ours:CKPT (it keeps the stage-1 encoder and bottleneck)")
+    d = R.setup_distributed(cfg.device)
+    R.seed_everything(cfg.seed)  # same initial weights on every rank (also broadcast below)
+    out = Path(cfg.out)
+
+    source = R.load_checkpoint(init_path) if init == "ours" else None
+    if source is not None and source.get("kind") != "pretrain":
+        raise SystemExit(f"{init_path}: not a stage-1 checkpoint of train_pretrain.py (kind {source.get('kind')!r})")
+    default = source["modalities"] if source is not None and not cfg.new_decoder else None
+    spec = data.resolve(cfg.data, [s for s in cfg.modalities.split(",") if s] or default)
+    gap = check_contract(source, init_path, spec, cfg.new_decoder) if source is not None else []
+    names = list(spec.modalities)
+    inputs = names_of("inputs", cfg.inputs, names, names)
+    if cfg.task == "seg":
+        if not spec.regions or spec.label_kind is None:
+            raise SystemExit(f"{spec.root}: --task seg needs labelled cases (found layout {spec.layout} without labels)")
+        targets, outputs = [], list(spec.regions)
+    else:
+        targets = names_of("targets", cfg.targets, names, names)
+        outputs = targets
+    arch = architecture(cfg, source, len(names), len(outputs))
+    split = tuning_split(spec, cfg, source, out, d)
+    roi = tuple(arch["roi"])
+    task = {"task": cfg.task, "modalities": names, "inputs": inputs, "targets": targets,
+            "regions": list(spec.regions) if cfg.task == "seg" else [], "label_kind": spec.label_kind,
+            "roi": list(roi), "init": cfg.init, "new_decoder": cfg.new_decoder}
+
+    net = build_model(arch).to(d.device)
+    log = (lambda s: R.log(s, d))
+    if gap:
+        log(f"[ours] tuning on another domain with a new decoder (F.4): {'; '.join(gap)}")
+    if init == "ours":
+        report = load_stage1(net, source, cfg.task, targets, cfg.new_decoder, log)
+    elif init == "ssl":
+        r = M.load_ssl_swinvit(net, init_path, cfg.patch_embed, log)
+        report = {"loaded": r["matched"], "skipped": r["skipped"], "missing": r["missing"]}
+    else:
+        report = {"loaded": [], "skipped": [], "missing": list(net.state_dict())}
+    if d.main:
+        write_json(out / "init.json", {"init": cfg.init, **report})
+    if isinstance(net, M.PersonalizedSwinUNETR):
+        for head in (net.equ_head, net.proj_head):  # stage-1 objectives only
+            head.requires_grad_(False)
+    R.broadcast_parameters(net, d)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, R.lr_lambda(cfg.warmup, cfg.max_steps, cfg.cosine))
+
+    start, best = 0, -math.inf
+    ck_path = R.resume_path(out, cfg.resume)
+    if ck_path is not None:
+        ck = R.restore_state(ck_path, net, optim, sched, d)
+        same = ("task", "init", "arch", "seed", "new_decoder")
+        if ck.get("kind") != "downstream" or any(ck["config"].get(k) != getattr(cfg, k) for k in same) \
+                or ck["task"]["modalities"] != names or ck["task"]["inputs"] != inputs \
+                or ck["task"]["targets"] != targets:
+            made = ", ".join(f"{k}={ck['config'].get(k)}" for k in same)
+            raise SystemExit(f"{ck_path}: made with another task, init, architecture, seed or modalities "
+                             f"({made}); use another --out")
+        start, best = ck["step"], ck["best"]
+        log(f"resumed from {ck_path} at step {start}")
+    cache = cfg.cache or None
+    loader = R.train_loader(spec, split["train"], roi, cfg.batch_size, cfg.max_steps, start, cfg.seed, d,
+                            cfg.workers, cfg.fg_fraction, cache)
+    jlog = R.JsonlLog(out / "log.jsonl", d.main, resume_step=start if ck_path else None)
+    guard = R.NonFiniteGuard(cfg.max_nonfinite, d)
+    main_metric = "dice" if cfg.task == "seg" else "psnr"
+    input_idx, target_idx = [names.index(m) for m in inputs], [names.index(m) for m in targets]
+    log(f"tuning {cfg.task} ({', '.join(inputs)} -> {', '.join(outputs)}) from {cfg.init}, arch {cfg.arch}"
+        f"{' (no prior)' if cfg.arch == 'full' and not arch['prior'] else ''} on {len(split['train'])} persons, "
+        f"val {len(split['val'])}, roi {roi}, F={arch['feature_size']}, {d.world} rank(s) on {d.device}, "
+        f"{sum(p.numel() for p in params) / 1e6:.1f} M trained parameters")
+
+    def validate_and_keep_best(step):
+        nonlocal best
+        if not split["val"]:
+            return {}
+        cases, summary = validate(net, spec, split["val"], task, d, cfg.overlap, cfg.sw_batch_size, cfg.amp, cache)
+        score = summary[main_metric] if not math.isnan(summary[main_metric]) else -math.inf
+        improved = score > best
+        if improved:
+            best = score
+        if d.main:
+            write_json(out / "val.json", {"step": step, "summary": summary, "cases": cases})
+            if improved:
+                R.save_checkpoint(out / "best.pt", {
+                    "model": net.state_dict(), "step": step, "arch": arch, "task": task,
+                    "contract": data.contract(spec), "modalities": names, "split": split, "kind": "downstream",
+                    "config": asdict(cfg), "val": summary})
+        R.barrier(d)
+        jlog.write(step=step, **{f"val_{k}": v for k, v in summary.items()}, best=improved)
+        log(f"step {step}: val {', '.join(f'{k} {v:.4f}' for k, v in summary.items())}{' (best)' if improved else ''}")
+        return summary
+
+    def save_last(step, summary):
+        R.save_state(out / "last.pt", net, optim, sched, step, cfg, d, arch=arch, task=task,
+                     contract=data.contract(spec), modalities=names, split=split, kind="downstream", best=best,
+                     val=summary)
+
+    net.train()
+    step, summary = start, {}
+    if start >= cfg.max_steps:  # nothing left to train: score the weights as they are
+        summary = validate_and_keep_best(step)
+        save_last(step, summary)
+    bar = tqdm(total=cfg.max_steps, initial=start, disable=not d.main, desc=f"tune {cfg.task}", dynamic_ncols=True)
+    timer = R.Timer()
+    for batch in loader:
+        wait = timer.lap()
+        batch = {k: v.to(d.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        x = batch["image"]
+        order, w = step_randomness(cfg.seed, step, d.rank * x.shape[0], x.shape[0], len(inputs))
+        optim.zero_grad(set_to_none=True)
+        terms = tuning_step(net, x, batch, cfg, input_idx, target_idx, order, w.to(d.device), d)
+        R.average_gradients(net, d)
+        loss, terms = R.mean_over_ranks([terms.pop("loss"), terms], d)  # the log shows the global batch
+        skipped = guard.should_skip(loss, net)
+        if skipped:
+            optim.zero_grad(set_to_none=True)
+        else:
+            if cfg.clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            optim.step()
+        lr = optim.param_groups[0]["lr"]
+        sched.step()
+        step += 1
+        jlog.write(step=step, loss=loss, **terms, lr=lr, data_wait_s=round(wait, 4), step_s=round(timer.lap() + wait, 4),
+                   skipped=skipped)
+        bar.update(1)
+        bar.set_postfix({"loss": f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in terms.items()}})
+        if step == cfg.max_steps or (cfg.val_every and step % cfg.val_every == 0):
+            summary = validate_and_keep_best(step)
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            save_last(step, summary)
+        timer.lap()
+    bar.close()
+    if d.main:
+        png = R.plot_log(out / "log.jsonl", out / "loss_curves.png", ["loss", *TERMS, f"val_{main_metric}", "lr"],
+                         f"tuning {cfg.task} from {cfg.init}")
+        R.log(f"done: {step} steps; best val {main_metric} {best:.4f}; checkpoints {out / 'last.pt'}, "
+              f"{out / 'best.pt'}; log {out / 'log.jsonl'}, curves {png}"
+              f"{f', {guard.total} non-finite steps skipped' if guard.total else ''}", d)
+    R.cleanup_distributed()
+    return {"last": out / "last.pt", "best": out / "best.pt" if math.isfinite(best) else None, "init": report,
+            "val": summary, "step": step}
+
+
+if __name__ == "__main__":
+    main()
