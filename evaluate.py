@@ -268,7 +268,8 @@ def _percentile(x, q):
 def _clip_scale(x, what, p_lo=0.5, p_hi=99.5):
     lo, hi = _percentile(x, p_lo), _percentile(x, p_hi)
     if not hi > lo:
-        raise ValueError(f"transfer_metrics: {what} has equal {p_lo} and {p_hi} percentiles ({lo}); cannot scale to [0, 1]")
+        raise ValueError(f"transfer_metrics: {what} has equal {p_lo} and {p_hi} percentiles ({lo}); "
+                         "cannot scale it to [0, 1]")
     return (x.double().clamp(lo, hi) - lo) / (hi - lo)
 
 
@@ -305,7 +306,8 @@ def transfer_metrics(pred, gt, fg, protocol="reference", tumour=None, ssim_dtype
             v = p[m]
             std = v.std(unbiased=False).item()
             if std == 0:
-                raise ValueError("transfer_metrics: the prediction is constant over the foreground; cannot z-score it")
+                raise ValueError("transfer_metrics: the prediction is constant over the foreground; "
+                                 "cannot z-score it")
             p = torch.where(m, (p - v.mean()) / std, g)
             rng = max(_ptp(p), _ptp(g))
             out.update(psnr=psnr(p, g, rng), nmse=nmse(p, g), ssim=ssim3d(p, g, rng, dtype=ssim_dtype))
@@ -414,7 +416,7 @@ def confusion_rates(pred, gt):
 
 
 def _spacing(spacing, where):
-    s = (1.0, 1.0, 1.0) if spacing is None else tuple(float(v) for v in np.broadcast_to(np.asarray(spacing, dtype=float), (3,)))
+    s = (1.0,) * 3 if spacing is None else tuple(np.broadcast_to(np.asarray(spacing, dtype=float), (3,)).tolist())
     if not all(v > 0 for v in s):
         raise ValueError(f"{where}: spacing must be positive, got {spacing}")
     return s
@@ -492,7 +494,8 @@ def hd95(pred, gt, spacing=None, empty="brats", percentile=95.0):
     `percentile`-th percentiles of exact Euclidean surface-to-surface distances."""
     p, g = _mask(pred, "hd95 pred"), _mask(gt, "hd95 gt").to(_tensor(pred).device)
     if p.shape != g.shape or p.ndim != 3:
-        raise ValueError(f"hd95: expected two (D, H, W) masks of one shape, got {tuple(p.shape)} and {tuple(g.shape)}")
+        raise ValueError(f"hd95: expected two (D, H, W) masks of one shape, "
+                         f"got {tuple(p.shape)} and {tuple(g.shape)}")
     s = _spacing(spacing, "hd95")
     _, pol = _policy(empty)
     p_any, g_any = bool(p.any()), bool(g.any())
@@ -689,7 +692,8 @@ def autopet_case_metrics(pred, gt, spacing):
     (true components touching no predicted voxel) in mL, and the case-level flags."""
     p, g = _mask(pred, "autopet pred"), _mask(gt, "autopet gt").to(_tensor(pred).device)
     if p.shape != g.shape or p.ndim != 3:
-        raise ValueError(f"autopet_case_metrics: expected two (D, H, W) masks of one shape, got {tuple(p.shape)} and {tuple(g.shape)}")
+        raise ValueError(f"autopet_case_metrics: expected two (D, H, W) masks of one shape, "
+                         f"got {tuple(p.shape)} and {tuple(g.shape)}")
     ml = math.prod(_spacing(spacing, "autopet_case_metrics")) / 1000.0
     return dict(dice=dice(p, g, "autopet"), fp_volume_ml=_unmatched_volume(p, g, 18) * ml,
                 fn_volume_ml=_unmatched_volume(g, p, 18) * ml, gt_positive=bool(g.any()),
@@ -761,7 +765,8 @@ def sliding_window_inference(fn, image, roi, overlap=0.5, sw_batch_size=4, blend
             raise ValueError(f"sliding_window_inference: batch size must be 1, got shape {tuple(x.shape)}")
         x = x[0]
     if x.ndim != 4:
-        raise ValueError(f"sliding_window_inference: image must be (C, D, H, W) or (1, C, D, H, W), got {tuple(x.shape)}")
+        raise ValueError(f"sliding_window_inference: image must be (C, D, H, W) or (1, C, D, H, W), "
+                         f"got {tuple(x.shape)}")
     roi = (int(roi),) * 3 if np.isscalar(roi) else tuple(int(r) for r in roi)
     if len(roi) != 3 or min(roi) < 1:
         raise ValueError(f"sliding_window_inference: roi must be 3 positive sizes, got {roi}")
@@ -781,9 +786,10 @@ def sliding_window_inference(fn, image, roi, overlap=0.5, sw_batch_size=4, blend
         batch = windows[i:i + sw_batch_size]
         xb = torch.stack([x[:, a:a + roi[0], b:b + roi[1], c:c + roi[2]] for a, b, c in batch]).to(device)
         yb = fn(xb)
-        if not isinstance(yb, torch.Tensor) or yb.ndim != 5 or yb.shape[0] != len(batch) or tuple(yb.shape[2:]) != roi:
-            raise ValueError(f"sliding_window_inference: fn must map (n, C, *roi) to (n, K, *roi); for input "
-                             f"{tuple(xb.shape)} it returned {tuple(yb.shape) if isinstance(yb, torch.Tensor) else type(yb).__name__}")
+        got = tuple(yb.shape) if isinstance(yb, torch.Tensor) else type(yb).__name__
+        if not isinstance(yb, torch.Tensor) or yb.ndim != 5 or yb.shape[0] != len(batch) or got[2:] != roi:
+            raise ValueError(f"sliding_window_inference: fn must map (n, C, *roi) to (n, K, *roi); "
+                             f"for input {tuple(xb.shape)} it returned {got}")
         if acc is None:
             k = yb.shape[1]
             if out_channels is not None and k != out_channels:
@@ -1103,7 +1109,8 @@ def figure_segmentation(path, image, pred_label, gt_label, dpi=100, alpha=0.45):
     img = _volume(image, "figure_segmentation image")
     labs = [_volume(gt_label, "figure_segmentation gt_label"), _volume(pred_label, "figure_segmentation pred_label")]
     if not (img.shape == labs[0].shape == labs[1].shape):
-        raise ValueError(f"figure_segmentation: shapes differ: image {img.shape}, truth {labs[0].shape}, prediction {labs[1].shape}")
+        raise ValueError(f"figure_segmentation: shapes differ: image {img.shape}, truth {labs[0].shape}, "
+                         f"prediction {labs[1].shape}")
     nz = np.argwhere(labs[0] > 0)
     centre = nz.mean(0).round().astype(int) if len(nz) else np.array(img.shape) // 2
 
@@ -1150,7 +1157,8 @@ def figure_embedding(path, feats, modality, person, dpi=100):
     f = _tensor(feats, "figure_embedding feats").detach().cpu()
     f = rearrange(f, "n ... -> n (...)")
     if not (len(modality) == len(person) == f.shape[0]):
-        raise ValueError(f"figure_embedding: {f.shape[0]} features, {len(modality)} modality and {len(person)} person labels")
+        raise ValueError(f"figure_embedding: {f.shape[0]} features, {len(modality)} modality and "
+                         f"{len(person)} person labels")
     xy = pca(f, 2).numpy()
     mods, people = list(dict.fromkeys(modality)), list(dict.fromkeys(person))
     from matplotlib import colormaps

@@ -88,8 +88,8 @@ def test_seg_from_stage1_loads_names_lowers_loss_and_resumes_exactly(tiny_brats,
     for k in sb["model"]:
         torch.testing.assert_close(sa["model"][k], sb["model"][k], rtol=0, atol=1e-6, msg=k)
     for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
-        for k in pb:
-            torch.testing.assert_close(pa[k], pb[k], rtol=1e-4, atol=1e-9)
+        for k in pb:  # step counts exactly, moments up to rounding noise
+            torch.testing.assert_close(pa[k], pb[k], rtol=1e-4, atol=1e-5 * pb[k].abs().max().item() + 1e-12)
     la, lb = train_entries(a / "log.jsonl"), train_entries(b / "log.jsonl")
     assert [r["step"] for r in la] == [r["step"] for r in lb] == [1, 2]
     for ra_, rb_ in zip(la, lb):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 from monai.inferers import sliding_window_inference as monai_swi
-from monai.metrics import compute_dice, compute_confusion_matrix_metric, compute_hausdorff_distance, get_confusion_matrix
+from monai.metrics import (compute_confusion_matrix_metric, compute_dice, compute_hausdorff_distance,
+                           get_confusion_matrix)
 from scipy import ndimage
 from skimage.metrics import normalized_root_mse, peak_signal_noise_ratio, structural_similarity
 
@@ -203,8 +204,12 @@ def test_dice_and_confusion_rates_match_monai():
         monai_one = compute_dice(as_monai(p), as_monai(g), include_background=True, ignore_empty=False).item()
         assert same(ev.dice(p, g, "monai"), monai_nan, 1e-6)
         assert same(ev.dice(p, g, "brats"), monai_one, 1e-6)  # BraTS: both empty -> 1, one empty -> 0
-        want = np.nan if not g.any() and p.any() else (np.nan if not g.any() else 2 * (p & g).sum() / (p.sum() + g.sum()))
-        assert same(ev.dice(torch.from_numpy(p), torch.from_numpy(g), "autopet"), 0.0 if (p.any() and not g.any()) else want, 1e-12)
+        # AutoPET: a true negative is left out (NaN), a false positive on a negative case scores 0
+        if not g.any():
+            want = 0.0 if p.any() else np.nan
+        else:
+            want = 2 * (p & g).sum() / (p.sum() + g.sum())
+        assert same(ev.dice(torch.from_numpy(p), torch.from_numpy(g), "autopet"), want, 1e-12)
         cm = get_confusion_matrix(as_monai(p), as_monai(g), include_background=True)
         ours = ev.confusion_rates(p, g)
         for k in ("tpr", "tnr", "fpr", "fnr"):
@@ -239,7 +244,8 @@ def test_hd95_matches_monai_including_empty_masks():
     pts = lambda m: np.argwhere(m & ~ndimage.binary_erosion(m, border_value=0)) * np.array([1.0, 2.0, 0.5])
     a, b = pts(p), pts(g)
     d = np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))
-    assert ev.hd95(p, g, (1.0, 2.0, 0.5), percentile=100) == pytest.approx(max(d.min(1).max(), d.min(0).max()), abs=1e-9)
+    want = max(d.min(1).max(), d.min(0).max())
+    assert ev.hd95(p, g, (1.0, 2.0, 0.5), percentile=100) == pytest.approx(want, abs=1e-9)
 
 
 def test_policies_and_brats_regions():
@@ -381,7 +387,8 @@ def test_autopet_summary_case_level_rates():
 
 def test_identity_sliding_window_reproduces_odd_volume_exactly():
     x = torch.randn(2, 19, 23, 11)
-    for blend, overlap, roi in (("gaussian", 0.5, (8, 8, 8)), ("constant", 0.25, (7, 10, 5)), ("gaussian", 0.75, (32, 9, 16))):
+    for blend, overlap, roi in (("gaussian", 0.5, (8, 8, 8)), ("constant", 0.25, (7, 10, 5)),
+                                ("gaussian", 0.75, (32, 9, 16))):
         y = ev.sliding_window_inference(lambda t: t, x, roi, overlap=overlap, sw_batch_size=3, blend=blend)
         assert y.shape == x.shape and y.dtype == x.dtype
         assert torch.equal(y, x)
@@ -416,16 +423,19 @@ def test_tables_and_write_table(tmp_path):
     rows = ev.transfer_matrix_table(results)
     assert [(r["source"], r["stat"]) for r in rows][:2] == [("T1", "mean"), ("T1", "std")] and len(rows) == 8
     sel = [r["psnr"] for r in results if r["source"] == "t2" and r["target"] == "flair"]
-    assert rows[4]["Flair PSNR"] == pytest.approx(np.mean(sel)) and rows[5]["Flair PSNR"] == pytest.approx(np.std(sel, ddof=1))
+    assert rows[4]["Flair PSNR"] == pytest.approx(np.mean(sel))
+    assert rows[5]["Flair PSNR"] == pytest.approx(np.std(sel, ddof=1))
     summary = ev.transfer_summary_table(results)
-    assert summary[0]["T1->T2 SSIM"] == pytest.approx(np.mean([r["ssim"] for r in results if (r["source"], r["target"]) == ("t1", "t2")]))
+    sel = [r["ssim"] for r in results if (r["source"], r["target"]) == ("t1", "t2")]
+    assert summary[0]["T1->T2 SSIM"] == pytest.approx(np.mean(sel))
+    assert summary[0]["T1->T2 SSIM std"] == pytest.approx(np.std(sel, ddof=1))
 
     seg = []
     for k in range(1, 5):
         for sub in itertools.combinations(mods, k):
             for case in range(2):
                 d = {r: rng.uniform(0.5, 0.9) for r in ev.REGIONS}
-                seg.append({"case": case, "subset": sub, **d, "empty_truth": ["ET"] if case else [], "policy": "brats"})
+                seg.append({"case": case, "subset": sub, **d, "empty_truth": ["ET"] if case else []})
     table = ev.missing_modality_table(seg)
     assert len(table) == 16 and table[0]["T1"] == "x" and table[0]["T2"] == "" and table[-1]["subset"] == "mean"
     assert table[4]["subset"] == "T1+T1ce" and table[-2]["subset"] == "T1+T1ce+T2+Flair"
@@ -467,7 +477,8 @@ def test_figures_and_pca(tmp_path):
     for k in range(2):
         assert np.allclose(np.abs(xy[:, k]), np.abs(ref[:, k]), atol=1e-10)
         assert np.allclose(xy[:, k], ref[:, k]) or np.allclose(xy[:, k], -ref[:, k])
-    path = ev.figure_embedding(tmp_path / "e.png", torch.from_numpy(feats), ["ct", "pet"] * 12, [f"p{i // 2}" for i in range(24)])
+    people = [f"p{i // 2}" for i in range(24)]
+    path = ev.figure_embedding(tmp_path / "e.png", torch.from_numpy(feats), ["ct", "pet"] * 12, people)
     assert png_size(path) == (400, 400)
     with pytest.raises(ValueError, match="labels"):
         ev.figure_embedding(tmp_path / "x.png", feats, ["ct"], ["p0"])
