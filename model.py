@@ -46,6 +46,33 @@ def _resolve_backend(backend, device):
     return backend
 
 
+class _BiasedAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + bias) v with a bias shared by the batch of windows, computed with
+    in-place bias addition and a hand-written backward that keeps only the probabilities:
+    the CPU path (no materialised (b, heads, n, n) bias copy, no extra softmax guards)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale):
+        # q, k, v: (B, nw, heads, n, d); bias: (nw or 1, heads, n, n)
+        s = torch.matmul(q, k.transpose(-2, -1)).mul_(scale).add_(bias)
+        p = torch.softmax(s, -1)
+        del s
+        ctx.save_for_backward(q, k, v, p)
+        ctx.scale, ctx.bias_shape = scale, bias.shape
+        return torch.matmul(p, v)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, p = ctx.saved_tensors
+        dv = torch.matmul(p.transpose(-2, -1), grad)
+        ds = torch._softmax_backward_data(torch.matmul(grad, v.transpose(-2, -1)), p, -1, p.dtype)
+        dbias = ds.sum(0) if ctx.bias_shape[0] == ds.shape[1] else ds.sum((0, 1))[None]
+        ds.mul_(ctx.scale)
+        dq = torch.matmul(ds, k)
+        dk = torch.matmul(ds.transpose(-2, -1), q)
+        return dq, dk, dv, dbias, None
+
+
 def window_attention(qkv, table, index, region=None, backend="sdpa"):
     """Multi-head self-attention inside windows with a relative position bias.
 
@@ -56,6 +83,8 @@ def window_attention(qkv, table, index, region=None, backend="sdpa"):
     region: (nw, n) int region id of every token of each window (shifted blocks), or None.
             Tokens of different regions get -100 added to their logit (MONAI semantics).
     Returns (b, n, heads * hd).
+    backend: "naive" (MONAI's formulation), "sdpa" (fused CPU path: bias added in place, one
+    saved probability tensor), "triton" (kernels/, CUDA), "auto" (triton on CUDA, else sdpa).
     """
     backend = _resolve_backend(backend, qkv.device)
     if backend == "triton":
@@ -63,18 +92,21 @@ def window_attention(qkv, table, index, region=None, backend="sdpa"):
 
         return window_attention_triton(qkv, table, index, region)
     b, n, _, heads, hd = qkv.shape
-    q, k, v = rearrange(qkv, "b n three h d -> three b h n d").unbind(0)
-    bias = rearrange(table[index.reshape(-1)], "(i j) h -> h i j", i=n)  # (heads, n, n)
+    nw = 1 if region is None else region.shape[0]
+    q, k, v = rearrange(qkv, "(b w) n three h d -> three b w h n d", w=nw).unbind(0)  # (B, nw, heads, n, d)
+    bias = rearrange(table[index.reshape(-1)], "(i j) h -> h i j", i=n)[None]  # (1, heads, n, n)
     if region is not None:
-        nw = region.shape[0]
         mask = (region[:, :, None] != region[:, None, :]).to(q.dtype) * -100.0  # (nw, n, n)
-        bias = (bias[None] + mask[:, None]).repeat(b // nw, 1, 1, 1)  # (b, heads, n, n)
+        bias = bias + mask[:, None]  # (nw, heads, n, n)
     if backend == "sdpa":
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        if q.device.type == "cpu":
+            out = _BiasedAttention.apply(q, k, v, bias.to(q.dtype), hd**-0.5)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
     else:
         attn = (q * hd**-0.5) @ k.transpose(-2, -1) + bias
         out = attn.softmax(-1).to(v.dtype) @ v
-    return rearrange(out, "b h n d -> b n (h d)")
+    return rearrange(out, "b w h n d -> (b w) n (h d)")
 
 
 def prior_attention(q, k, v, backend="sdpa"):
