@@ -111,7 +111,7 @@ def bench_model(args):
     """Forward and train-step (forward, backward, AdamW) time and peak memory of
     model.SwinUNETR vs MONAI SwinUNETR with the same weights and input."""
     configs = [(48, (96, 96, 96))] if not args.quick else [(24, (64, 64, 64))]
-    repeats = 2 if args.quick else 5
+    repeats = 2 if args.quick else 3
     rows = []
     for fs, size in configs:
         ours, peer, x = _model_pair(fs, size)

@@ -1179,3 +1179,364 @@ def figure_embedding(path, feats, modality, person, dpi=100):
     ax.set_xlabel("PC 1", fontsize=7)
     ax.set_ylabel("PC 2", fontsize=7)
     return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: a tuned checkpoint on held-out persons -> tables, per-case results, NIfTI, PNG
+
+USAGE = """python evaluate.py --ckpt RUN/best.pt --data PATH|demo|demo-petct --task transfer|seg --out DIR
+       [--split test|val|all] [--overlap 0.5] [--sw-batch-size 4] [--protocol reference,strict[,brasyn]]
+       [--policy brats|monai|autopet] [--subsets all|given] [--save-nifti | --no-save-nifti] [--figures N]
+       [--hd95] [--modalities a,b] [--cache DIR] [--device auto] [--seed 0]
+
+Outputs under DIR: table10_transfer_<protocol> and table9_transfer_<protocol> (transfer) or
+table11_missing_modality and, for AutoPET, table8_autopet (seg), each as .md, .csv and .json;
+results.json (per-case numbers, summaries, protocol, policy, seed, commit, configuration);
+nifti/<case>/ (predictions on the input's grid, affine and header: transfer outputs in the
+data layer's normalised units, segmentations as label maps in the dataset's convention);
+figures/ (the first N cases, and the PCA of X_h' of every evaluated person). Everything is
+written in a hidden folder beside DIR and moved into DIR only when the whole run succeeded."""
+
+
+def regions_to_label(masks, regions):
+    """Region masks (K, D, H, W) in the channel order of `regions` (name -> label values, as
+    data.py's specs hold them) -> a uint8 label map in the dataset's convention. Each region
+    paints the one value it holds that no region nested in it holds, outer regions first:
+    BraTS WT - TC -> 2, TC - ET -> 1, ET -> 4 (3 for BraTS 2023); AutoPET lesion -> 1."""
+    masks = np.asarray(masks)
+    if masks.ndim != 4 or masks.shape[0] != len(regions):
+        raise ValueError(f"regions_to_label: expected ({len(regions)}, D, H, W) masks for the regions "
+                         f"{list(regions)}, got shape {masks.shape}")
+    sets = {k: frozenset((1,) if v is None else v) for k, v in regions.items()}
+    label = np.zeros(masks.shape[1:], np.uint8)
+    for k in sorted(sets, key=lambda k: -len(sets[k])):  # stable: ties keep the channel order
+        inner = set().union(*[s for j, s in sets.items() if j != k and s < sets[k]])
+        own = sets[k] - inner
+        if len(own) != 1:
+            raise ValueError(f"regions_to_label: region {k!r} {sorted(sets[k])} does not own exactly one label "
+                             f"value (nested regions hold {sorted(inner)}); cannot write a label map")
+        label[masks[list(regions).index(k)] > 0] = next(iter(own))
+    return label
+
+
+def _source_spacing(record):
+    """Voxel spacing (mm) along the original image axes (the record lists it in RAS order)."""
+    out = [0.0] * 3
+    for j, p in enumerate(record["perm"]):
+        out[p] = float(record["spacing"][j])
+    return out
+
+
+def _subsets(inputs, which):
+    """Every non-empty subset of the inputs, smallest first (15 for 4, 3 for 2), or the inputs."""
+    if which == "given":
+        return [list(inputs)]
+    return [list(s) for k in range(1, len(inputs) + 1) for s in itertools.combinations(inputs, k)]
+
+
+def _parse_args(argv):
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage=USAGE,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="tuned checkpoint of train_downstream.py (OUT/best.pt or last.pt)")
+    ap.add_argument("--data", required=True, help="dataset folder, datalist JSON, 'demo' or 'demo-petct'")
+    ap.add_argument("--task", choices=("transfer", "seg"), default=None, help="the checkpoint's task (checked)")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--split", choices=("test", "val", "all"), default="test",
+                    help="cases: the checkpoint's test or val split, or every case of --data")
+    ap.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (the reference used 0.75)")
+    ap.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward")
+    ap.add_argument("--protocol", default="reference,strict", help="transfer protocols: reference, strict, brasyn")
+    ap.add_argument("--policy", choices=sorted(EMPTY_POLICIES), default=None,
+                    help="empty-mask policy of Dice/HD95 (default: autopet for AutoPET labels, else brats)")
+    ap.add_argument("--subsets", choices=("all", "given"), default="all",
+                    help="seg: every non-empty subset of the input modalities, or only all of them together")
+    ap.add_argument("--save-nifti", action=argparse.BooleanOptionalAction, default=True,
+                    help="write predictions as NIfTI on the input's grid")
+    ap.add_argument("--figures", type=int, default=2, help="PNG figures for the first N cases (0: no figures)")
+    ap.add_argument("--hd95", action="store_true", help="seg: also HD95 per region (results.json)")
+    ap.add_argument("--modalities", default="", help="the data's channels, in order (default: the checkpoint's)")
+    ap.add_argument("--cache", default="", help="preprocessed-data cache folder (default: data.py's)")
+    ap.add_argument("--device", default="auto", help="auto | cuda | cpu | cuda:N")
+    ap.add_argument("--seed", type=int, default=0, help="recorded with the results (inference is deterministic)")
+    args = ap.parse_args(argv)
+    args.protocol = [p.strip() for p in args.protocol.split(",") if p.strip()]
+    bad = [p for p in args.protocol if p not in ("reference", "strict", "brasyn")]
+    if bad or not args.protocol or len(set(args.protocol)) != len(args.protocol):
+        raise SystemExit(f"--protocol {','.join(args.protocol)}: choose distinct protocols among reference, strict, "
+                         "brasyn")
+    if not 0 <= args.overlap < 1 or args.sw_batch_size < 1 or args.figures < 0:
+        raise SystemExit("--overlap must be in [0, 1), --sw-batch-size >= 1 and --figures >= 0")
+    return args
+
+
+def _load_volume(data, spec, case_id, cache):
+    """Reads, checks and preprocesses one case; bad input stops with data.py's one-line message
+    (it names the file and the problem)."""
+    try:
+        return data.load_case(spec.case(case_id), spec, cache)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise SystemExit(" ".join(str(e).split()).strip("'\"")) from None
+
+
+def _to(x, dev, dtype=None):
+    return torch.from_numpy(np.ascontiguousarray(x)).to(dev, dtype)
+
+
+def _transfer_case(T, data, net, vol, meta, args, dev, stage, figures):
+    """Every single source -> every target of one case: rows of transfer_metrics per protocol
+    (scored on the original grid), NIfTI per source and target, one figure per source."""
+    names, sources, targets, rec = meta["modalities"], meta["inputs"], meta["targets"], vol.record
+    image = torch.from_numpy(np.array(vol.image, dtype=np.float32)).to(dev)  # a copy: the cache is read-only
+    preds = T.predict_subsets(net, image, [[s] for s in sources], meta, overlap=args.overlap,
+                              sw_batch_size=args.sw_batch_size, device=dev)
+    truth = {t: _to(data.restore(vol.image[names.index(t)], rec, data.pad_value(t)), dev) for t in targets}
+    fg = _to(data.restore(np.asarray(vol.fg, dtype=bool), rec), dev)
+    tumour = None if vol.label is None else _to(data.restore(np.asarray(vol.label) > 0, rec), dev)
+    rows = []
+    for s, pred in zip(sources, preds):
+        pred = pred.float().cpu().numpy()  # (T, D, H, W) on the preprocessed grid
+        for k, t in enumerate(targets):
+            p = data.restore(pred[k], rec, data.pad_value(t))
+            if args.save_nifti:
+                data.write_nifti(p, rec, stage / "nifti" / vol.id / f"{vol.id}_{s}_to_{t}.nii.gz", grid="original")
+            p = _to(p, dev)
+            for protocol in args.protocol:
+                m = transfer_metrics(p, truth[t], fg, protocol, tumour if protocol == "brasyn" else None)
+                rows.append({"case": vol.id, "source": s, "target": t, **m})
+        if figures:
+            figure_transfer(stage / "figures" / f"{vol.id}_from_{s}.png", vol.image[names.index(s)], pred,
+                            [vol.image[names.index(t)] for t in targets], targets, s)
+    return rows
+
+
+def _seg_case(T, data, net, vol, meta, regions, args, dev, stage, figures):
+    """Every subset of the inputs on one case: region masks (logits > 0) restored to the
+    original grid and scored there (BraTS Dice per region, or per region plus the AutoPET case
+    metrics); the label map of all inputs together as NIfTI and figure."""
+    if vol.label is None:
+        raise SystemExit(f"{vol.record['source']}: case {vol.id} has no label file; --task seg needs labels")
+    rec, names = vol.record, list(regions)
+    image = torch.from_numpy(np.array(vol.image, dtype=np.float32)).to(dev)
+    subsets = _subsets(meta["inputs"], args.subsets)
+    logits = T.predict_subsets(net, image, subsets, meta, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+                               device=dev)
+    truth = _to(data.label_to_regions(data.restore(np.asarray(vol.label), rec), regions) > 0.5, dev)
+    spacing = _source_spacing(rec)
+    brats = sorted(n.upper() for n in names) == sorted(REGIONS)
+    rows = []
+    for sub, lg in zip(subsets, logits):
+        inside = (lg > 0).cpu().numpy()  # (K, D, H, W) on the preprocessed grid
+        masks = _to(data.restore(inside, rec), dev)
+        if brats:
+            row = seg_case(vol.id, {n.upper(): masks[k] for k, n in enumerate(names)},
+                           {n.upper(): truth[k] for k, n in enumerate(names)}, sub, args.policy, spacing, args.hd95)
+        else:
+            row = {"case": vol.id, "subset": tuple(sub), "policy": args.policy,
+                   "empty_truth": [n for k, n in enumerate(names) if not bool(truth[k].any())],
+                   "empty_pred": [n for k, n in enumerate(names) if not bool(masks[k].any())]}
+            for k, n in enumerate(names):
+                row[n] = dice(masks[k], truth[k], args.policy)
+                if args.hd95:
+                    row[f"HD95_{n}"] = hd95(masks[k], truth[k], spacing, args.policy)
+        if meta["label_kind"] == "autopet":
+            row["autopet"] = autopet_case_metrics(masks[0], truth[0], spacing)
+        rows.append(row)
+        if sub == list(meta["inputs"]):
+            label = regions_to_label(masks.cpu().numpy(), regions)
+            if args.save_nifti:
+                data.write_nifti(label, rec, stage / "nifti" / vol.id / f"{vol.id}_seg.nii.gz", grid="original")
+            if figures:
+                show = next((m for m in ("flair", "t1ce", "pet") if m in meta["inputs"]), meta["inputs"][0])
+                figure_segmentation(stage / "figures" / f"{vol.id}_seg.png", vol.image[meta["modalities"].index(show)],
+                                    regions_to_label(inside, regions), np.asarray(vol.label))
+    return rows
+
+
+@torch.no_grad()
+def _embedding(T, data, net, vol, meta, dev):
+    """X_h' (flattened) of each input modality of one person, from the central roi crop."""
+    names, roi = meta["modalities"], tuple(meta["roi"])
+    x = torch.from_numpy(np.array(vol.image, dtype=np.float32))
+    pad = [(max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for r, s in zip(roi, x.shape[1:])]
+    flat = [v for ab in reversed(pad) for v in ab]
+    x = torch.stack([F.pad(x[c], flat, value=data.pad_value(m)) for c, m in enumerate(names)])
+    lo = [(s - r) // 2 for s, r in zip(x.shape[1:], roi)]
+    x = x[:, lo[0]:lo[0] + roi[0], lo[1]:lo[1] + roi[1], lo[2]:lo[2] + roi[2]][None].to(dev)  # (1, |M|, *roi)
+    feats = []
+    for m in meta["inputs"]:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            xh, _ = T.encode(net, T.single(x, names.index(m)))
+        feats.append(rearrange(xh.float(), "1 c d h w -> (c d h w)").cpu())
+    return feats
+
+
+def _write_json(path, obj):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(_json_value(obj), indent=1, allow_nan=False) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _transfer_tables(rows, meta, args, stage, info):
+    """Tables 10 and 9 per protocol; returns [(title, path stem)] and the per-pair summary."""
+    written, summary = [], {}
+    pairs = [(s, t) for s, t in (("t1", "t2"), ("t2", "flair")) if s in meta["inputs"] and t in meta["targets"]]
+    for protocol in args.protocol:
+        sel = [r for r in rows if r["protocol"] == protocol]
+        tmeta = dict(info, protocol=protocol)
+        stem = stage / f"table10_transfer_{protocol}"
+        write_table(transfer_matrix_table(sel), None, stem, tmeta)
+        written.append((f"Table 10 ({protocol} protocol): source x target, mean and std over cases", stem))
+        if pairs:
+            stem = stage / f"table9_transfer_{protocol}"
+            write_table(transfer_summary_table(sel, pairs), None, stem, tmeta)
+            written.append((f"Table 9 ({protocol} protocol): " + ", ".join(f"{_label(s)}->{_label(t)}" for s, t in pairs),
+                            stem))
+        keys = [k for k, v in sel[0].items() if isinstance(v, float) and k != "data_range"]
+        summary[protocol] = {f"{s}>{t}": {k: _nanmean(r[k] for r in sel if (r["source"], r["target"]) == (s, t))
+                                          for k in keys}
+                             for s, t in dict.fromkeys((r["source"], r["target"]) for r in sel)}
+    return written, summary
+
+
+def _seg_tables(rows, meta, regions, args, stage, info):
+    """Table 11 (and Table 8 for AutoPET); returns [(title, path stem)] and the per-subset summary."""
+    names = list(regions)
+    brats = sorted(n.upper() for n in names) == sorted(REGIONS)
+    stem = stage / "table11_missing_modality"
+    table = missing_modality_table(rows, meta["inputs"], REGIONS if brats else tuple(names))
+    write_table(table, None, stem, info)
+    n_empty = table[-1]["empty truth"]
+    written = [(f"Table 11: Dice (%) per subset of the inputs, empty-mask policy {args.policy}, "
+                f"{n_empty} (case, subset, region) triples with an empty truth", stem)]
+    summary = {}
+    for sub in dict.fromkeys(tuple(r["subset"]) for r in rows):
+        sel = [r for r in rows if tuple(r["subset"]) == sub]
+        key = "+".join(sub)
+        if brats:
+            summary[key] = brats_summary(sel)
+        else:
+            summary[key] = {n: _nanmean(r[n] for r in sel) for n in names}
+        if meta["label_kind"] == "autopet":
+            summary[key]["autopet"] = autopet_summary([r["autopet"] for r in sel])
+    if meta["label_kind"] == "autopet":
+        ap_rows = [{**r["autopet"], "method": "+".join(_label(m) for m in r["subset"])} for r in rows]
+        stem = stage / "table8_autopet"
+        write_table(autopet_table(ap_rows), None, stem, dict(info, policy="autopet"))
+        written.append(("Table 8: AutoPET, one row per subset of the inputs", stem))
+    return written, summary
+
+
+def _publish(stage, out):
+    """Moves every file of the finished staging folder into out (replacing older ones)."""
+    for f in sorted(p for p in stage.rglob("*") if p.is_file()):
+        dest = out / f.relative_to(stage)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(f, dest)
+
+
+def main(argv=None):
+    args = _parse_args(argv)
+    import shutil
+    import sys
+
+    from tqdm import tqdm
+
+    import data
+    import train_downstream as T
+
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed % 2 ** 32)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
+        else torch.device(args.device)
+    try:
+        net, meta = T.load_tuned(args.ckpt, dev)
+    except ValueError as e:
+        raise SystemExit(" ".join(str(e).split())) from None
+    task = args.task or meta["task"]
+    if task != meta["task"]:
+        raise SystemExit(f"--task {task}: {args.ckpt} was tuned for {meta['task']}")
+    if args.policy is None:
+        args.policy = "autopet" if meta["label_kind"] == "autopet" else "brats"
+    want = [m for m in args.modalities.split(",") if m.strip()] or meta["modalities"]
+    try:
+        spec = data.resolve(args.data, want)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"{' '.join(str(e).split())} (the checkpoint needs {','.join(meta['modalities'])})") from None
+    problems = data.compare_contract(meta["contract"], data.contract(spec))
+    if problems:
+        raise SystemExit(f"{args.ckpt}: the data differ from the tuning data: {'; '.join(problems)}")
+    regions = dict(spec.regions)
+    if task == "seg" and list(regions) != list(meta["regions"]):
+        raise SystemExit(f"{spec.root}: the data's regions {list(regions)} differ from the checkpoint's "
+                         f"{list(meta['regions'])}")
+    ids = sorted(c.id for c in spec.cases) if args.split == "all" else list(meta["split"][args.split])
+    known = {c.id for c in spec.cases}
+    missing = [i for i in ids if i not in known]
+    if missing or not ids:
+        what = f"cases {', '.join(missing[:5])} of" if missing else "no case in"
+        raise SystemExit(f"{spec.root}: {what} the checkpoint's {args.split} split (--split all evaluates every "
+                         "case of --data)")
+    cache = Path(args.cache) if args.cache else None
+    out = Path(args.out)
+    personalized = hasattr(net, "personalize")
+    config = {k: v for k, v in vars(args).items()}
+    config.update(ckpt_step=meta["step"], arch=meta["arch"], modalities=meta["modalities"], inputs=meta["inputs"],
+                  targets=meta["targets"], regions=meta["regions"], roi=meta["roi"], init=meta.get("init"),
+                  data_root=str(spec.root), layout=spec.layout, device=str(dev))
+    info = {"policy": args.policy if task == "seg" else None, "protocol": args.protocol if task == "transfer" else None,
+            "seed": args.seed, "commit": git_commit(), "config": config, "split": args.split, "cases": ids}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        rows, feats, who, which = [], [], [], []
+        for n, cid in enumerate(tqdm(ids, desc=f"evaluate {task}", unit="case", dynamic_ncols=True)):
+            vol = _load_volume(data, spec, cid, cache)
+            figures = n < args.figures
+            try:
+                if task == "transfer":
+                    rows += _transfer_case(T, data, net, vol, meta, args, dev, stage, figures)
+                else:
+                    rows += _seg_case(T, data, net, vol, meta, regions, args, dev, stage, figures)
+            except ValueError as e:
+                raise SystemExit(f"case {cid} ({vol.record['source']}): {' '.join(str(e).split())}") from None
+            if args.figures and personalized:
+                for m, f in zip(meta["inputs"], _embedding(T, data, net, vol, meta, dev)):
+                    feats.append(f)
+                    who.append(cid)
+                    which.append(_label(m))
+        if task == "transfer":
+            written, summary = _transfer_tables(rows, meta, args, stage, info)
+        else:
+            written, summary = _seg_tables(rows, meta, regions, args, stage, info)
+        if len(feats) >= 2:
+            figure_embedding(stage / "figures" / "embedding.png", torch.stack(feats), which, who)
+        per_case = {cid: [{k: v for k, v in r.items() if k != "case"} for r in rows if r["case"] == cid] for cid in ids}
+        _write_json(stage / "results.json", {"meta": info, "summary": summary, "cases": per_case})
+        texts = [(title, Path(str(stem) + ".md").read_text()) for title, stem in written]
+        _publish(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    for title, text in texts:
+        print(f"\n{title}\n\n{text}", end="")
+    sys.stdout.flush()
+    print(f"\nevaluated {len(ids)} {args.split} case(s) on {dev}: tables, results.json"
+          f"{', nifti/' if args.save_nifti else ''}{', figures/' if args.figures else ''} in {out}"
+          f"{'' if personalized or not args.figures else ' (no embedding figure: the network has no personalization)'}",
+          file=sys.stderr)
+    return {"out": out, "tables": {stem.name: out / stem.name for _, stem in written}, "results": out / "results.json",
+            "summary": summary, "rows": rows}
+
+
+if __name__ == "__main__":
+    main()

@@ -239,3 +239,22 @@ def test_load_reference_checkpoint_and_fold():
             xo = torch.nn.functional.conv3d(xo, sd[f"tansfer_for_mod.{i}.weight"], sd[f"tansfer_for_mod.{i}.bias"], padding=1)
         want = torch.nn.functional.conv3d(torch.cat([z, xo, z], 1), w, b, padding=1)
         assert torch.allclose(net.personalize(z), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_window_attention_backends_agree_with_gradients(shift):
+    torch.manual_seed(0)
+    heads, hd, ws = 3, 8, (7, 7, 7)
+    dims = (14, 14, 7)
+    n, nw = 343, 4
+    region = model.shift_regions(dims, ws, (3, 3, 0), torch.device("cpu")) if shift else None
+    qkv = torch.randn(2 * nw, n, 3, heads, hd, dtype=torch.float64, requires_grad=True)
+    table = (torch.randn(2197, heads, dtype=torch.float64) * 0.1).requires_grad_()
+    index = model.relative_position_index(ws)
+    results = {}
+    for backend in ("naive", "sdpa"):
+        out = model.window_attention(qkv, table, index, region, backend)
+        gq, gt = torch.autograd.grad((out * torch.cos(out)).sum(), (qkv, table))
+        results[backend] = (out, gq, gt)
+    for a, b in zip(results["naive"], results["sdpa"]):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-8)
