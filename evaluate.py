@@ -1187,9 +1187,9 @@ def figure_embedding(path, feats, modality, person, dpi=100):
 USAGE = """python evaluate.py --ckpt RUN/best.pt --data PATH|demo|demo-petct --task transfer|seg --out DIR
        [--split test|val|all] [--overlap 0.5] [--sw-batch-size 4] [--protocol reference,strict[,brasyn]]
        [--policy brats|monai|autopet] [--subsets all|given] [--save-nifti | --no-save-nifti] [--figures N]
-       [--hd95] [--modalities a,b] [--cache DIR] [--device auto] [--seed 0]
+       [--hd95] [--modalities a,b] [--cache DIR] [--device auto] [--seed 0]"""
 
-Outputs under DIR: table10_transfer_<protocol> and table9_transfer_<protocol> (transfer) or
+OUTPUTS = """Outputs under DIR: table10_transfer_<protocol> and table9_transfer_<protocol> (transfer) or
 table11_missing_modality and, for AutoPET, table8_autopet (seg), each as .md, .csv and .json;
 results.json (per-case numbers, summaries, protocol, policy, seed, commit, configuration);
 nifti/<case>/ (predictions on the input's grid, affine and header: transfer outputs in the
@@ -1236,8 +1236,10 @@ def _subsets(inputs, which):
 
 def _parse_args(argv):
     import argparse
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage=USAGE,
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage=USAGE[len("python "):],
+                                 epilog=OUTPUTS, formatter_class=Formatter)
     ap.add_argument("--ckpt", required=True, help="tuned checkpoint of train_downstream.py (OUT/best.pt or last.pt)")
     ap.add_argument("--data", required=True, help="dataset folder, datalist JSON, 'demo' or 'demo-petct'")
     ap.add_argument("--task", choices=("transfer", "seg"), default=None, help="the checkpoint's task (checked)")
