@@ -429,6 +429,130 @@ def bench_metrics(args):
 
 # >>> # metrics benchmark: 3-D SSIM vs scikit-image, HD95 vs MONAI, 18-connected components vs scipy
 
+# <<< def _reference_ssl_head(nm, fs, roi):
+def _reference_ssl_head(nm, fs, roi):
+    """The reference code's SSLHead re-created on MONAI modules: MONAI SwinTransformer encoder,
+    static prior, nn.MultiheadAttention over the flattened grid, two 3x3x3 convs, a fuse conv over
+    [z, z', z], single-token rotation / contrastive heads and MONAI SwinUNETR's decoder."""
+    import torch.nn as nn
+    from monai.networks.nets import SwinUNETR as MonaiSwinUNETR
+
+    dim, g = 16 * fs, (roi // 32) ** 3
+
+    class SSLHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            base = MonaiSwinUNETR(in_channels=nm, out_channels=nm, feature_size=fs)
+            self.swinViT1 = base.swinViT
+            self.static_prior = nn.Parameter(torch.randn(1, dim, *(3 * [roi // 32])))
+            self.fuse_to_X = nn.Conv3d(3 * dim, dim, 3, padding=1)
+            self.attn_for_x = nn.MultiheadAttention(g, 2 if g % 3 else 3, batch_first=True)
+            self.tansfer_for_mod = nn.Sequential(nn.Conv3d(dim, dim, 3, padding=1), nn.Conv3d(dim, dim, 3, padding=1))
+            self.rotation_head, self.contrastive_head = nn.Linear(dim, 4), nn.Linear(dim, 512)
+            for name in ("encoder1", "encoder2", "encoder3", "encoder4", "encoder10", "decoder5", "decoder4",
+                         "decoder3", "decoder2", "decoder1", "out"):
+                setattr(self, name, getattr(base, name))
+
+        def forward(self, x):
+            h = self.swinViT1(x, True)
+            s = h[4]
+            prior = self.static_prior.expand(len(s), -1, -1, -1, -1).flatten(2)
+            xo = self.attn_for_x(s.flatten(2), prior, prior)[0].reshape(s.shape)
+            s = self.fuse_to_X(torch.cat([s, self.tansfer_for_mod(xo), s], 1))
+            dec3 = self.decoder5(self.encoder10(s), h[3])
+            dec2 = self.decoder4(dec3, self.encoder4(h[2]))
+            dec1 = self.decoder3(dec2, self.encoder3(h[1]))
+            dec0 = self.decoder2(dec1, self.encoder2(h[0]))
+            out = self.out(self.decoder1(dec0, self.encoder1(x)))
+            tokens = s.flatten(2).transpose(1, 2)
+            return self.rotation_head(tokens[:, 0]), self.contrastive_head(tokens[:, 1]), s, out
+
+    return SSLHead()
+
+
+def _reference_step(net, opt, x, fg, gen):
+    """One person-batch of the reference trainer: per modality a full forward with gradient, a
+    full forward of a second view without, losses, backward and an optimizer step."""
+    import torch.nn.functional as F
+
+    import data
+
+    anchor = None
+    for i in torch.randperm(x.shape[1], generator=gen).tolist():
+        k = int(torch.randint(4, (), generator=gen))
+        x1 = data.phi(x[:, i:i + 1].repeat(1, x.shape[1], 1, 1, 1), k)
+        rot, con, sem, out = net(data.augment(x1, gen))
+        with torch.no_grad():
+            _, con2, _, _ = net(data.augment(data.phi(x1, int(torch.randint(4, (), generator=gen))), gen))
+        loss = F.cross_entropy(rot, torch.tensor([k])) + F.cross_entropy(
+            (F.normalize(con, dim=1) @ F.normalize(con2, dim=1).t()) / 0.1, torch.zeros(1, dtype=torch.long))
+        out = data.phi_inverse(out, k)
+        loss = loss + 10 * ((out - x) ** 2 * fg).sum() / fg.sum() / x.shape[1] + F.mse_loss(out, x)
+        if anchor is not None:
+            loss = loss + F.mse_loss(sem, anchor)
+            anchor = ((anchor + sem) / 2).detach()
+        else:
+            anchor = sem.detach()
+        loss.backward()
+        opt.step()
+
+
+def _pretrain_setup(which, fs, roi):
+    import numpy as np
+
+    import data
+    import model
+    import train_pretrain
+
+    torch.manual_seed(0)
+    nm = 4
+    x = torch.randn(1, nm, roi, roi, roi)
+    fg = torch.ones(1, 1, roi, roi, roi, dtype=torch.bool)
+    if which == "ours":
+        net = model.PersonalizedSwinUNETR(nm, nm, feature_size=fs, roi=(roi,) * 3, prior_heads=2 if (roi // 32) ** 3 % 3 else 3)
+        cfg = train_pretrain.Config(roi=str(roi), feature_size=fs)
+        use = {**train_pretrain.PRESETS["full"], "decom": True}
+        opt = torch.optim.AdamW(net.parameters(), lr=2e-4, weight_decay=1e-5)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            rngs = [np.random.default_rng(0)]
+            gens = [torch.Generator().manual_seed(0)]
+            anchor = None
+            for i in range(nm):
+                terms, anchor = train_pretrain.modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, data.n_phi())
+                sum(terms.values()).backward()
+            opt.step()
+    else:
+        net = _reference_ssl_head(nm, fs, roi)
+        opt = torch.optim.AdamW(net.parameters(), lr=2e-4, weight_decay=1e-5)
+        gen = torch.Generator().manual_seed(0)
+
+        def step():
+            for p in net.parameters():
+                p.grad = None
+            _reference_step(net, opt, x, fg, gen)
+    return step
+
+
+def _pretrain_peak(which, fs, roi):
+    _pretrain_setup(which, fs, roi)()
+
+
+def bench_pretrain(args):
+    """One full pre-training step (4 modalities, all views, backward, optimizer) of
+    train_pretrain vs the reference trainer's step on MONAI SwinUNETR + the reference bottleneck."""
+    fs, roi = (12, 64) if args.quick else (24, 64)
+    repeats = 2 if args.quick else 3
+    res = {w: median_time(_pretrain_setup(w, fs, roi), repeats=repeats) for w in ("ours", "reference")}
+    mem = {w: peak_memory_mb(_pretrain_peak, w, fs, roi) for w in ("ours", "reference")}
+    print_table(f"pre-training step, F={fs}, roi {roi}^3, 4 modalities, batch 1 (ratio = ours / reference)",
+                [{"ours s": res["ours"], "reference s": res["reference"], "time ratio": res["ours"] / res["reference"],
+                  "ours MiB": mem["ours"], "reference MiB": mem["reference"], "mem ratio": mem["ours"] / mem["reference"]}],
+                ["ours s", "reference s", "time ratio", "ours MiB", "reference MiB", "mem ratio"])
+
+# >>> def _reference_ssl_head(nm, fs, roi):
+
 # ---- end of benchmarks ----
 
 

@@ -17,17 +17,22 @@ nothing here imports scipy, scikit-image or MONAI (the tests compare against the
                missing_modality_table (Table 11), autopet_table (Table 8), write_table
     figures    figure_transfer (Figures 8, 10-12), figure_segmentation, figure_embedding (PCA,
                Figure 9)
+    command    main(argv): a tuned checkpoint on held-out persons -> tables, results.json, NIfTI
+               predictions on the input's grid, figures (python evaluate.py --help)
 
 Volumes are (D, H, W) = (x, y, z) in RAS order as data.py produces them: axial slices are
 fixed z, coronal fixed y, sagittal fixed x.
 """
+import argparse
 import csv
 import io
 import itertools
 import json
 import math
 import os
+import shutil
 import subprocess
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -37,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 
@@ -1194,7 +1200,8 @@ table11_missing_modality and, for AutoPET, table8_autopet (seg), each as .md, .c
 results.json (per-case numbers, summaries, protocol, policy, seed, commit, configuration);
 nifti/<case>/ (predictions on the input's grid, affine and header: transfer outputs in the
 data layer's normalised units, segmentations as label maps in the dataset's convention);
-figures/ (the first N cases, and the PCA of X_h' of every evaluated person). Everything is
+figures/ (the first N cases, and the PCA of X_h' of every evaluated person; none with
+--figures 0). Everything is
 written in a hidden folder beside DIR and moved into DIR only when the whole run succeeded."""
 
 
@@ -1235,7 +1242,6 @@ def _subsets(inputs, which):
 
 
 def _parse_args(argv):
-    import argparse
     class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage=USAGE[len("python "):],
@@ -1281,8 +1287,8 @@ def _load_volume(data, spec, case_id, cache):
         raise SystemExit(" ".join(str(e).split()).strip("'\"")) from None
 
 
-def _to(x, dev, dtype=None):
-    return torch.from_numpy(np.ascontiguousarray(x)).to(dev, dtype)
+def _to(x, dev):
+    return torch.from_numpy(np.ascontiguousarray(x)).to(dev)
 
 
 def _transfer_case(T, data, net, vol, meta, args, dev, stage, figures):
@@ -1313,9 +1319,12 @@ def _transfer_case(T, data, net, vol, meta, args, dev, stage, figures):
 
 
 def _seg_case(T, data, net, vol, meta, regions, args, dev, stage, figures):
-    """Every subset of the inputs on one case: region masks (logits > 0) restored to the
-    original grid and scored there (BraTS Dice per region, or per region plus the AutoPET case
-    metrics); the label map of all inputs together as NIfTI and figure."""
+    """Every subset of the inputs on one case: region masks (logits > 0) made into a label map
+    in the dataset's convention, restored to the original grid and scored there by the regions
+    of that map (what a challenge scores from a submitted file, so the numbers can be
+    recomputed from the NIfTI output; where predicted regions are not nested this differs from
+    scoring the channels): BraTS Dice per region, or Dice per region plus the AutoPET case
+    metrics. The label map of all inputs together is written as NIfTI and drawn."""
     if vol.label is None:
         raise SystemExit(f"{vol.record['source']}: case {vol.id} has no label file; --task seg needs labels")
     rec, names = vol.record, list(regions)
@@ -1328,8 +1337,9 @@ def _seg_case(T, data, net, vol, meta, regions, args, dev, stage, figures):
     brats = sorted(n.upper() for n in names) == sorted(REGIONS)
     rows = []
     for sub, lg in zip(subsets, logits):
-        inside = (lg > 0).cpu().numpy()  # (K, D, H, W) on the preprocessed grid
-        masks = _to(data.restore(inside, rec), dev)
+        pre = regions_to_label((lg > 0).cpu().numpy(), regions)  # (D, H, W) on the preprocessed grid
+        label = data.restore(pre, rec)  # (X, Y, Z) on the original grid
+        masks = _to(data.label_to_regions(label, regions) > 0.5, dev)
         if brats:
             row = seg_case(vol.id, {n.upper(): masks[k] for k, n in enumerate(names)},
                            {n.upper(): truth[k] for k, n in enumerate(names)}, sub, args.policy, spacing, args.hd95)
@@ -1345,13 +1355,12 @@ def _seg_case(T, data, net, vol, meta, regions, args, dev, stage, figures):
             row["autopet"] = autopet_case_metrics(masks[0], truth[0], spacing)
         rows.append(row)
         if sub == list(meta["inputs"]):
-            label = regions_to_label(masks.cpu().numpy(), regions)
             if args.save_nifti:
                 data.write_nifti(label, rec, stage / "nifti" / vol.id / f"{vol.id}_seg.nii.gz", grid="original")
             if figures:
                 show = next((m for m in ("flair", "t1ce", "pet") if m in meta["inputs"]), meta["inputs"][0])
                 figure_segmentation(stage / "figures" / f"{vol.id}_seg.png", vol.image[meta["modalities"].index(show)],
-                                    regions_to_label(inside, regions), np.asarray(vol.label))
+                                    pre, np.asarray(vol.label))
     return rows
 
 
@@ -1448,11 +1457,7 @@ def _publish(stage, out):
 
 def main(argv=None):
     args = _parse_args(argv)
-    import shutil
-    import sys
-
-    from tqdm import tqdm
-
+    # imported here, not at the top: train_downstream imports this module
     import data
     import train_downstream as T
 
@@ -1462,8 +1467,8 @@ def main(argv=None):
         else torch.device(args.device)
     try:
         net, meta = T.load_tuned(args.ckpt, dev)
-    except ValueError as e:
-        raise SystemExit(" ".join(str(e).split())) from None
+    except (ValueError, SystemExit) as e:  # one line: torch's unpickling errors span paragraphs
+        raise SystemExit(" ".join(str(e).split())[:400]) from None
     task = args.task or meta["task"]
     if task != meta["task"]:
         raise SystemExit(f"--task {task}: {args.ckpt} was tuned for {meta['task']}")
@@ -1482,16 +1487,20 @@ def main(argv=None):
         raise SystemExit(f"{spec.root}: the data's regions {list(regions)} differ from the checkpoint's "
                          f"{list(meta['regions'])}")
     ids = sorted(c.id for c in spec.cases) if args.split == "all" else list(meta["split"][args.split])
+    if not ids:
+        raise SystemExit(f"{args.ckpt}: the checkpoint's {args.split} split is empty (--split all evaluates every "
+                         "case of --data)")
     known = {c.id for c in spec.cases}
     missing = [i for i in ids if i not in known]
-    if missing or not ids:
-        what = f"cases {', '.join(missing[:5])} of" if missing else "no case in"
-        raise SystemExit(f"{spec.root}: {what} the checkpoint's {args.split} split (--split all evaluates every "
-                         "case of --data)")
+    if missing:
+        raise SystemExit(f"{spec.root}: no cases {', '.join(missing[:5])} of the checkpoint's {args.split} split "
+                         "(another dataset? --split all evaluates every case of --data)")
     cache = Path(args.cache) if args.cache else None
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {out}: exists and is not a folder")
     personalized = hasattr(net, "personalize")
-    config = {k: v for k, v in vars(args).items()}
+    config = dict(vars(args))
     config.update(ckpt_step=meta["step"], arch=meta["arch"], modalities=meta["modalities"], inputs=meta["inputs"],
                   targets=meta["targets"], regions=meta["regions"], roi=meta["roi"], init=meta.get("init"),
                   data_root=str(spec.root), layout=spec.layout, device=str(dev))

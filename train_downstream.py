@@ -202,9 +202,10 @@ def step_randomness(seed, step, first, b, n_inputs):
 def subset_indices(subset, names):
     """Modality names or channel indices -> sorted channel indices (non-empty, known, distinct)."""
     idx = [names.index(s) if isinstance(s, str) and s in names else s for s in subset]
-    if not idx or any(not isinstance(i, int) or not 0 <= i < len(names) for i in idx) or len(set(idx)) != len(idx):
+    if not idx or any(not isinstance(i, (int, np.integer)) or not 0 <= i < len(names) for i in idx) \
+            or len(set(idx)) != len(idx):
         raise ValueError(f"subset {list(subset)}: expected a non-empty set of the modalities {names} (names or indices)")
-    return sorted(idx)
+    return sorted(int(i) for i in idx)
 
 
 @torch.no_grad()

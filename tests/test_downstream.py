@@ -55,9 +55,9 @@ def trained_batch(tiny_brats, out, cache, steps):
 
 
 @torch.no_grad()
-def objective(path, batch, task, inputs, targets):
-    """Algorithm-2 objective of a checkpoint on a batch, fixed modality order and full subsets."""
-    net, meta = T.load_tuned(path)
+def objective(net, batch, task, inputs, targets):
+    """Algorithm-2 objective of a network (or checkpoint) on a batch, fixed order, full subsets."""
+    net = T.load_tuned(net)[0] if isinstance(net, Path) else net.eval()
     n = len(inputs)
     return T.tuning_step(net, batch["image"], batch, T.Config(task=task), inputs, targets, np.arange(n),
                          torch.ones(n, batch["image"].shape[0]), R.Dist(), backward=False)["loss"]
@@ -96,15 +96,8 @@ def test_transfer_keeps_target_head_rows_lowers_loss_and_resumes_exactly(tiny_br
     ck = torch.load(stage1[0], weights_only=True)
     a, b = tmp_path / "a", tmp_path / "b"
     task = ("--task", "transfer", "--inputs", "t1", "--targets", "t2")
-    r0 = tune(tiny_brats, stage1, a, 0, *task)
-    assert r0["init"]["skipped"] == [] and sorted(r0["init"]["loaded"]) == sorted(ck["model"])
-    shutil.copy(a / "last.pt", tmp_path / "step0.pt")
-    sd0 = torch.load(tmp_path / "step0.pt", weights_only=True)["model"]
-    # the stage-1 decoder already predicts t2 (channel 1): its row of the output layer is kept
-    assert torch.equal(sd0["out.conv.conv.weight"], ck["model"]["out.conv.conv.weight"][1:2])
-    assert torch.equal(sd0["out.conv.conv.bias"], ck["model"]["out.conv.conv.bias"][1:2])
-
-    tune(tiny_brats, stage1, a, 1, *task, "--resume", "auto")
+    r1 = tune(tiny_brats, stage1, a, 1, *task)
+    assert r1["init"]["skipped"] == [] and sorted(r1["init"]["loaded"]) == sorted(ck["model"])
     ra = tune(tiny_brats, stage1, a, 2, *task, "--resume", "auto")
     rb = tune(tiny_brats, stage1, b, 2, *task)
     sa, sb = torch.load(a / "last.pt", weights_only=True), torch.load(b / "last.pt", weights_only=True)
@@ -126,9 +119,14 @@ def test_transfer_keeps_target_head_rows_lowers_loss_and_resumes_exactly(tiny_br
     case = next(iter(val["cases"].values()))
     assert set(case["pairs"]) == {"t1>t2"} and case["psnr"] == case["pairs"]["t1>t2"]["psnr"]
 
+    # the initial network: stage-1 weights; the stage-1 decoder already predicts t2 (channel 1), so
+    # its row of the output layer is kept
+    net0 = train_pretrain.build_model(sa["arch"])
+    T.load_stage1(net0, ck, "transfer", ["t2"], log=QUIET)
+    assert torch.equal(net0.out.conv.conv.weight, ck["model"]["out.conv.conv.weight"][1:2])
+    assert torch.equal(net0.out.conv.conv.bias, ck["model"]["out.conv.conv.bias"][1:2])
     batch = trained_batch(tiny_brats, a, stage1[1], 2)
-    assert objective(a / "last.pt", batch, "transfer", [0], [1]) < objective(tmp_path / "step0.pt", batch,
-                                                                              "transfer", [0], [1])
+    assert objective(a / "last.pt", batch, "transfer", [0], [1]) < objective(net0, batch, "transfer", [0], [1])
 
 
 def test_stage1_into_plain_swinunetr_and_new_decoder(stage1):

@@ -1,0 +1,308 @@
+"""evaluate.py's command line on tiny synthetic BraTS cases: tables with the right rows, NIfTI
+outputs on the input's grid (an oblique, axis-permuted case included) checked voxel by voxel
+against a brute-force mapping through the affines, Dice and transfer metrics recomputed from
+the written files (scikit-image for PSNR / SSIM), label maps in the dataset's convention, and
+bad input (modality order, a corrupt file) stopping with one line and no output."""
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import write_brats
+from skimage.measure import label as components
+
+import data
+import evaluate as E
+import train_downstream as T
+
+TINY = ["--feature-size", "12", "--roi", "32,32,64", "--prior-heads", "2", "--workers", "0"]
+SHAPE = (30, 28, 60)  # the brain crop fits one 32 x 32 x 64 window
+
+
+def make_oblique(case_dir, angle=20.0):
+    """Rewrites a case with its axes permuted (x, y, z) -> (z, x, y) and its grid rotated in
+    world space: the same voxels on an oblique, non-RAS grid."""
+    a, b = np.deg2rad(angle), np.deg2rad(angle / 2)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    for f in sorted(case_dir.iterdir()):
+        img = nib.load(str(f))
+        arr = np.asarray(img.dataobj)
+        perm = np.zeros((4, 4))  # voxel (k, i, j) of the new array -> (i, j, k) of the old one
+        perm[0, 1] = perm[1, 2] = perm[2, 0] = perm[3, 3] = 1
+        rot = np.eye(4)
+        rot[:3, :3] = rx @ rz
+        affine = rot @ img.affine @ perm
+        affine[:3, 3] += [3.5, -7.25, 11.0]
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(arr.transpose(2, 0, 1)), affine), str(f))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny volumes: on a busy 2-core machine the intra-op thread pool costs more than it gains
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, one_thread):
+    """Three cases (Case_002 oblique) and a seg and a transfer checkpoint of train_downstream
+    (no optimizer step: the random initial weights, saved in the real checkpoint format)."""
+    tmp = tmp_path_factory.mktemp("evaluate")
+    root = write_brats(tmp / "brats", n=3, shape=SHAPE, seed=1)
+    make_oblique(root / "Case_002")
+    cache = tmp / "cache"
+    ckpts = {}
+    for task in ("seg", "transfer"):
+        T.main(["--data", str(root), "--out", str(tmp / task), "--modalities", "t1,t2", "--task", task,
+                "--max-steps", "0", "--val-fraction", "0", "--cache", str(cache), *TINY])
+        ckpts[task] = tmp / task / "last.pt"
+    return root, cache, ckpts
+
+
+def write_autopet(root, shape=SHAPE, seed=0):
+    """Tiny AutoPET-layout cases (CT in HU, PET in SUV, 0/1 lesion), patient 1 without a lesion."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+    centre = np.array(shape) / 2
+    for c in range(3):
+        d = root / f"pat{c}" / "study_0"
+        d.mkdir(parents=True)
+        body = (((grid - centre) / (np.array(shape) * 0.4)) ** 2).sum(-1) < 1
+        lesion = np.zeros(shape, np.uint8)
+        if c != 1:
+            lesion[np.linalg.norm(grid - centre - rng.uniform(-3, 3, 3), axis=-1) < 4] = 1
+        ct = np.where(body, 40 + rng.normal(0, 20, shape), -1000)
+        pet = body * (1 + rng.random(shape)) + 8 * lesion
+        affine = np.diag([2.0, 2.0, 3.0, 1.0])
+        for name, a in (("CTres", ct.astype(np.float32)), ("SUV", pet.astype(np.float32)), ("SEG", lesion)):
+            nib.save(nib.Nifti1Image(a, affine), str(d / f"{name}.nii.gz"))
+    return root
+
+
+def run(setup, task, out, *extra):
+    root, cache, ckpts = setup
+    return E.main(["--ckpt", str(ckpts[task]), "--data", str(root), "--task", task, "--out", str(out),
+                   "--cache", str(cache), "--device", "cpu", *extra])
+
+
+def expected_on_source_grid(pre, record, src_shape):
+    """Brute force: every voxel of the preprocessed grid sent through its affine into the
+    source grid's voxel indices (not through data.restore)."""
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in pre.shape], indexing="ij"), -1).reshape(-1, 3)
+    to_src = np.linalg.inv(np.array(record["affine"])) @ np.array(record["affine_out"])
+    src = np.rint(idx @ to_src[:3, :3].T + to_src[:3, 3]).astype(int)
+    out = np.zeros(src_shape, pre.dtype)
+    out[tuple(src.T)] = pre.reshape(-1)
+    return out
+
+
+def brats_label(tc, wt, et, et_value=4):
+    lab = np.zeros(wt.shape, np.uint8)
+    lab[wt] = 2
+    lab[tc] = 1
+    lab[et] = et_value
+    return lab
+
+
+def dice_by_hand(p, g):
+    if not p.any() and not g.any():
+        return 1.0
+    return 2.0 * (p & g).sum() / (p.sum() + g.sum())
+
+
+def test_seg_tables_nifti_on_source_grid_and_dice_from_written_files(setup, tmp_path, capsys):
+    root, cache, ckpts = setup
+    out = tmp_path / "seg"
+    res = run(setup, "seg", out, "--split", "all", "--figures", "1")
+    printed = capsys.readouterr().out
+    assert "| T1+T2 | x | x |" in printed and "| mean |" in printed
+
+    for ext in (".md", ".csv", ".json"):
+        assert (out / f"table11_missing_modality{ext}").stat().st_size > 0
+    table = json.loads((out / "table11_missing_modality.json").read_text())
+    assert [r["subset"] for r in table["rows"]] == ["T1", "T2", "T1+T2", "mean"]
+    assert [r["n"] for r in table["rows"]] == [3, 3, 3, 9]
+    assert table["meta"]["policy"] == "brats" and table["meta"]["seed"] == 0 and table["meta"]["commit"]
+    assert len(list(out.parent.glob(".seg.partial-*"))) == 0
+    assert (out / "figures" / "Case_000_seg.png").stat().st_size > 1000
+    assert not (out / "figures" / "Case_001_seg.png").exists()
+    assert (out / "figures" / "embedding.png").stat().st_size > 1000
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results["cases"]) == ["Case_000", "Case_001", "Case_002"]
+
+    net, meta = T.load_tuned(ckpts["seg"])
+    spec = data.resolve(root, ["t1", "t2"])
+    dices = {r: [] for r in ("WT", "TC", "ET")}
+    for cid in ("Case_000", "Case_001", "Case_002"):
+        src_img = nib.load(str(root / cid / f"{cid}_t1.nii.gz"))
+        written = nib.load(str(out / "nifti" / cid / f"{cid}_seg.nii.gz"))
+        assert written.shape == src_img.shape
+        np.testing.assert_array_equal(written.affine, src_img.affine)
+        lab = np.asarray(written.dataobj)
+        assert set(np.unique(lab).tolist()) <= {0, 1, 2, 4}
+
+        if cid != "Case_001":  # the label map of all inputs: the model's regions sent to the source grid by hand
+            vol = data.load_case(spec.case(cid), spec, cache)
+            logits = T.predict(net, torch.from_numpy(np.array(vol.image)), ["t1", "t2"], meta)
+            tc, wt, et = (logits > 0).numpy()  # meta["regions"] order
+            assert meta["regions"] == ["tc", "wt", "et"]
+            want = expected_on_source_grid(brats_label(tc, wt, et), vol.record, src_img.shape)
+            np.testing.assert_array_equal(lab, want)
+
+        # Dice of the written map against the raw label file, WT {1,2,4}, TC {1,4}, ET {4}
+        truth = np.asarray(nib.load(str(root / cid / f"{cid}_seg.nii.gz")).dataobj)
+        row = next(r for r in results["cases"][cid] if r["subset"] == ["t1", "t2"])
+        for region, values in (("WT", (1, 2, 4)), ("TC", (1, 4)), ("ET", (4,))):
+            d = dice_by_hand(np.isin(lab, values), np.isin(truth, values))
+            assert row[region] == pytest.approx(d, abs=1e-12)
+            dices[region].append(d)
+    full = next(r for r in table["rows"] if r["subset"] == "T1+T2")
+    for region, values in dices.items():
+        assert full[region] == pytest.approx(100 * np.mean(values), abs=1e-9)
+    assert res["tables"]["table11_missing_modality"] == out / "table11_missing_modality"
+
+
+def test_transfer_tables_and_metrics_recomputed_from_written_nifti(setup, tmp_path):
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+    root, cache, ckpts = setup
+    out = tmp_path / "transfer"
+    run(setup, "transfer", out, "--protocol", "reference,strict,brasyn", "--figures", "0")
+    net, meta = T.load_tuned(ckpts["transfer"])
+    test_ids = meta["split"]["test"]
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results["cases"]) == sorted(test_ids)
+    assert results["meta"]["protocol"] == ["reference", "strict", "brasyn"]
+    assert not (out / "figures").exists()
+
+    for protocol in ("reference", "strict", "brasyn"):
+        t10 = json.loads((out / f"table10_transfer_{protocol}.json").read_text())
+        assert [(r["source"], r["stat"]) for r in t10["rows"]] == [("T1", "mean"), ("T1", "std"), ("T2", "mean"),
+                                                                   ("T2", "std")]
+        assert t10["meta"]["protocol"] == protocol
+        t9 = json.loads((out / f"table9_transfer_{protocol}.json").read_text())
+        assert [r["method"] for r in t9["rows"]] == ["ours"] and "T1->T2 PSNR" in t9["columns"]
+        assert (out / f"table10_transfer_{protocol}.md").read_text().startswith("| source | stat |")
+
+    for cid in test_ids:
+        raw = {m: np.asarray(nib.load(str(root / cid / f"{cid}_{m}.nii.gz")).dataobj, np.float64) for m in ("t1", "t2")}
+        fg = (raw["t1"] != 0) | (raw["t2"] != 0)
+        rows = results["cases"][cid]
+        for s, t in itertools.product(("t1", "t2"), repeat=2):
+            path = out / "nifti" / cid / f"{cid}_{s}_to_{t}.nii.gz"
+            img, src = nib.load(str(path)), nib.load(str(root / cid / f"{cid}_{t}.nii.gz"))
+            assert img.shape == src.shape
+            np.testing.assert_array_equal(img.affine, src.affine)
+            p = np.asarray(img.dataobj, np.float64)
+            g = raw[t].copy()
+            nz = g != 0
+            g[nz] = (g[nz] - g[nz].mean()) / g[nz].std()
+            got = {r["protocol"]: r for r in rows if (r["source"], r["target"]) == (s, t)}
+
+            ref = np.where(fg, (p - p[fg].mean()) / p[fg].std(), g)  # reference protocol by hand
+            rng = max(np.ptp(ref), np.ptp(g))
+            assert got["reference"]["psnr"] == pytest.approx(peak_signal_noise_ratio(g, ref, data_range=rng), abs=1e-4)
+            assert got["reference"]["ssim"] == pytest.approx(structural_similarity(g, ref, data_range=rng), abs=1e-4)
+            assert got["reference"]["nmse"] == pytest.approx(((ref - g) ** 2).sum() / (g ** 2).sum(), rel=1e-4)
+
+            pv, gv = p[fg], g[fg]  # strict: foreground voxels only
+            rng = max(np.ptp(pv), np.ptp(gv))
+            assert got["strict"]["psnr"] == pytest.approx(peak_signal_noise_ratio(gv, pv, data_range=rng), abs=1e-4)
+            assert got["strict"]["nmse"] == pytest.approx(((pv - gv) ** 2).sum() / (gv ** 2).sum(), rel=1e-4)
+
+            def clip_scale(x):
+                lo, hi = np.percentile(x, [0.5, 99.5])
+                return (np.clip(x, lo, hi) - lo) / (hi - lo)
+            pb, gb = clip_scale(p), clip_scale(g)
+            assert got["brasyn"]["psnr"] == pytest.approx(peak_signal_noise_ratio(gb, pb, data_range=1.0), abs=1e-4)
+            assert got["brasyn"]["ssim"] == pytest.approx(structural_similarity(gb, pb, data_range=1.0), abs=1e-4)
+
+    t10 = json.loads((out / "table10_transfer_reference.json").read_text())
+    by_hand = np.mean([r["psnr"] for cid in test_ids for r in results["cases"][cid]
+                       if (r["source"], r["target"], r["protocol"]) == ("t1", "t2", "reference")])
+    assert t10["rows"][0]["T2 PSNR"] == pytest.approx(by_hand, abs=1e-12)
+
+
+def test_autopet_table8_from_written_label_maps(tmp_path):
+    root = write_autopet(tmp_path / "autopet")
+    T.main(["--data", str(root), "--out", str(tmp_path / "run"), "--task", "seg", "--max-steps", "0",
+            "--val-fraction", "0", "--cache", str(tmp_path / "cache"), *TINY])
+    out = tmp_path / "eval"
+    E.main(["--ckpt", str(tmp_path / "run" / "last.pt"), "--data", str(root), "--out", str(out), "--split", "all",
+            "--subsets", "given", "--figures", "0", "--cache", str(tmp_path / "cache")])
+    table = json.loads((out / "table8_autopet.json").read_text())
+    assert table["meta"]["policy"] == "autopet" and len(table["rows"]) == 1
+    row = table["rows"][0]
+    assert row["method"] == "CT+PET" and row["cases"] == 3
+    t11 = json.loads((out / "table11_missing_modality.json").read_text())
+    assert [r["subset"] for r in t11["rows"]] == ["CT+PET", "mean"] and t11["rows"][-1]["empty truth"] == 1
+
+    # by hand from the written files: AutoPET Dice, case flags, 18-connected FP / FN volumes
+    dices, flags, fp, fn = [], [], [], []
+    for p in ("pat0", "pat1", "pat2"):
+        src = nib.load(str(root / p / "study_0" / "SEG.nii.gz"))
+        img = nib.load(str(out / "nifti" / p / f"{p}_seg.nii.gz"))
+        assert img.shape == src.shape
+        np.testing.assert_array_equal(img.affine, src.affine)
+        pred, truth = np.asarray(img.dataobj), np.asarray(src.dataobj)
+        assert set(np.unique(pred).tolist()) <= {0, 1}
+        pred, truth = pred > 0, truth > 0
+        if truth.any() or pred.any():
+            dices.append(dice_by_hand(pred, truth))
+        flags.append((truth.any(), pred.any()))
+
+        def unmatched(a, b):
+            lab = components(a, connectivity=2)
+            return sum((lab == k).sum() for k in range(1, lab.max() + 1) if not (b & (lab == k)).any()) * 12 / 1000
+        fp.append(unmatched(pred, truth))
+        fn.append(unmatched(truth, pred))
+    assert row["Dice"] == pytest.approx(100 * np.mean(dices), abs=1e-9)
+    assert row["FP vol (mL)"] == pytest.approx(np.mean(fp), abs=1e-9)
+    assert row["FN vol (mL)"] == pytest.approx(np.mean(fn), abs=1e-9)
+    tp = sum(t and q for t, q in flags)
+    assert row["TPR"] == pytest.approx(100 * tp / sum(t for t, _ in flags))
+
+
+@pytest.mark.parametrize("kind", ["brats", "brats2023", "autopet"])
+def test_regions_to_label_inverts_label_to_regions(kind):
+    values, regions = data.LABELS[kind]
+    rng = np.random.default_rng(0)
+    label = rng.choice(np.array(values, np.uint8), size=(7, 6, 5))
+    masks = data.label_to_regions(label, regions) > 0.5
+    np.testing.assert_array_equal(E.regions_to_label(masks, regions), label)
+    if kind != "autopet":  # overlapping predictions: the innermost region wins, by the BraTS rule
+        tc, wt, et = rng.random((3, 7, 6, 5)) < 0.4
+        et_value = 4 if kind == "brats" else 3
+        np.testing.assert_array_equal(E.regions_to_label(np.stack([tc, wt, et]), regions),
+                                      brats_label(tc, wt, et, et_value))
+    with pytest.raises(ValueError, match="does not own exactly one label value"):
+        E.regions_to_label(np.zeros((2, 3, 3, 3), bool), {"a": (1, 2), "b": (3, 4)})
+
+
+def test_modality_order_mismatch_and_corrupt_file_stop_with_one_line_and_no_output(setup, tmp_path):
+    root, cache, ckpts = setup
+    out = tmp_path / "bad"
+    with pytest.raises(SystemExit, match=r"modalities: checkpoint \['t1', 't2'\] != data \['t2', 't1'\]"):
+        run(setup, "seg", out, "--modalities", "t2,t1")
+    with pytest.raises(SystemExit, match="was tuned for transfer"):
+        run(setup, "transfer", out, "--task", "seg")
+    assert not out.exists()
+
+    # a truncated file in the second case: the first case's outputs must not survive
+    broken = tmp_path / "broken"
+    for cid in ("Case_000", "Case_001"):
+        shutil.copytree(root / cid, broken / cid)
+    bad = broken / "Case_001" / "Case_001_t2.nii.gz"
+    bad.write_bytes(bad.read_bytes()[:300])
+    with pytest.raises(SystemExit) as err:
+        E.main(["--ckpt", str(ckpts["seg"]), "--data", str(broken), "--out", str(out), "--split", "all",
+                "--subsets", "given", "--figures", "0", "--cache", str(tmp_path / "cache")])
+    msg = str(err.value)
+    assert str(bad) in msg and "\n" not in msg
+    assert not out.exists() and not list(tmp_path.glob(".bad.partial-*"))
