@@ -553,6 +553,92 @@ def bench_pretrain(args):
 
 # >>> def _reference_ssl_head(nm, fs, roi):
 
+# <<< # downstream benchmark: Algorithm-2 tuning step vs one summed backward; 15-subset inference in one pass
+# downstream benchmark: Algorithm-2 tuning step vs one summed backward; 15-subset inference in one pass
+def _downstream_prior_heads(roi):
+    g = (roi[0] // 32) * (roi[1] // 32) * (roi[2] // 32)
+    return 3 if g % 3 == 0 else 2
+
+
+def _downstream_setup(which, fs, roi):
+    """A tuning step of Algorithm 2 (4 inputs, segmentation, batch 1): ours frees each decoder
+    graph by its own backward; the peer sums every term and runs one backward."""
+    import numpy as np
+
+    import losses
+    import model
+    import runtime as R
+    import train_downstream as T
+
+    torch.manual_seed(0)
+    nm = 4
+    net = model.PersonalizedSwinUNETR(nm, 3, feature_size=fs, roi=roi, prior_heads=_downstream_prior_heads(roi))
+    x = torch.randn(1, nm, *roi)
+    batch = {"image": x, "regions": (torch.rand(1, 3, *roi) > 0.9).float()}
+    cfg, d, order, w = T.Config(task="seg"), R.Dist(), np.arange(nm), torch.ones(nm, 1)
+
+    def ours():
+        net.zero_grad(set_to_none=True)
+        T.tuning_step(net, x, batch, cfg, list(range(nm)), [], order, w, d)
+
+    def one_backward():
+        net.zero_grad(set_to_none=True)
+        feats, anchor, total = [], None, 0.0
+        for i in order:
+            u = T.single(x, i)
+            xh, skips = T.encode(net, u)
+            feats.append((xh, skips, u))
+            total = total + losses.seg_loss(net.decode(xh, skips, u), batch["regions"]) + losses.invariance_loss(xh, anchor)
+            anchor = losses.update_anchor(anchor, xh)
+        total = total + losses.seg_loss(net.decode(*T.fuse(feats, w)), batch["regions"])
+        total.backward()
+
+    return net, ours if which == "ours" else one_backward
+
+
+def _downstream_peak(which, fs, roi):
+    _downstream_setup(which, fs, roi)[1]()
+
+
+def _downstream_grads(which, fs, roi):
+    net, step = _downstream_setup(which, fs, roi)
+    step()
+    return torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+
+
+def bench_downstream(args):
+    """train_downstream: one tuning step (4 inputs + the fused path, backward) against one
+    backward of the summed objective (same gradients, every decoder graph alive at once), and
+    whole-volume inference of the 15 BraTS subsets in one sliding-window pass (each modality
+    encoded once per window) against 15 separate passes."""
+    import train_downstream as T
+    import model
+
+    fs, roi = (12, (32, 32, 64)) if args.quick else (24, (96, 96, 96))
+    repeats = 2 if args.quick else 3
+    t = {w: median_time(_downstream_setup(w, fs, roi)[1], repeats=repeats) for w in ("ours", "peer")}
+    mem = {w: peak_memory_mb(_downstream_peak, w, fs, roi) for w in ("ours", "peer")}
+    diff = (_downstream_grads("ours", fs, roi) - _downstream_grads("peer", fs, roi)).abs().max().item()
+    print_table(f"tuning step, F={fs}, roi {roi}, 4 inputs + fused path, batch 1 (peer: one backward of the sum)",
+                [{"ours s": t["ours"], "peer s": t["peer"], "time ratio": t["ours"] / t["peer"], "ours MiB": mem["ours"],
+                  "peer MiB": mem["peer"], "mem ratio": mem["ours"] / mem["peer"], "max |grad diff|": diff}],
+                ["ours s", "peer s", "time ratio", "ours MiB", "peer MiB", "mem ratio", "max |grad diff|"])
+
+    torch.manual_seed(0)
+    net = model.PersonalizedSwinUNETR(4, 3, feature_size=fs, roi=roi, prior_heads=_downstream_prior_heads(roi)).eval()
+    meta = {"modalities": ["t1", "t1ce", "t2", "flair"], "roi": list(roi)}
+    image = torch.randn(4, roi[0] + roi[0] // 2, *roi[1:])  # two windows along D at overlap 0.5
+    subsets = [[i for i in range(4) if c >> i & 1] for c in range(1, 16)]
+    t_one = median_time(lambda: T.predict_subsets(net, image, subsets, meta), repeats=1, warmup=0)
+    t_sep = median_time(lambda: [T.predict(net, image, s, meta) for s in subsets], repeats=1, warmup=0)
+    diff = max((a - T.predict(net, image, s, meta)).abs().max().item()
+               for a, s in zip(T.predict_subsets(net, image, subsets, meta), subsets[:3]))
+    print_table(f"15-subset whole-volume inference, F={fs}, volume {tuple(image.shape[1:])}, roi {roi}",
+                [{"one pass s": t_one, "15 passes s": t_sep, "speedup": t_sep / t_one, "max |diff|": diff}],
+                ["one pass s", "15 passes s", "speedup", "max |diff|"])
+
+# >>> # downstream benchmark: Algorithm-2 tuning step vs one summed backward; 15-subset inference in one pass
+
 # ---- end of benchmarks ----
 
 

@@ -1410,8 +1410,8 @@ def _transfer_tables(rows, meta, args, stage, info):
         if pairs:
             stem = stage / f"table9_transfer_{protocol}"
             write_table(transfer_summary_table(sel, pairs), None, stem, tmeta)
-            written.append((f"Table 9 ({protocol} protocol): " + ", ".join(f"{_label(s)}->{_label(t)}" for s, t in pairs),
-                            stem))
+            shown = ", ".join(f"{_label(s)}->{_label(t)}" for s, t in pairs)
+            written.append((f"Table 9 ({protocol} protocol): {shown}", stem))
         keys = [k for k, v in sel[0].items() if isinstance(v, float) and k != "data_range"]
         summary[protocol] = {f"{s}>{t}": {k: _nanmean(r[k] for r in sel if (r["source"], r["target"]) == (s, t))
                                           for k in keys}

@@ -6,7 +6,6 @@ bad input (modality order, a corrupt file) stopping with one line and no output.
 import itertools
 import json
 import shutil
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
