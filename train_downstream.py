@@ -204,7 +204,8 @@ def subset_indices(subset, names):
     idx = [names.index(s) if isinstance(s, str) and s in names else s for s in subset]
     if not idx or any(not isinstance(i, (int, np.integer)) or not 0 <= i < len(names) for i in idx) \
             or len(set(idx)) != len(idx):
-        raise ValueError(f"subset {list(subset)}: expected a non-empty set of the modalities {names} (names or indices)")
+        raise ValueError(f"subset {list(subset)}: expected a non-empty set of the modalities {names} "
+                         "(names or channel indices)")
     return sorted(int(i) for i in idx)
 
 
@@ -475,7 +476,7 @@ def main(argv=None):
     inputs = names_of("inputs", cfg.inputs, names, names)
     if cfg.task == "seg":
         if not spec.regions or spec.label_kind is None:
-            raise SystemExit(f"{spec.root}: --task seg needs labelled cases (found layout {spec.layout} without labels)")
+            raise SystemExit(f"{spec.root}: --task seg needs labelled cases (layout {spec.layout} has no labels)")
         targets, outputs = [], list(spec.regions)
     else:
         targets = names_of("targets", cfg.targets, names, names)
@@ -585,8 +586,8 @@ def main(argv=None):
         lr = optim.param_groups[0]["lr"]
         sched.step()
         step += 1
-        jlog.write(step=step, loss=loss, **terms, lr=lr, data_wait_s=round(wait, 4), step_s=round(timer.lap() + wait, 4),
-                   skipped=skipped)
+        jlog.write(step=step, loss=loss, **terms, lr=lr, data_wait_s=round(wait, 4),
+                   step_s=round(timer.lap() + wait, 4), skipped=skipped)
         bar.update(1)
         bar.set_postfix({"loss": f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in terms.items()}})
         if step == cfg.max_steps or (cfg.val_every and step % cfg.val_every == 0):
