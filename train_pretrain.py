@@ -110,8 +110,8 @@ def modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, n_classes):
         pos = torch.stack([data.augment(u[j], gens[j]) for j in range(b)])
         neg = per_sample(data.phi, u, k_neg, cfg.phi)
         neg = torch.stack([data.augment(neg[j], gens[j]) for j in range(b)])
-        with torch.set_grad_enabled(cfg.grad_views):
-            e_pos, e_neg = net.embed(net.encode(pos)[0]), net.embed(net.encode(neg)[0])
+        with torch.set_grad_enabled(cfg.grad_views):  # both views in one batch (all norms are per sample)
+            e_pos, e_neg = net.embed(net.encode(torch.cat([pos, neg]))[0]).chunk(2)
         e = net.embed(z)
         others, offset = losses.gather_with_grad(e)
         terms["contr"] = losses.info_nce(e, e_pos, e_neg, others, offset, cfg.tau)
