@@ -30,9 +30,10 @@ def stage(title):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--pretrain-steps", type=int, default=40)
-    ap.add_argument("--seg-steps", type=int, default=60)
-    ap.add_argument("--transfer-steps", type=int, default=40)
+    ap.add_argument("--pretrain-steps", type=int, default=20)
+    ap.add_argument("--seg-steps", type=int, default=30)
+    ap.add_argument("--transfer-steps", type=int, default=20)
+    ap.add_argument("--eval-overlap", type=float, default=0.25, help="sliding-window overlap of the evaluation")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -58,12 +59,14 @@ def main(argv=None):
     t = stage("3/5 segmentation tuning from the pre-trained weights")
     train_downstream.main(common + ["--task", "seg", "--init", f"ours:{ckpt}", "--out", str(out / "seg"),
                                     "--max-steps", str(args.seg_steps), "--val-every", "0", "--lr", "5e-4",
+                                    "--overlap", str(args.eval_overlap),
                                     "--fg-fraction", "0.7"])
     times["seg"] = time.perf_counter() - t
 
     t = stage("4/5 transfer tuning (any modality -> all) from the pre-trained weights")
     train_downstream.main(common + ["--task", "transfer", "--init", f"ours:{ckpt}", "--out", str(out / "transfer"),
-                                    "--max-steps", str(args.transfer_steps), "--val-every", "0", "--lr", "5e-4"])
+                                    "--max-steps", str(args.transfer_steps), "--val-every", "0", "--lr", "5e-4",
+                                    "--overlap", str(args.eval_overlap)])
     times["transfer"] = time.perf_counter() - t
 
     import evaluate
@@ -73,7 +76,7 @@ def main(argv=None):
         run = out / task
         best = run / "best.pt" if (run / "best.pt").exists() else run / "last.pt"
         evaluate.main(["--ckpt", str(best), "--data", "demo", "--task", task, "--out", str(out / f"eval-{task}"),
-                       "--figures", "2"])
+                       "--figures", "2", "--overlap", str(args.eval_overlap)])
     times["evaluate"] = time.perf_counter() - t
     print("\nstage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
           + f"; total {sum(times.values()):.0f}", file=sys.stderr)
