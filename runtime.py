@@ -19,6 +19,35 @@ import torch.distributed as dist
 # ---- configuration ---------------------------------------------------------------------------
 
 
+def opt(default, help):
+    """A config field with its --help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Options both training scripts share (each script's Config adds its own)."""
+    max_steps: int = opt(1000, "optimizer steps (one per person-batch)")
+    batch_size: int = opt(1, "persons per rank per step")
+    lr: float = opt(2e-4, "AdamW learning rate")
+    weight_decay: float = opt(1e-5, "AdamW weight decay")
+    adam_eps: float = opt(1e-8, "AdamW epsilon")
+    warmup: int = opt(0, "linear warm-up steps")
+    cosine: bool = opt(False, "cosine decay to 0 at --max-steps after the warm-up")
+    clip: float = opt(1.0, "gradient norm clipping (0 = off)")
+    seed: int = opt(0, "seed of the split, crops, transforms and initialisation")
+    resume: str = opt("", "'auto' continues from OUT/last.pt when present; or a checkpoint path")
+    save_every: int = opt(100, "write OUT/last.pt every N steps (and at the end)")
+    workers: int = opt(2, "DataLoader workers per rank")
+    max_nonfinite: int = opt(5, "stop after this many non-finite steps in a row")
+    attn_backend: str = opt("auto", "attention: naive | sdpa | triton | auto (triton on CUDA, else sdpa)")
+    checkpointing: bool = opt(False, "activation checkpointing (less memory, ~30%% more time)")
+    amp: bool = opt(True, "bf16 autocast on GPU (CPU always runs fp32)")
+    cache: str = opt("", "preprocessed-data cache folder (default: .cache/data beside data.py)")
+    device: str = opt("auto", "auto | cuda | cpu")
+
+
+
 def parse_config(cls, argv=None, description=None):
     """argparse built from a config dataclass: every field is a --flag (underscores -> dashes);
     field metadata 'help' documents it."""
@@ -206,10 +235,6 @@ def load_checkpoint(path):
         raise SystemExit(f"{path}: checkpoint not found") from None
     except Exception as e:  # noqa: BLE001 - corrupt files raise many types
         raise SystemExit(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
-
-
-def unwrap(model):
-    return model.module if hasattr(model, "module") else model
 
 
 def average_gradients(model, d):

@@ -25,7 +25,7 @@ predict_subsets(model, image, subsets, meta) (e.g. the 15 subsets of BraTS in on
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,53 +52,31 @@ STAGE1_HEADS = ("equ_head.", "proj_head.")  # F_equ and g: loaded, but not used 
 DOMAIN_GAP = ("modalities", "normalisation", "spacing", "layout", "label_kind", "regions")
 
 
-def opt(default, help):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
-class Config:
-    data: str = opt("demo", "dataset folder, datalist JSON, 'demo' (BraTS-layout MRI) or 'demo-petct'")
-    out: str = opt("runs/downstream", "folder for checkpoints, log, validation results and figures")
-    task: str = opt("seg", "seg (sigmoid regions: BraTS TC,WT,ET; AutoPET lesion) or transfer (modality synthesis)")
-    init: str = opt("scratch", "scratch | ours:CKPT (stage-1 checkpoint) | ssl:PATH (Tang et al. model_swinvit.pt)")
-    arch: str = opt("full", "full (personalized bottleneck; the prior as the stage-1 checkpoint has it) or swinunetr")
-    modalities: str = opt("", "the |M| channels, in order (default: the stage-1 checkpoint's, else all of the data)")
-    inputs: str = opt("", "modalities available as inputs in training and validation (default: all of --modalities)")
-    targets: str = opt("", "transfer: modalities to synthesise (default: all of --modalities)")
-    new_decoder: bool = opt(False, "keep E, O, Attn, T, Fuse of --init ours, draw D anew (supplementary F.4: "
+class Config(R.TrainConfig):
+    data: str = R.opt("demo", "dataset folder, datalist JSON, 'demo' (BraTS-layout MRI) or 'demo-petct'")
+    out: str = R.opt("runs/downstream", "folder for checkpoints, log, validation results and figures")
+    task: str = R.opt("seg", "seg (sigmoid regions: BraTS TC,WT,ET; AutoPET lesion) or transfer (modality synthesis)")
+    init: str = R.opt("scratch", "scratch | ours:CKPT (stage-1 checkpoint) | ssl:PATH (Tang et al. model_swinvit.pt)")
+    arch: str = R.opt("full", "full (personalized bottleneck; the prior as the stage-1 checkpoint has it) or swinunetr")
+    modalities: str = R.opt("", "the |M| channels, in order (default: the stage-1 checkpoint's, else all of the data)")
+    inputs: str = R.opt("", "modalities available as inputs in training and validation (default: all of --modalities)")
+    targets: str = R.opt("", "transfer: modalities to synthesise (default: all of --modalities)")
+    new_decoder: bool = R.opt(False, "keep E, O, Attn, T, Fuse of --init ours, draw D anew (supplementary F.4: "
                                    "another domain with the same number of channels)")
-    patch_embed: str = opt("tile", "--init ssl: adapt the 1-channel patch embedding by 'tile' or 'reinit'")
-    max_steps: int = opt(1000, "optimizer steps (one per person-batch)")
-    batch_size: int = opt(1, "persons per rank per step")
-    roi: str = opt("", "crop and window size, one side or D,H,W, multiples of 32 (default: the checkpoint's, else 96)")
-    feature_size: int = opt(0, "Swin feature size F (default: the checkpoint's, else 48)")
-    prior_heads: int = opt(0, "heads of the prior attention (default: the checkpoint's, else 3)")
-    lr: float = opt(2e-4, "AdamW learning rate")
-    weight_decay: float = opt(1e-5, "AdamW weight decay")
-    adam_eps: float = opt(1e-8, "AdamW epsilon")
-    warmup: int = opt(0, "linear warm-up steps")
-    cosine: bool = opt(False, "cosine decay to 0 at --max-steps after the warm-up")
-    clip: float = opt(1.0, "gradient norm clipping (0 = off)")
-    w_inv: float = opt(1.0, "weight of L_inv (0 for the baselines of Table 8)")
-    w_fused: float = opt(1.0, "weight of L_ori of the fused random-subset path")
-    w_fg: float = opt(10.0, "transfer: foreground weight inside L_decom")
-    fg_fraction: float = opt(0.5, "fraction of crops centred on the tumour / lesion")
-    val_fraction: float = opt(0.2, "fraction of cases held out for validation (when no split is inherited)")
-    test_fraction: float = opt(0.2, "fraction of cases held out for testing (when no split is inherited)")
-    seed: int = opt(0, "seed of the split, crops, subsets and initialisation")
-    val_every: int = opt(100, "score the val split every N steps (and at the end; 0 = only at the end)")
-    overlap: float = opt(0.5, "sliding-window overlap in validation")
-    sw_batch_size: int = opt(4, "windows per forward in validation")
-    resume: str = opt("", "'auto' continues from OUT/last.pt when present; or a checkpoint path")
-    save_every: int = opt(100, "write OUT/last.pt every N steps (and at the end)")
-    workers: int = opt(2, "DataLoader workers per rank")
-    max_nonfinite: int = opt(5, "stop after this many non-finite steps in a row")
-    attn_backend: str = opt("auto", "attention: naive | sdpa | triton | auto (triton on CUDA, else sdpa)")
-    checkpointing: bool = opt(False, "activation checkpointing (less memory, ~30%% more time)")
-    amp: bool = opt(True, "bf16 autocast on GPU (CPU always runs fp32)")
-    cache: str = opt("", "preprocessed-data cache folder (default: .cache/data beside data.py)")
-    device: str = opt("auto", "auto | cuda | cpu")
+    patch_embed: str = R.opt("tile", "--init ssl: adapt the 1-channel patch embedding by 'tile' or 'reinit'")
+    roi: str = R.opt("", "crop and window size, one side or D,H,W, multiples of 32 (default: the checkpoint's, else 96)")
+    feature_size: int = R.opt(0, "Swin feature size F (default: the checkpoint's, else 48)")
+    prior_heads: int = R.opt(0, "heads of the prior attention (default: the checkpoint's, else 3)")
+    w_inv: float = R.opt(1.0, "weight of L_inv (0 for the baselines of Table 8)")
+    w_fused: float = R.opt(1.0, "weight of L_ori of the fused random-subset path")
+    w_fg: float = R.opt(10.0, "transfer: foreground weight inside L_decom")
+    fg_fraction: float = R.opt(0.5, "fraction of crops centred on the tumour / lesion")
+    val_fraction: float = R.opt(0.2, "fraction of cases held out for validation (when no split is inherited)")
+    test_fraction: float = R.opt(0.2, "fraction of cases held out for testing (when no split is inherited)")
+    val_every: int = R.opt(100, "score the val split every N steps (and at the end; 0 = only at the end)")
+    overlap: float = R.opt(0.5, "sliding-window overlap in validation")
+    sw_batch_size: int = R.opt(4, "windows per forward in validation")
 
 
 # ---- the fused path (training and inference) -------------------------------------------------

@@ -10,7 +10,7 @@ compute L_contr, L_equ on z, the personalized X_h^i' (prior), L_inv against the 
 anchor, decode all |M| modalities and undo phi^i for L_decom. backward() per modality; one
 optimizer step per person-batch.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,49 +36,27 @@ PRESETS["full"] = PRESETS["6"]
 TERMS = ("contr", "equ", "inv", "decom")
 
 
-def opt(default, help):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
-class Config:
-    data: str = opt("demo", "dataset folder, datalist JSON, 'demo' (BraTS-layout MRI) or 'demo-petct'")
-    out: str = opt("runs/pretrain", "folder for checkpoints, log and figures")
-    modalities: str = opt("", "comma-separated subset and order of modalities (default: all of the data set)")
-    preset: str = opt("full", "constraint set: 1..6 (Table 7), full (= 6) or swinunetr (plain, L_decom only)")
-    max_steps: int = opt(1000, "optimizer steps (one per person-batch)")
-    batch_size: int = opt(1, "persons per rank per step")
-    roi: str = opt("96", "crop size, one side or D,H,W, multiples of 32")
-    feature_size: int = opt(48, "Swin feature size F (multiple of 12)")
-    prior_heads: int = opt(3, "heads of the prior attention (must divide (roi/32)^3)")
-    phi: str = opt("rot90", "geometric transforms: rot90 (4 classes in one plane) or cube (24 rotations)")
-    lr: float = opt(2e-4, "AdamW learning rate")
-    weight_decay: float = opt(1e-5, "AdamW weight decay")
-    adam_eps: float = opt(1e-8, "AdamW epsilon")
-    warmup: int = opt(0, "linear warm-up steps")
-    cosine: bool = opt(False, "cosine decay to 0 at --max-steps after the warm-up")
-    clip: float = opt(1.0, "gradient norm clipping (0 = off)")
-    w_contr: float = opt(1.0, "weight of L_contr")
-    w_equ: float = opt(1.0, "weight of L_equ")
-    w_inv: float = opt(1.0, "weight of L_inv")
-    w_decom: float = opt(1.0, "weight of L_decom")
-    w_fg: float = opt(10.0, "foreground weight inside L_decom")
-    tau: float = opt(0.1, "InfoNCE temperature")
-    grad_views: bool = opt(False, "back-propagate through the encodings of the positive and negative views")
-    fg_fraction: float = opt(0.5, "fraction of crops centred on the foreground / lesion")
-    val_fraction: float = opt(0.2, "fraction of cases held out for validation (split file in --out)")
-    test_fraction: float = opt(0.2, "fraction of cases held out for testing")
-    seed: int = opt(0, "seed of the split, crops, transforms and initialisation")
-    resume: str = opt("", "'auto' continues from OUT/last.pt when present; or a checkpoint path")
-    save_every: int = opt(100, "write OUT/last.pt every N steps (and at the end)")
-    workers: int = opt(2, "DataLoader workers per rank")
-    max_nonfinite: int = opt(5, "stop after this many non-finite steps in a row")
-    attn_backend: str = opt("auto", "attention: naive | sdpa | triton | auto (triton on CUDA, else sdpa)")
-    checkpointing: bool = opt(False, "activation checkpointing (less memory, ~30%% more time)")
-    compile: bool = opt(False, "torch.compile the encoder and decoder blocks")
-    amp: bool = opt(True, "bf16 autocast on GPU (CPU always runs fp32)")
-    cache: str = opt("", "preprocessed-data cache folder (default: .cache/data beside data.py)")
-    device: str = opt("auto", "auto | cuda | cpu")
+class Config(R.TrainConfig):
+    data: str = R.opt("demo", "dataset folder, datalist JSON, 'demo' (BraTS-layout MRI) or 'demo-petct'")
+    out: str = R.opt("runs/pretrain", "folder for checkpoints, log and figures")
+    modalities: str = R.opt("", "comma-separated subset and order of modalities (default: all of the data set)")
+    preset: str = R.opt("full", "constraint set: 1..6 (Table 7), full (= 6) or swinunetr (plain, L_decom only)")
+    roi: str = R.opt("96", "crop size, one side or D,H,W, multiples of 32")
+    feature_size: int = R.opt(48, "Swin feature size F (multiple of 12)")
+    prior_heads: int = R.opt(3, "heads of the prior attention (must divide (roi/32)^3)")
+    phi: str = R.opt("rot90", "geometric transforms: rot90 (4 classes in one plane) or cube (24 rotations)")
+    w_contr: float = R.opt(1.0, "weight of L_contr")
+    w_equ: float = R.opt(1.0, "weight of L_equ")
+    w_inv: float = R.opt(1.0, "weight of L_inv")
+    w_decom: float = R.opt(1.0, "weight of L_decom")
+    w_fg: float = R.opt(10.0, "foreground weight inside L_decom")
+    tau: float = R.opt(0.1, "InfoNCE temperature")
+    grad_views: bool = R.opt(False, "back-propagate through the encodings of the positive and negative views")
+    fg_fraction: float = R.opt(0.5, "fraction of crops centred on the foreground / lesion")
+    val_fraction: float = R.opt(0.2, "fraction of cases held out for validation (split file in --out)")
+    test_fraction: float = R.opt(0.2, "fraction of cases held out for testing")
+    compile: bool = R.opt(False, "torch.compile the encoder and decoder blocks")
 
 
 def build_model(arch):
