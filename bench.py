@@ -77,7 +77,6 @@ def print_table(title, rows, columns):
 
 # ---- benchmarks (bench_<name>(args) functions) ----
 
-# <<< def _model_pair(fs, size, in_ch=4, out_ch=3):
 def _model_pair(fs, size, in_ch=4, out_ch=3):
     from monai.networks.nets import SwinUNETR as MonaiSwinUNETR
 
@@ -136,9 +135,7 @@ def bench_model(args):
     print_table("model: ours vs MONAI SwinUNETR (median of runs; ratio = ours / monai)", rows,
                 ["config", "phase", "ours s", "monai s", "time ratio", "ours MiB", "monai MiB", "mem ratio"])
 
-# >>> def _model_pair(fs, size, in_ch=4, out_ch=3):
 
-# <<< def bench_kernels(args):
 def bench_kernels(args):
     """Fused Triton window attention vs PyTorch SDPA with the bias as attn_mask (memory-efficient
     backend) and the naive MONAI-style attention, at the Swin stage shapes of 96^3 and 128^3
@@ -255,9 +252,7 @@ def _kernels_train_step(backend, size, steps):
     except Exception as e:  # noqa: BLE001 - the parent waits for a number: report, do not die
         print(f"train step with attn_backend={backend} failed ({type(e).__name__}: {e}); its peak below is partial")
 
-# >>> def bench_kernels(args):
 
-# <<< def bench_data(args):
 def bench_data(args):
     """Load + preprocess N BraTS-sized cases (4 x 240x240x155 int16 .nii.gz + seg): ours cold
     (gzip, preprocess, cache write), ours warm (memory-mapped cache, arrays copied into memory)
@@ -345,9 +340,7 @@ def bench_data(args):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-# >>> def bench_data(args):
 
-# <<< # metrics benchmark: 3-D SSIM vs scikit-image, HD95 vs MONAI, 18-connected components vs scipy
 # metrics benchmark: 3-D SSIM vs scikit-image, HD95 vs MONAI, 18-connected components vs scipy
 def _metrics_ssim_ours(a, b, data_range):
     import evaluate
@@ -427,9 +420,7 @@ def bench_metrics(args):
     print_table(f"metrics on a {shape[0]}x{shape[1]}x{shape[2]} volume (seconds; abs_diff vs the peer's value)",
                 rows, ["metric", "ours_s", "peer", "peer_s", "ratio", "speedup", "abs_diff"])
 
-# >>> # metrics benchmark: 3-D SSIM vs scikit-image, HD95 vs MONAI, 18-connected components vs scipy
 
-# <<< def _reference_ssl_head(nm, fs, roi):
 def _reference_ssl_head(nm, fs, roi):
     """The reference code's SSLHead re-created on MONAI modules: MONAI SwinTransformer encoder,
     static prior, nn.MultiheadAttention over the flattened grid, two 3x3x3 convs, a fuse conv over
@@ -551,9 +542,7 @@ def bench_pretrain(args):
                   "ours MiB": mem["ours"], "reference MiB": mem["reference"], "mem ratio": mem["ours"] / mem["reference"]}],
                 ["ours s", "reference s", "time ratio", "ours MiB", "reference MiB", "mem ratio"])
 
-# >>> def _reference_ssl_head(nm, fs, roi):
 
-# <<< # downstream benchmark: Algorithm-2 tuning step vs one summed backward; 15-subset inference in one pass
 # downstream benchmark: Algorithm-2 tuning step vs one summed backward; 15-subset inference in one pass
 def _downstream_prior_heads(roi):
     g = (roi[0] // 32) * (roi[1] // 32) * (roi[2] // 32)
@@ -637,7 +626,6 @@ def bench_downstream(args):
                 [{"one pass s": t_one, "15 passes s": t_sep, "speedup": t_sep / t_one, "max |diff|": diff}],
                 ["one pass s", "15 passes s", "speedup", "max |diff|"])
 
-# >>> # downstream benchmark: Algorithm-2 tuning step vs one summed backward; 15-subset inference in one pass
 
 # ---- end of benchmarks ----
 
