@@ -352,6 +352,24 @@ class NonFiniteGuard:
         return bad
 
 
+def optimizer_step(net, params, optim, sched, guard, clip, d, loss, terms):
+    """The end of every training step of both scripts: average the gradients over ranks, skip
+    the step when any rank saw a non-finite value, else clip and step; advance the scheduler.
+    Returns (loss, terms, skipped, lr) with loss and terms averaged over ranks for the log."""
+    average_gradients(net, d)
+    loss, terms = mean_over_ranks([loss, terms], d)  # the log shows the global batch
+    skipped = guard.should_skip(loss, net)
+    if skipped:
+        optim.zero_grad(set_to_none=True)
+    else:
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optim.step()
+    lr = optim.param_groups[0]["lr"]
+    sched.step()
+    return loss, terms, skipped, lr
+
+
 def autocast(d, enabled=True):
     """bf16 autocast on GPU, plain fp32 on CPU."""
     if d.device.type == "cuda" and enabled:

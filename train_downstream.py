@@ -552,17 +552,8 @@ def main(argv=None):
         order, w = step_randomness(cfg.seed, step, d.rank * x.shape[0], x.shape[0], len(inputs))
         optim.zero_grad(set_to_none=True)
         terms = tuning_step(net, x, batch, cfg, input_idx, target_idx, order, w.to(d.device), d)
-        R.average_gradients(net, d)
-        loss, terms = R.mean_over_ranks([terms.pop("loss"), terms], d)  # the log shows the global batch
-        skipped = guard.should_skip(loss, net)
-        if skipped:
-            optim.zero_grad(set_to_none=True)
-        else:
-            if cfg.clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-            optim.step()
-        lr = optim.param_groups[0]["lr"]
-        sched.step()
+        loss = terms.pop("loss")
+        loss, terms, skipped, lr = R.optimizer_step(net, params, optim, sched, guard, cfg.clip, d, loss, terms)
         step += 1
         jlog.write(step=step, loss=loss, **terms, lr=lr, data_wait_s=round(wait, 4),
                    step_s=round(timer.lap() + wait, 4), skipped=skipped)

@@ -189,17 +189,7 @@ def main(argv=None):
             total += loss.item() / nm
             for t, v in terms.items():
                 sums[t] += v.item() / nm
-        R.average_gradients(net, d)
-        total, sums = R.mean_over_ranks([total, sums], d)  # the log shows the global batch
-        skipped = guard.should_skip(total, net)
-        if skipped:
-            optim.zero_grad(set_to_none=True)
-        else:
-            if cfg.clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-            optim.step()
-        lr = optim.param_groups[0]["lr"]
-        sched.step()
+        total, sums, skipped, lr = R.optimizer_step(net, params, optim, sched, guard, cfg.clip, d, total, sums)
         step += 1
         jlog.write(step=step, loss=total, **sums, lr=lr, data_wait_s=round(wait, 4),
                    step_s=round(timer.lap() + wait, 4), skipped=skipped)
