@@ -72,6 +72,8 @@ class Config(R.TrainConfig):
     w_fused: float = R.opt(1.0, "weight of L_ori of the fused random-subset path")
     w_fg: float = R.opt(10.0, "transfer: foreground weight inside L_decom")
     fg_fraction: float = R.opt(0.5, "fraction of crops centred on the tumour / lesion")
+    head_prior: float = R.opt(0.01, "seg: probability a new output layer starts with (bias = logit p, the "
+                                    "prior-probability init of RetinaNet; 0.5 = bias 0)")
     val_fraction: float = R.opt(0.2, "fraction of cases held out for validation (when no split is inherited)")
     test_fraction: float = R.opt(0.2, "fraction of cases held out for testing (when no split is inherited)")
     val_every: int = R.opt(100, "score the val split every N steps (and at the end; 0 = only at the end)")
@@ -329,6 +331,16 @@ def load_stage1(net, ck, task, targets, new_decoder=False, log=print):
     return {"loaded": loaded, "skipped": skipped, "missing": [k for k in own if k not in loaded]}
 
 
+def init_head_prior(net, p):
+    """Bias of a new segmentation output layer := logit(p). Tumour voxels are ~1% of a crop:
+    starting every voxel at 50% spends the first hundreds of steps pushing the background
+    down; starting near the prior makes the Dice term's gradient useful from step 1."""
+    if not 0 < p < 1:
+        raise SystemExit(f"--head-prior {p}: a probability strictly between 0 and 1")
+    with torch.no_grad():
+        net.out.conv.conv.bias.fill_(math.log(p / (1 - p)))
+
+
 def parse_init(init):
     kind, _, path = init.partition(":")
     if kind not in ("scratch", "ours", "ssl") or (kind == "scratch") != (path == ""):
@@ -477,6 +489,8 @@ def main(argv=None):
         report = {"loaded": r["matched"], "skipped": r["skipped"], "missing": r["missing"]}
     else:
         report = {"loaded": [], "skipped": [], "missing": list(net.state_dict())}
+    if cfg.task == "seg" and "out.conv.conv.bias" in report["missing"]:
+        init_head_prior(net, cfg.head_prior)
     if d.main:
         write_json(out / "init.json", {"init": cfg.init, **report})
     if isinstance(net, M.PersonalizedSwinUNETR):
