@@ -1,9 +1,10 @@
-# Two entry points: `make demo` and `make test`. Both create .venv and install the pinned
+# Entry points: `make demo`, `make test` and `make study` (the comparisons; about an hour on
+# 2 CPU cores). Both create .venv and install the pinned
 # requirements first (idempotent: a second run reuses the environment).
 PY := .venv/bin/python
 export TORCH_NUM_THREADS ?=
 
-.PHONY: demo test venv clean
+.PHONY: demo test study venv clean
 
 .venv/.installed: requirements.txt requirements-test.txt
 	python3 -m venv .venv
@@ -17,6 +18,9 @@ venv: .venv/.installed
 
 demo: venv
 	$(PY) demo.py
+
+study: venv
+	$(PY) study.py --readme README.md
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -1304,6 +1304,7 @@ def _transfer_case(T, data, net, vol, meta, args, dev, stage, figures):
     rows = []
     for s, pred in zip(sources, preds):
         pred = pred.float().cpu().numpy()  # (T, D, H, W) on the preprocessed grid
+        source = _to(data.restore(vol.image[names.index(s)], rec, data.pad_value(s)), dev)
         for k, t in enumerate(targets):
             p = data.restore(pred[k], rec, data.pad_value(t))
             if args.save_nifti:
@@ -1311,6 +1312,9 @@ def _transfer_case(T, data, net, vol, meta, args, dev, stage, figures):
             p = _to(p, dev)
             for protocol in args.protocol:
                 m = transfer_metrics(p, truth[t], fg, protocol, tumour if protocol == "brasyn" else None)
+                # identity baseline: the normalised source itself as the prediction of the target
+                base = transfer_metrics(source, truth[t], fg, protocol, tumour if protocol == "brasyn" else None)
+                m.update({f"identity_{key}": base[key] for key in ("psnr", "nmse", "ssim")})
                 rows.append({"case": vol.id, "source": s, "target": t, **m})
         if figures:
             figure_transfer(stage / "figures" / f"{vol.id}_from_{s}.png", vol.image[names.index(s)], pred,

@@ -76,7 +76,8 @@ class Config(R.TrainConfig):
                                     "prior-probability init of RetinaNet; 0.5 = bias 0)")
     val_fraction: float = R.opt(0.2, "fraction of cases held out for validation (when no split is inherited)")
     test_fraction: float = R.opt(0.2, "fraction of cases held out for testing (when no split is inherited)")
-    val_every: int = R.opt(100, "score the val split every N steps (and at the end; 0 = only at the end)")
+    val_every: int = R.opt(100, "score the val split every N steps and at the end (0: only at the end; -1: never, "
+                                "no best.pt)")
     overlap: float = R.opt(0.5, "sliding-window overlap in validation")
     sw_batch_size: int = R.opt(4, "windows per forward in validation")
 
@@ -528,7 +529,7 @@ def main(argv=None):
 
     def validate_and_keep_best(step):
         nonlocal best
-        if not split["val"]:
+        if not split["val"] or cfg.val_every < 0:
             return {}
         cases, summary = validate(net, spec, split["val"], task, d, cfg.overlap, cfg.sw_batch_size, cfg.amp, cache)
         score = summary[main_metric] if not math.isnan(summary[main_metric]) else -math.inf
@@ -573,7 +574,7 @@ def main(argv=None):
                    step_s=round(timer.lap() + wait, 4), skipped=skipped)
         bar.update(1)
         bar.set_postfix({"loss": f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in terms.items()}})
-        if step == cfg.max_steps or (cfg.val_every and step % cfg.val_every == 0):
+        if step == cfg.max_steps or (cfg.val_every > 0 and step % cfg.val_every == 0):
             summary = validate_and_keep_best(step)
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             save_last(step, summary)
