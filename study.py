@@ -65,6 +65,7 @@ def transfer_rows(method, res):
         row = {"method": method, "source": s.upper()}
         for t in MODS:
             row[t.upper()] = f"{pairs[t]['psnr']:.2f} / {pairs[t]['ssim']:.3f}" if t in pairs else "-"
+        pairs.pop(s, None)  # means over the other targets (the identity baseline is exact on its own)
         row["mean PSNR (strict)"] = sum(p["psnr"] for p in pairs.values()) / len(pairs)
         row["mean PSNR (reference)"] = sum(ref[f"{s}>{t}"]["psnr"] for t in pairs) / len(pairs)
         row["mean SSIM (reference)"] = sum(ref[f"{s}>{t}"]["ssim"] for t in pairs) / len(pairs)
@@ -76,11 +77,12 @@ def identity_rows(res):
     strict, ref = res["summary"]["strict"], res["summary"]["reference"]
     rows = []
     for s in MODS:
-        keys = [f"{s}>{t}" for t in MODS if f"{s}>{t}" in strict]
+        keys = [f"{s}>{t}" for t in MODS if f"{s}>{t}" in strict and t != s]
         row = {"method": "identity (source as prediction)", "source": s.upper()}
         for t in MODS:
             k = f"{s}>{t}"
-            row[t.upper()] = f"{strict[k]['identity_psnr']:.2f} / {strict[k]['identity_ssim']:.3f}" if k in strict else "-"
+            row[t.upper()] = f"{strict[k]['identity_psnr']:.2f} / {strict[k]['identity_ssim']:.3f}" \
+                if k in keys else "-"
         row["mean PSNR (strict)"] = sum(strict[k]["identity_psnr"] for k in keys) / len(keys)
         row["mean PSNR (reference)"] = sum(ref[k]["identity_psnr"] for k in keys) / len(keys)
         row["mean SSIM (reference)"] = sum(ref[k]["identity_ssim"] for k in keys) / len(keys)

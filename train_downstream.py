@@ -557,7 +557,8 @@ def main(argv=None):
     step, summary = start, {}
     if start >= cfg.max_steps:  # nothing left to train: score the weights as they are
         summary = validate_and_keep_best(step)
-        save_last(step, summary)
+        if summary or ck_path is None:  # a finished run stays untouched (evaluations newer than it are reused)
+            save_last(step, summary)
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not d.main, desc=f"tune {cfg.task}", dynamic_ncols=True)
     timer = R.Timer()
     for batch in loader:

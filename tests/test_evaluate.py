@@ -213,6 +213,12 @@ def test_transfer_tables_and_metrics_recomputed_from_written_nifti(setup, tmp_pa
             pv, gv = p[fg], g[fg]  # strict: foreground voxels only
             rng = max(np.ptp(pv), np.ptp(gv))
             assert got["strict"]["psnr"] == pytest.approx(peak_signal_noise_ratio(gv, pv, data_range=rng), abs=1e-4)
+            x = raw[s].copy()  # identity baseline: the z-scored source as the prediction
+            x[x != 0] = (x[x != 0] - x[x != 0].mean()) / x[x != 0].std()
+            xv = x[fg]
+            rng = max(np.ptp(xv), np.ptp(gv))
+            want = peak_signal_noise_ratio(gv, xv, data_range=rng) if s != t else "inf"  # JSON spells inf so
+            assert got["strict"]["identity_psnr"] == pytest.approx(want, abs=1e-4)
             assert got["strict"]["nmse"] == pytest.approx(((pv - gv) ** 2).sum() / (gv ** 2).sum(), rel=1e-4)
 
             def clip_scale(x):
