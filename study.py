@@ -245,9 +245,19 @@ def update_readme(path, md, out):
         found = sorted((out / "mri").glob(pattern))
         if found:
             figures[name] = found[0]
+    captions = {"demo_pretrain_curves.png": "Loss curves of the demo pre-training (every term; a reference for "
+                                            "your own runs)",
+                "demo_seg_tuning_curves.png": "Loss curves of the demo segmentation tuning",
+                "demo_transfer.png": "A test person, T1 as the only input: rows = targets; input, generated, truth, "
+                                     "signed difference (red: too bright, blue: too dark) on three mid-slices",
+                "demo_seg.png": "Segmentation from all four modalities on a test person (prediction and truth)",
+                "demo_embedding.png": "PCA of X_h' of the test persons, coloured by modality and person (Figure 9)"}
+    shown = []
     for name, src in figures.items():
         if src.exists():
             shutil.copyfile(src, docs / name)
+            shown += [f"{captions[name]}:", "", f"![{captions[name]}](docs/{name})", ""]
+    md = md + "\n" + "\n".join(shown)
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
     path.write_text(f"{head}{BEGIN}\n{md}\n{END}{tail}")

@@ -584,8 +584,9 @@ def main(argv=None):
     if d.main:
         png = R.plot_log(out / "log.jsonl", out / "loss_curves.png", ["loss", *TERMS, f"val_{main_metric}", "lr"],
                          f"tuning {cfg.task} from {cfg.init}")
-        R.log(f"done: {step} steps; best val {main_metric} {best:.4f}; checkpoints {out / 'last.pt'}, "
-              f"{out / 'best.pt'}; log {out / 'log.jsonl'}, curves {png}"
+        kept = f"best val {main_metric} {best:.4f}; checkpoints {out / 'last.pt'}, {out / 'best.pt'}" \
+            if math.isfinite(best) else f"no validation; checkpoint {out / 'last.pt'}"
+        R.log(f"done: {step} steps; {kept}; log {out / 'log.jsonl'}, curves {png}"
               f"{f', {guard.total} non-finite steps skipped' if guard.total else ''}", d)
     R.cleanup_distributed()
     return {"last": out / "last.pt", "best": out / "best.pt" if math.isfinite(best) else None, "init": report,
