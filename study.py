@@ -135,7 +135,7 @@ def main(argv=None):
     # 1. ours on MRI: the demo pipeline
     ours = demo.main(["--out", str(out / "mri"), "--pretrain-steps", str(args.pretrain_steps), "--seg-steps",
                       str(args.seg_steps), "--transfer-steps", str(args.transfer_steps), "--eval-overlap",
-                      str(args.eval_overlap), "--seed", str(seed)])
+                      str(args.eval_overlap), "--seed", str(seed), "--seg-subsets", "all"])
     mri = out / "mri"
     # 2. the SwinUNETR baseline for transfer
     demo.stage("study: SwinUNETR baseline (L_decom only), transfer")
