@@ -47,30 +47,36 @@ def _resolve_backend(backend, device):
 
 
 class _BiasedAttention(torch.autograd.Function):
-    """softmax(q k^T * scale + bias) v with a bias shared by the batch of windows, computed with
-    in-place bias addition and a hand-written backward that keeps only the probabilities:
-    the CPU path (no materialised (b, heads, n, n) bias copy, no extra softmax guards)."""
+    """softmax(q k^T * scale + bias) v for a batch of windows sharing a bias, the CPU path:
+    PyTorch's fused CPU attention kernel forward (the logits are never materialised; it also
+    returns the log-sum-exp of every row), and a backward that recomputes the probabilities from
+    the log-sum-exp. Saves q, k, v, out and one value per row instead of a (b, heads, n, n)
+    probability tensor per block (1 GiB per stage-1 block pair at 96^3, F=48)."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias, scale):
-        # q, k, v: (B, nw, heads, n, d); bias: (nw or 1, heads, n, n)
-        s = torch.matmul(q, k.transpose(-2, -1)).mul_(scale).add_(bias)
-        p = torch.softmax(s, -1)
-        del s
-        ctx.save_for_backward(q, k, v, p)
-        ctx.scale, ctx.bias_shape = scale, bias.shape
-        return torch.matmul(p, v)
+        # q, k, v: (B, nw, heads, n, d); bias: (nw or 1, heads, n, n). Windows and heads share one
+        # axis so the bias broadcasts over the batch.
+        B, nw, heads, n, d = q.shape
+        flat = lambda t: t.reshape(B, nw * heads, n, d)
+        mask = bias.expand(nw, -1, -1, -1).reshape(1, nw * heads, n, n)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            flat(q), flat(k), flat(v), 0.0, False, attn_mask=mask, scale=scale)
+        out, lse = out.view(B, nw, heads, n, d), lse.view(B, nw, heads, n, 1)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.scale = scale
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, p = ctx.saved_tensors
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        p = torch.matmul(q, k.transpose(-2, -1)).mul_(ctx.scale).add_(bias).sub_(lse.to(q.dtype)).exp_()
         dv = torch.matmul(p.transpose(-2, -1), grad)
-        ds = torch._softmax_backward_data(torch.matmul(grad, v.transpose(-2, -1)), p, -1, p.dtype)
-        dbias = ds.sum(0) if ctx.bias_shape[0] == ds.shape[1] else ds.sum((0, 1))[None]
+        ds = torch.matmul(grad, v.transpose(-2, -1)).sub_((grad * out).sum(-1, keepdim=True)).mul_(p)
+        del p
+        dbias = ds.sum(0) if bias.shape[0] == ds.shape[1] else ds.sum((0, 1))[None]
         ds.mul_(ctx.scale)
-        dq = torch.matmul(ds, k)
-        dk = torch.matmul(ds.transpose(-2, -1), q)
-        return dq, dk, dv, dbias, None
+        return torch.matmul(ds, k), torch.matmul(ds.transpose(-2, -1), q), dv, dbias, None
 
 
 def window_attention(qkv, table, index, region=None, backend="sdpa"):
@@ -83,8 +89,9 @@ def window_attention(qkv, table, index, region=None, backend="sdpa"):
     region: (nw, n) int region id of every token of each window (shifted blocks), or None.
             Tokens of different regions get -100 added to their logit (MONAI semantics).
     Returns (b, n, heads * hd).
-    backend: "naive" (MONAI's formulation), "sdpa" (fused CPU path: bias added in place, one
-    saved probability tensor), "triton" (kernels/, CUDA), "auto" (triton on CUDA, else sdpa).
+    backend: "naive" (MONAI's formulation), "sdpa" (PyTorch's fused attention: on CPU with a
+    backward that recomputes the probabilities, on CUDA with the bias as attn_mask), "triton"
+    (kernels/, CUDA), "auto" (triton on CUDA, else sdpa).
     """
     backend = _resolve_backend(backend, qkv.device)
     if backend == "triton":
@@ -99,14 +106,7 @@ def window_attention(qkv, table, index, region=None, backend="sdpa"):
         mask = (region[:, :, None] != region[:, None, :]).to(q.dtype) * -100.0  # (nw, n, n)
         bias = bias + mask[:, None]  # (nw, heads, n, n)
     if backend == "sdpa":
-        if q.device.type == "cpu" and not (torch.is_grad_enabled() and (qkv.requires_grad or table.requires_grad)):
-            # inference: PyTorch's fused CPU kernel (~5x faster at 343 tokens) never materialises
-            # the logits; windows and heads share one axis so the bias broadcasts over the batch
-            B, nwin = q.shape[:2]
-            out = F.scaled_dot_product_attention(q.flatten(1, 2), k.flatten(1, 2), v.flatten(1, 2),
-                                                 attn_mask=bias.to(q.dtype).expand(nwin, -1, -1, -1).flatten(0, 1)[None])
-            out = out.view(B, nwin, heads, n, hd)
-        elif q.device.type == "cpu":
+        if q.device.type == "cpu":
             out = _BiasedAttention.apply(q, k, v, bias.to(q.dtype), hd**-0.5)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
