@@ -51,7 +51,7 @@ def tune(data_name, out, task, init, steps, seed, arch="full"):
 
 
 def pct(v):
-    return 100.0 * v
+    return 100.0 * float(v)  # results.json spells NaN and inf as strings
 
 
 def transfer_rows(method, res):
@@ -109,8 +109,8 @@ def seg_row(method, res):
 def autopet_row(label, res, **extra):
     a = res["summary"]["ct+pet"]["autopet"]
     return {**extra, "pre-training": label, "Dice": pct(a["dice"]), "Dice-": pct(a["dice_minus"]), "TPR": pct(a["tpr"]),
-            "TNR": pct(a["tnr"]), "FNR": pct(a["fnr"]), "FPR": pct(a["fpr"]), "FP vol (mL)": a["fp_volume_ml"],
-            "FN vol (mL)": a["fn_volume_ml"]}
+            "TNR": pct(a["tnr"]), "FNR": pct(a["fnr"]), "FPR": pct(a["fpr"]), "FP vol (mL)": float(a["fp_volume_ml"]),
+            "FN vol (mL)": float(a["fn_volume_ml"])}
 
 
 def verdict(ok, text):
@@ -125,7 +125,7 @@ def main(argv=None):
     ap.add_argument("--seg-steps", type=int, default=50, help="MRI segmentation tuning steps (ours and scratch)")
     ap.add_argument("--transfer-steps", type=int, default=15, help="MRI transfer tuning steps (ours and SwinUNETR)")
     ap.add_argument("--petct-pretrain-steps", type=int, default=10, help="PET/CT pre-training steps per preset")
-    ap.add_argument("--petct-seg-steps", type=int, default=20, help="PET/CT lesion tuning steps per run")
+    ap.add_argument("--petct-seg-steps", type=int, default=40, help="PET/CT lesion tuning steps per run")
     ap.add_argument("--eval-overlap", type=float, default=0.25)
     ap.add_argument("--readme", default="", help="replace the study section of this file with the results")
     args = ap.parse_args(argv)
