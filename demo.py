@@ -32,9 +32,9 @@ def stage(title):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--pretrain-steps", type=int, default=15)
-    ap.add_argument("--seg-steps", type=int, default=50)
-    ap.add_argument("--transfer-steps", type=int, default=15)
+    ap.add_argument("--pretrain-steps", type=int, default=12)
+    ap.add_argument("--seg-steps", type=int, default=40)
+    ap.add_argument("--transfer-steps", type=int, default=12)
     ap.add_argument("--eval-overlap", type=float, default=0.25, help="sliding-window overlap of the evaluation")
     ap.add_argument("--seg-subsets", choices=("given", "all"), default="given",
                     help="segmentation evaluated from all four modalities, or from each of the 15 subsets (Table 11)")
