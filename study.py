@@ -19,9 +19,9 @@ to docs/.
 """
 import argparse
 import json
+import math
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import demo
@@ -50,8 +50,13 @@ def tune(data_name, out, task, init, steps, seed, arch="full"):
                            *(["--fg-fraction", "0.7"] if task == "seg" else []), *SMALL])
 
 
+def num(v):
+    """A number from results.json, where NaN is null and inf is spelled as a string."""
+    return math.nan if v is None else float(v)
+
+
 def pct(v):
-    return 100.0 * float(v)  # results.json spells NaN and inf as strings
+    return 100.0 * num(v)
 
 
 def transfer_rows(method, res):
@@ -109,8 +114,8 @@ def seg_row(method, res):
 def autopet_row(label, res, **extra):
     a = res["summary"]["ct+pet"]["autopet"]
     return {**extra, "pre-training": label, "Dice": pct(a["dice"]), "Dice-": pct(a["dice_minus"]), "TPR": pct(a["tpr"]),
-            "TNR": pct(a["tnr"]), "FNR": pct(a["fnr"]), "FPR": pct(a["fpr"]), "FP vol (mL)": float(a["fp_volume_ml"]),
-            "FN vol (mL)": float(a["fn_volume_ml"])}
+            "TNR": pct(a["tnr"]), "FNR": pct(a["fnr"]), "FPR": pct(a["fpr"]), "FP vol (mL)": num(a["fp_volume_ml"]),
+            "FN vol (mL)": num(a["fn_volume_ml"])}
 
 
 def verdict(ok, text):
@@ -130,7 +135,6 @@ def main(argv=None):
     ap.add_argument("--readme", default="", help="replace the study section of this file with the results")
     args = ap.parse_args(argv)
     out, seed = Path(args.out), args.seed
-    t0 = time.perf_counter()
 
     # 1. ours on MRI: the demo pipeline
     ours = demo.main(["--out", str(out / "mri"), "--pretrain-steps", str(args.pretrain_steps), "--seg-steps",
@@ -179,7 +183,7 @@ def main(argv=None):
         ("table8_autopet", "PET/CT lesion segmentation, scratch vs ours (Table 8 format, %)", t8),
     ]
     claims = claims_text(t10, seg, t7, t8)
-    md = render(args, meta, tables, claims, time.perf_counter() - t0, out)
+    md = render(args, meta, tables, claims, out)
     (out / "STUDY.md").write_text(md)
     (out / "STUDY.json").write_text(json.dumps(evaluate._json_value(
         {"meta": meta, "tables": {k: rows for k, _, rows in tables}, "claims": claims}), indent=1) + "\n")
@@ -215,9 +219,12 @@ def claims_text(t10, seg, t7, t8):
     ]
 
 
-def render(args, meta, tables, claims, seconds, out):
-    lines = [f"Made by `python study.py` (`make study`) in {seconds / 60:.0f} min on "
-             f"{'a GPU' if evaluate.torch.cuda.is_available() else 'CPU'}; seed {meta['seed']}, commit "
+def render(args, meta, tables, claims, out):
+    steps = [json.loads(line).get("step_s") or 0.0 for log in sorted(out.rglob("log.jsonl"))
+             for line in log.read_text().splitlines() if line.strip()]
+    lines = [f"Made by `python study.py` (`make study`) on {'a GPU' if evaluate.torch.cuda.is_available() else 'CPU'}"
+             f" ({len(steps)} logged training steps, {sum(steps) / 60:.0f} min of training in all, evaluations "
+             f"not counted); seed {meta['seed']}, commit "
              f"{meta['commit']}. Budget: MRI pre-training {args.pretrain_steps} steps, segmentation tuning "
              f"{args.seg_steps}, transfer tuning {args.transfer_steps}; PET/CT pre-training {args.petct_pretrain_steps} "
              f"steps per preset, lesion tuning {args.petct_seg_steps}. {meta['config']['model']}. "
