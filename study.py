@@ -220,8 +220,9 @@ def claims_text(t10, seg, t7, t8):
 
 
 def render(args, meta, tables, claims, out):
-    steps = [json.loads(line).get("step_s") or 0.0 for log in sorted(out.rglob("log.jsonl"))
-             for line in log.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for log in sorted(out.rglob("log.jsonl")) for line in log.read_text().splitlines()
+               if line.strip()]
+    steps = [r["step_s"] for r in records if r.get("step_s") is not None]
     lines = [f"Made by `python study.py` (`make study`) on {'a GPU' if evaluate.torch.cuda.is_available() else 'CPU'}"
              f" ({len(steps)} logged training steps, {sum(steps) / 60:.0f} min of training in all, evaluations "
              f"not counted); seed {meta['seed']}, commit "
