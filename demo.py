@@ -24,6 +24,29 @@ from pathlib import Path
 import data
 
 
+# Small enough for 2 CPU cores: F = 12, roi 64 x 64 x 32 (rot90 acts in the first two axes).
+SMALL = ["--roi", "64,64,32", "--feature-size", "12", "--prior-heads", "2", "--workers", "1",
+         "--resume", "auto", "--save-every", "20"]
+
+
+def pretrain(data_name, out, steps, preset, seed):
+    """train_pretrain.py in the demo configuration; returns the checkpoint path."""
+    import train_pretrain
+
+    return train_pretrain.main(["--data", data_name, "--out", str(out), "--max-steps", str(steps), "--preset", preset,
+                                "--lr", "5e-4", "--seed", str(seed), *SMALL])
+
+
+def tune(data_name, out, task, init, steps, seed, arch="full"):
+    """train_downstream.py in the demo configuration, without validation (the test persons are
+    scored by evaluate_once)."""
+    import train_downstream
+
+    train_downstream.main(["--data", data_name, "--out", str(out), "--task", task, "--init", init, "--arch", arch,
+                           "--max-steps", str(steps), "--val-every", "-1", "--lr", "5e-4", "--seed", str(seed),
+                           *(["--fg-fraction", "0.7"] if task == "seg" else []), *SMALL])
+
+
 def stage(title):
     print(f"\n=== {title} ===", file=sys.stderr, flush=True)
     return time.perf_counter()
@@ -41,9 +64,6 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     out = Path(args.out)
-    # Small enough for 2 CPU cores: F = 12, roi 64 x 64 x 32 (rot90 acts in the first two axes).
-    common = ["--data", "demo", "--roi", "64,64,32", "--feature-size", "12", "--prior-heads", "2",
-              "--seed", str(args.seed), "--workers", "1", "--resume", "auto", "--save-every", "20"]
     times = {}
 
     t = stage("1/5 demo data")
@@ -51,29 +71,17 @@ def main(argv=None):
     print(f"demo data in {root}", file=sys.stderr)
     times["data"] = time.perf_counter() - t
 
-    import train_pretrain
-
     t = stage("2/5 pre-training (full preset)")
-    ckpt = train_pretrain.main(common + ["--out", str(out / "pretrain"), "--max-steps", str(args.pretrain_steps),
-                                        "--lr", "5e-4"])
+    ckpt = pretrain("demo", out / "pretrain", args.pretrain_steps, "full", args.seed)
     times["pretrain"] = time.perf_counter() - t
 
-    import train_downstream
-
     t = stage("3/5 segmentation tuning from the pre-trained weights")
-    train_downstream.main(common + ["--task", "seg", "--init", f"ours:{ckpt}", "--out", str(out / "seg"),
-                                    "--max-steps", str(args.seg_steps), "--val-every", "-1", "--lr", "5e-4",
-                                    "--overlap", str(args.eval_overlap),
-                                    "--fg-fraction", "0.7"])
+    tune("demo", out / "seg", "seg", f"ours:{ckpt}", args.seg_steps, args.seed)
     times["seg"] = time.perf_counter() - t
 
     t = stage("4/5 transfer tuning (any modality -> all) from the pre-trained weights")
-    train_downstream.main(common + ["--task", "transfer", "--init", f"ours:{ckpt}", "--out", str(out / "transfer"),
-                                    "--max-steps", str(args.transfer_steps), "--val-every", "-1", "--lr", "5e-4",
-                                    "--overlap", str(args.eval_overlap)])
+    tune("demo", out / "transfer", "transfer", f"ours:{ckpt}", args.transfer_steps, args.seed)
     times["transfer"] = time.perf_counter() - t
-
-    import evaluate
 
     t = stage("5/5 evaluation on the test persons")
     results = {}
@@ -96,23 +104,22 @@ def evaluate_once(run, dest, task, overlap, data_name="demo", extra=()):
     results = dest / "results.json"
     argv = ["--ckpt", str(ckpt), "--data", data_name, "--task", task, "--out", str(dest), "--figures", "2",
             "--overlap", str(overlap), *extra]
-    if results.exists() and results.stat().st_mtime > ckpt.stat().st_mtime and _same_options(results, argv):
-        print(f"{results}: up to date with {ckpt}, reused", file=sys.stderr)
-        for md in sorted(dest.glob("table*.md")):
-            print(f"\n{md.name}\n\n{md.read_text()}", end="")
-    else:
-        evaluate.main(argv)
+    if results.exists() and results.stat().st_mtime > ckpt.stat().st_mtime:
+        old = json.loads(results.read_text())
+        if _same_options(old["meta"]["config"], vars(evaluate._parse_args(argv))):
+            print(f"{results}: up to date with {ckpt}, reused", file=sys.stderr)
+            for md in sorted(dest.glob("table*.md")):
+                print(f"\n{md.name}\n\n{md.read_text()}", end="")
+            return old
+    evaluate.main(argv)
     return json.loads(results.read_text())
 
 
-def _same_options(results, argv):
-    """Whether results.json was made with the options of argv that change its numbers."""
-    import evaluate
-
-    have = json.loads(results.read_text())["meta"]["config"]
-    want = vars(evaluate._parse_args(argv))
+def _same_options(have, want):
+    """Whether results made with the configuration `have` used the options `want` (parsed
+    evaluate.py arguments) that change the numbers."""
     keys = ("ckpt", "split", "overlap", "sw_batch_size", "protocol", "subsets", "hd95", "save_nifti", "figures")
-    return all(have.get(k) == (list(want[k]) if isinstance(want[k], tuple) else want[k]) for k in keys)
+    return all(have.get(k) == want[k] for k in keys)
 
 
 def headline(results):

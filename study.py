@@ -28,26 +28,21 @@ import demo
 import evaluate
 
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
-SMALL = ["--roi", "64,64,32", "--feature-size", "12", "--prior-heads", "2", "--workers", "1",
-         "--resume", "auto", "--save-every", "20"]
 TABLE7 = {"1": "C + D + E", "2": "C + D + I", "3": "C + D + E + I (no prior)", "4": "C + D + E + prior",
           "5": "C + D + I + prior", "6": "C + D + E + I + prior (ours)"}
 MODS = ("t1", "t1ce", "t2", "flair")
-
-
-def pretrain(data_name, out, steps, preset, seed):
-    import train_pretrain
-
-    return train_pretrain.main(["--data", data_name, "--out", str(out), "--max-steps", str(steps), "--preset", preset,
-                                "--lr", "5e-4", "--seed", str(seed), *SMALL])
-
-
-def tune(data_name, out, task, init, steps, seed, arch="full"):
-    import train_downstream
-
-    train_downstream.main(["--data", data_name, "--out", str(out), "--task", task, "--init", init, "--arch", arch,
-                           "--max-steps", str(steps), "--val-every", "-1", "--lr", "5e-4", "--seed", str(seed),
-                           *(["--fg-fraction", "0.7"] if task == "seg" else []), *SMALL])
+FIGURES = (  # README figure, its source under OUT/mri, caption
+    ("demo_pretrain_curves.png", "pretrain/loss_curves.png",
+     "Loss curves of the demo pre-training (every term; a reference for your own runs)"),
+    ("demo_seg_tuning_curves.png", "seg/loss_curves.png", "Loss curves of the demo segmentation tuning"),
+    ("demo_transfer.png", "eval-transfer/figures/*_from_t1.png",
+     "A test person, T1 as the only input: rows = targets; input, generated, truth, signed difference "
+     "(red: too bright, blue: too dark) on three mid-slices"),
+    ("demo_seg.png", "eval-seg/figures/*_seg.png",
+     "Segmentation from all four modalities on a test person (prediction and truth)"),
+    ("demo_embedding.png", "eval-transfer/figures/embedding.png",
+     "PCA of X_h' of the test persons, coloured by modality and person (Figure 9)"),
+)
 
 
 def num(v):
@@ -59,38 +54,24 @@ def pct(v):
     return 100.0 * num(v)
 
 
-def transfer_rows(method, res):
-    """One row per source: PSNR / SSIM per target (strict protocol) and the reference-protocol means."""
+def transfer_rows(method, res, prefix=""):
+    """One row per source: PSNR / SSIM per target (strict protocol) and the means over the other
+    targets under both protocols. prefix "identity_" reads the identity baseline's numbers, which
+    are exact (and not shown) on the source's own modality."""
     strict, ref = res["summary"]["strict"], res["summary"]["reference"]
     rows = []
     for s in MODS:
-        pairs = {t: strict[f"{s}>{t}"] for t in MODS if f"{s}>{t}" in strict}
-        if not pairs:
+        shown = [t for t in MODS if f"{s}>{t}" in strict and not (prefix and t == s)]
+        if not shown:
             continue
         row = {"method": method, "source": s.upper()}
         for t in MODS:
-            row[t.upper()] = f"{pairs[t]['psnr']:.2f} / {pairs[t]['ssim']:.3f}" if t in pairs else "-"
-        pairs.pop(s, None)  # means over the other targets (the identity baseline is exact on its own)
-        row["mean PSNR (strict)"] = sum(p["psnr"] for p in pairs.values()) / len(pairs)
-        row["mean PSNR (reference)"] = sum(ref[f"{s}>{t}"]["psnr"] for t in pairs) / len(pairs)
-        row["mean SSIM (reference)"] = sum(ref[f"{s}>{t}"]["ssim"] for t in pairs) / len(pairs)
-        rows.append(row)
-    return rows
-
-
-def identity_rows(res):
-    strict, ref = res["summary"]["strict"], res["summary"]["reference"]
-    rows = []
-    for s in MODS:
-        keys = [f"{s}>{t}" for t in MODS if f"{s}>{t}" in strict and t != s]
-        row = {"method": "identity (source as prediction)", "source": s.upper()}
-        for t in MODS:
-            k = f"{s}>{t}"
-            row[t.upper()] = f"{strict[k]['identity_psnr']:.2f} / {strict[k]['identity_ssim']:.3f}" \
-                if k in keys else "-"
-        row["mean PSNR (strict)"] = sum(strict[k]["identity_psnr"] for k in keys) / len(keys)
-        row["mean PSNR (reference)"] = sum(ref[k]["identity_psnr"] for k in keys) / len(keys)
-        row["mean SSIM (reference)"] = sum(ref[k]["identity_ssim"] for k in keys) / len(keys)
+            m = strict.get(f"{s}>{t}") if t in shown else None
+            row[t.upper()] = f"{m[prefix + 'psnr']:.2f} / {m[prefix + 'ssim']:.3f}" if m else "-"
+        others = [f"{s}>{t}" for t in shown if t != s]
+        row["mean PSNR (strict)"] = sum(strict[k][prefix + "psnr"] for k in others) / len(others)
+        row["mean PSNR (reference)"] = sum(ref[k][prefix + "psnr"] for k in others) / len(others)
+        row["mean SSIM (reference)"] = sum(ref[k][prefix + "ssim"] for k in others) / len(others)
         rows.append(row)
     return rows
 
@@ -143,25 +124,26 @@ def main(argv=None):
     mri = out / "mri"
     # 2. the SwinUNETR baseline for transfer
     demo.stage("study: SwinUNETR baseline (L_decom only), transfer")
-    base = pretrain("demo", mri / "pretrain-swinunetr", args.pretrain_steps, "swinunetr", seed)
-    tune("demo", mri / "transfer-swinunetr", "transfer", f"ours:{base}", args.transfer_steps, seed, arch="swinunetr")
+    base = demo.pretrain("demo", mri / "pretrain-swinunetr", args.pretrain_steps, "swinunetr", seed)
+    demo.tune("demo", mri / "transfer-swinunetr", "transfer", f"ours:{base}", args.transfer_steps, seed,
+              arch="swinunetr")
     swin_t = demo.evaluate_once(mri / "transfer-swinunetr", mri / "eval-transfer-swinunetr", "transfer",
                                 args.eval_overlap)
     # 3. segmentation from scratch
     demo.stage("study: segmentation from scratch")
-    tune("demo", mri / "seg-scratch", "seg", "scratch", args.seg_steps, seed)
+    demo.tune("demo", mri / "seg-scratch", "seg", "scratch", args.seg_steps, seed)
     scratch_s = demo.evaluate_once(mri / "seg-scratch", mri / "eval-seg-scratch", "seg", args.eval_overlap)
     # 4. PET/CT: Table 7 presets and scratch
     petct = out / "petct"
     table7 = {}
     for preset in TABLE7:
         demo.stage(f"study: PET/CT preset {preset} ({TABLE7[preset]})")
-        ck = pretrain("demo-petct", petct / f"pretrain-{preset}", args.petct_pretrain_steps, preset, seed)
-        tune("demo-petct", petct / f"seg-{preset}", "seg", f"ours:{ck}", args.petct_seg_steps, seed)
+        ck = demo.pretrain("demo-petct", petct / f"pretrain-{preset}", args.petct_pretrain_steps, preset, seed)
+        demo.tune("demo-petct", petct / f"seg-{preset}", "seg", f"ours:{ck}", args.petct_seg_steps, seed)
         table7[preset] = demo.evaluate_once(petct / f"seg-{preset}", petct / f"eval-seg-{preset}", "seg",
                                             args.eval_overlap, "demo-petct", ["--subsets", "given"])
     demo.stage("study: PET/CT lesion segmentation from scratch")
-    tune("demo-petct", petct / "seg-scratch", "seg", "scratch", args.petct_seg_steps, seed)
+    demo.tune("demo-petct", petct / "seg-scratch", "seg", "scratch", args.petct_seg_steps, seed)
     pet_scratch = demo.evaluate_once(petct / "seg-scratch", petct / "eval-seg-scratch", "seg", args.eval_overlap,
                                      "demo-petct", ["--subsets", "given"])
 
@@ -170,7 +152,7 @@ def main(argv=None):
             "prior heads 2, AdamW lr 5e-4, batch 1, 1 process on CPU"},
             "test persons": ours["seg"]["meta"]["cases"]}
     t10 = transfer_rows("SwinUNETR (L_decom)", swin_t) + transfer_rows("ours", ours["transfer"]) \
-        + identity_rows(ours["transfer"])
+        + transfer_rows("identity (source as prediction)", ours["transfer"], "identity_")
     seg = [seg_row("scratch", scratch_s), seg_row("ours", ours["seg"])]
     t7 = [autopet_row(TABLE7[p], r, ID=p) for p, r in table7.items()]
     t8 = [autopet_row("scratch", pet_scratch), autopet_row("ours (preset 6)", table7["6"])]
@@ -198,10 +180,9 @@ def claims_text(t10, seg, t7, t8):
     swin = [r for r in t10 if r["method"].startswith("SwinUNETR")]
     ident = [r for r in t10 if r["method"].startswith("identity")]
     o, s, i = (mean_of(x, "mean PSNR (strict)") for x in (ours, swin, ident))
-    dice = {r["pre-training"]: r["Dice"] for r in t7}
+    dice = {r["ID"]: r["Dice"] for r in t7}
     best = max(t7, key=lambda r: r["Dice"])
-    prior_pairs = [("1", "4"), ("2", "5"), ("3", "6")]
-    helps = sum(t7[int(b) - 1]["Dice"] > t7[int(a) - 1]["Dice"] for a, b in prior_pairs)
+    helps = sum(dice[b] > dice[a] for a, b in (("1", "4"), ("2", "5"), ("3", "6")))
     return [
         verdict(o > i, f"transfer beats the identity baseline: strict PSNR {o:.2f} vs {i:.2f} dB (mean of 12 pairs)"),
         verdict(o > s, f"ours beats the SwinUNETR baseline in transfer (Table 10): strict PSNR {o:.2f} vs {s:.2f} dB"),
@@ -213,7 +194,7 @@ def claims_text(t10, seg, t7, t8):
                 f"Dice {t8[1]['Dice']:.1f}% vs {t8[0]['Dice']:.1f}%"),
         verdict(best["ID"] == "6", f"all constraints with the prior is the best preset (Table 7): best is preset "
                 f"{best['ID']} ({best['pre-training']}, Dice {best['Dice']:.1f}%), preset 6 has "
-                f"{dice[TABLE7['6']]:.1f}%"),
+                f"{dice['6']:.1f}%"),
         verdict(helps == 3, f"adding the prior improves every constraint set (Table 7: 4 > 1, 5 > 2, 6 > 3): "
                 f"{helps} of 3"),
     ]
@@ -245,26 +226,12 @@ def update_readme(path, md, out):
         raise SystemExit(f"{path}: no '{BEGIN}' ... '{END}' section to replace")
     docs = path.parent / "docs"
     docs.mkdir(exist_ok=True)
-    figures = {"demo_pretrain_curves.png": out / "mri" / "pretrain" / "loss_curves.png",
-               "demo_seg_tuning_curves.png": out / "mri" / "seg" / "loss_curves.png"}
-    for pattern, name in (("eval-transfer/figures/*_from_t1.png", "demo_transfer.png"),
-                          ("eval-seg/figures/*_seg.png", "demo_seg.png"),
-                          ("eval-transfer/figures/embedding.png", "demo_embedding.png")):
+    shown = []
+    for name, pattern, caption in FIGURES:
         found = sorted((out / "mri").glob(pattern))
         if found:
-            figures[name] = found[0]
-    captions = {"demo_pretrain_curves.png": "Loss curves of the demo pre-training (every term; a reference for "
-                                            "your own runs)",
-                "demo_seg_tuning_curves.png": "Loss curves of the demo segmentation tuning",
-                "demo_transfer.png": "A test person, T1 as the only input: rows = targets; input, generated, truth, "
-                                     "signed difference (red: too bright, blue: too dark) on three mid-slices",
-                "demo_seg.png": "Segmentation from all four modalities on a test person (prediction and truth)",
-                "demo_embedding.png": "PCA of X_h' of the test persons, coloured by modality and person (Figure 9)"}
-    shown = []
-    for name, src in figures.items():
-        if src.exists():
-            shutil.copyfile(src, docs / name)
-            shown += [f"{captions[name]}:", "", f"![{captions[name]}](docs/{name})", ""]
+            shutil.copyfile(found[0], docs / name)
+            shown += [f"{caption}:", "", f"![{caption}](docs/{name})", ""]
     md = md + "\n" + "\n".join(shown)
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]

@@ -258,6 +258,6 @@ def test_window_attention_backends_agree_with_gradients(shift):
         results[backend] = (out, gq, gt)
     for a, b in zip(results["naive"], results["sdpa"]):
         assert torch.allclose(a, b, atol=1e-10, rtol=1e-8)
-    with torch.no_grad():  # inference takes PyTorch's fused kernel: batch 2 x 4 windows, per-window masks
+    with torch.no_grad():  # float32 through the fused CPU kernel: batch 2 x 4 windows, per-window masks
         fused = model.window_attention(qkv.float(), table.float(), index, region, "sdpa")
     assert torch.allclose(fused.double(), results["naive"][0], atol=1e-5)
