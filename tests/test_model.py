@@ -261,3 +261,21 @@ def test_window_attention_backends_agree_with_gradients(shift):
     with torch.no_grad():  # float32 through the fused CPU kernel: batch 2 x 4 windows, per-window masks
         fused = model.window_attention(qkv.float(), table.float(), index, region, "sdpa")
     assert torch.allclose(fused.double(), results["naive"][0], atol=1e-5)
+
+
+def test_channels_last_instance_norm_matches_float64():
+    """The decoder's channels-last instance norm: values and gradients against float64
+    F.instance_norm, on a volume whose mean is large against its spread (where batch norm's
+    channels-last statistics are off by 4e-4)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 40, 48, 36) * 3 + 20
+    xd = x.double().requires_grad_()
+    want = torch.nn.functional.instance_norm(xd, eps=1e-5)
+    g = torch.randn_like(x)
+    want.backward(g.double())
+    xc = x.contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    got = model.inorm(xc)
+    got.backward(g)
+    assert got.is_contiguous(memory_format=torch.channels_last_3d)
+    assert (got.double() - want).abs().max().item() < 5e-6
+    assert (xc.grad.double() - xd.grad).abs().max().item() < 1e-4 * xd.grad.abs().max().item()
