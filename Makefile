@@ -1,20 +1,27 @@
 # Entry points: `make demo`, `make test` and `make study` (the comparisons; about an hour on
-# 2 CPU cores). Both create .venv and install the pinned
-# requirements first (idempotent: a second run reuses the environment).
+# 2 CPU cores). Each creates .venv and installs what it needs first (idempotent: a second run
+# reuses the environment). The demo and the study need only the runtime requirements; the tests
+# and bench.py add their reference peers (MONAI, scikit-image) and Triton's interpreter.
 PY := .venv/bin/python
 export TORCH_NUM_THREADS ?=
 
-.PHONY: demo test study venv clean
+.PHONY: demo test study venv venv-test clean
 
-.venv/.installed: requirements.txt requirements-test.txt
+.venv/.installed: requirements.txt
 	python3 -m venv .venv
-	.venv/bin/pip install -q -r requirements-test.txt
+	.venv/bin/pip install -q -r requirements.txt
 	# nilearn is installed only for the MNI152 template files inside its wheel; --no-deps keeps
 	# its dependency stack out and the project never imports it.
 	.venv/bin/pip install -q --no-deps nilearn==0.14.1
 	touch $@
 
+.venv/.installed-test: .venv/.installed requirements-test.txt
+	.venv/bin/pip install -q -r requirements-test.txt
+	touch $@
+
 venv: .venv/.installed
+
+venv-test: .venv/.installed-test
 
 demo: venv
 	$(PY) demo.py
@@ -22,7 +29,7 @@ demo: venv
 study: venv
 	$(PY) study.py --readme README.md
 
-test: venv
+test: venv-test
 	$(PY) -m pytest -q tests
 
 clean:

@@ -17,6 +17,19 @@ import time
 import torch
 
 
+def median_times(fns, repeats=5, warmup=1):
+    """{name: median wall time} of several functions run in turn (ours, peer, ours, peer, ...),
+    so that a change in machine load during the benchmark hits both sides alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(median_time(fn, 1, warmup=0))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def median_time(fn, repeats=5, warmup=1):
     """Median wall time of fn() in seconds (CUDA synchronised when on GPU)."""
     for _ in range(warmup):
@@ -110,14 +123,14 @@ def bench_model(args):
     """Forward and train-step (forward, backward, AdamW) time and peak memory of
     model.SwinUNETR vs MONAI SwinUNETR with the same weights and input."""
     configs = [(48, (96, 96, 96))] if not args.quick else [(24, (64, 64, 64))]
-    repeats = 2 if args.quick else 3
+    repeats = 2 if args.quick else 5
     rows = []
     for fs, size in configs:
         ours, peer, x = _model_pair(fs, size)
         with torch.no_grad():
             diff = (ours(x) - peer(x)).abs().max().item()
         for phase in ("forward", "train step"):
-            res = {}
+            fns = {}
             for name, net in (("ours", ours), ("monai", peer)):
                 if phase == "forward":
                     def fn(net=net):
@@ -126,7 +139,8 @@ def bench_model(args):
                 else:
                     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
                     fn = lambda net=net, opt=opt: _train_step(net, x, opt)
-                res[name] = median_time(fn, repeats=repeats)
+                fns[name] = fn
+            res = median_times(fns, repeats=repeats)
             mem = {name: peak_memory_mb(_bench_model_peak, name, fs, size, phase != "forward") for name in ("ours", "monai")}
             rows.append({"config": f"F={fs} {'x'.join(map(str, size))} b=1", "phase": phase,
                          "ours s": res["ours"], "monai s": res["monai"], "time ratio": res["ours"] / res["monai"],

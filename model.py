@@ -46,56 +46,60 @@ def _resolve_backend(backend, device):
     return backend
 
 
+def region_mask(region, dtype):
+    """(nw, n, n): -100 between tokens of different shift regions, 0 within one (MONAI's mask)."""
+    return (region[:, :, None] != region[:, None, :]).to(dtype) * -100.0
+
+
 class _BiasedAttention(torch.autograd.Function):
-    """softmax(q k^T * scale + bias) v for a batch of windows sharing a bias, the CPU path:
-    PyTorch's fused CPU attention kernel forward (the logits are never materialised; it also
-    returns the log-sum-exp of every row), and a backward that recomputes the probabilities from
-    the log-sum-exp. Saves q, k, v, out and one value per row instead of a (b, heads, n, n)
-    probability tensor per block (1 GiB per stage-1 block pair at 96^3, F=48)."""
+    """softmax(q k^T * scale + bias + mask) v for a batch of windows sharing the position bias,
+    the CPU path: PyTorch's fused CPU attention kernel forward (the logits are never
+    materialised; it also returns the log-sum-exp of every row), and a backward that recomputes
+    the probabilities from the log-sum-exp, a few windows at a time. Saves q, k, v, out and one
+    value per row instead of a (b, heads, n, n) probability tensor per block (1 GiB per stage-1
+    block pair at 96^3, F=48), and returns the bias gradient already summed over windows."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, scale):
-        # q, k, v: (B, nw, heads, n, d); bias: (nw or 1, heads, n, n). Windows and heads share one
-        # axis so the bias broadcasts over the batch.
+    def forward(ctx, q, k, v, bias, region, scale):
+        # q, k, v: (B, nw, heads, n, d); bias: (1, heads, n, n); region: (nw, n) or None.
+        # Windows and heads share one axis of the kernel's mask, which broadcasts over the batch.
         B, nw, heads, n, d = q.shape
+        full = bias if region is None else bias + region_mask(region, q.dtype)[:, None]
+        mask = full.expand(nw, -1, -1, -1).reshape(1, nw * heads, n, n)
         flat = lambda t: t.reshape(B, nw * heads, n, d)
-        mask = bias.expand(nw, -1, -1, -1).reshape(1, nw * heads, n, n)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             flat(q), flat(k), flat(v), 0.0, False, attn_mask=mask, scale=scale)
         out, lse = out.view(B, nw, heads, n, d), lse.view(B, nw, heads, n, 1)
-        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.save_for_backward(q, k, v, bias, region, out, lse)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, bias, out, lse = ctx.saved_tensors
+        q, k, v, bias, region, out, lse = ctx.saved_tensors
         B, nw, heads, n, d = q.shape
-        per_window = bias.shape[0] == nw and nw > 1
         delta = (grad * out).sum(-1, keepdim=True)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dbias = torch.zeros_like(bias)
-        # windows in chunks whose probabilities fit in cache (about 4 MiB): the n x n tensors
-        # are never allocated for a whole stage, and exp/mul run on cache-resident data
+        # windows in chunks whose probabilities fit in cache (about 4 MiB): no n x n tensor is
+        # allocated for a whole stage, and exp and products run on cache-resident data
         step = max(1, (4 << 20) // (B * heads * n * n * q.element_size()))
         for w in range(0, nw, step):
             c = slice(w, w + step)
             qc, kc, vc, gc = q[:, c], k[:, c], v[:, c], grad[:, c]
-            p = torch.matmul(qc, kc.transpose(-2, -1)).mul_(ctx.scale).add_(bias[c] if per_window else bias)
+            p = torch.matmul(qc, kc.transpose(-2, -1)).mul_(ctx.scale).add_(bias)
+            if region is not None:
+                p.add_(region_mask(region[c], q.dtype)[:, None])
             # logits below -80 (the -100 of the shift mask) are set to -inf: their exp would be a
             # float32 denormal, which costs ~80x more in exp and in every product after it
             p = F.threshold_(p.sub_(lse[:, c].to(q.dtype)), -80.0, -math.inf).exp_()
             dv[:, c] = torch.matmul(p.transpose(-2, -1), gc)
             ds = torch.matmul(gc, vc.transpose(-2, -1)).sub_(delta[:, c]).mul_(p)
             del p
-            if per_window:
-                dbias[c] += ds.sum(0)
-            else:
-                dbias += ds.sum((0, 1))[None]
-            ds.mul_(ctx.scale)
-            dq[:, c] = torch.matmul(ds, kc)
-            dk[:, c] = torch.matmul(ds.transpose(-2, -1), qc)
-        return dq, dk, dv, dbias, None
+            dbias += ds.sum((0, 1))
+            dq[:, c] = torch.matmul(ds, kc).mul_(ctx.scale)
+            dk[:, c] = torch.matmul(ds.transpose(-2, -1), qc).mul_(ctx.scale)
+        return dq, dk, dv, dbias, None, None
 
 
 def window_attention(qkv, table, index, region=None, backend="sdpa"):
@@ -121,14 +125,13 @@ def window_attention(qkv, table, index, region=None, backend="sdpa"):
     nw = 1 if region is None else region.shape[0]
     q, k, v = rearrange(qkv, "(b w) n three h d -> three b w h n d", w=nw).unbind(0)  # (B, nw, heads, n, d)
     bias = rearrange(table[index.reshape(-1)], "(i j) h -> h i j", i=n)[None]  # (1, heads, n, n)
+    if backend == "sdpa" and q.device.type == "cpu":
+        out = _BiasedAttention.apply(q, k, v, bias.to(q.dtype), region, hd**-0.5)
+        return rearrange(out, "b w h n d -> (b w) n (h d)")
     if region is not None:
-        mask = (region[:, :, None] != region[:, None, :]).to(q.dtype) * -100.0  # (nw, n, n)
-        bias = bias + mask[:, None]  # (nw, heads, n, n)
+        bias = bias + region_mask(region, q.dtype)[:, None]  # (nw, heads, n, n)
     if backend == "sdpa":
-        if q.device.type == "cpu":
-            out = _BiasedAttention.apply(q, k, v, bias.to(q.dtype), hd**-0.5)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
     else:
         attn = (q * hd**-0.5) @ k.transpose(-2, -1) + bias
         out = attn.softmax(-1).to(v.dtype) @ v
