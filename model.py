@@ -124,7 +124,11 @@ def window_attention(qkv, table, index, region=None, backend="sdpa"):
     b, n, _, heads, hd = qkv.shape
     nw = 1 if region is None else region.shape[0]
     q, k, v = rearrange(qkv, "(b w) n three h d -> three b w h n d", w=nw).unbind(0)  # (B, nw, heads, n, d)
-    bias = rearrange(table[index.reshape(-1)], "(i j) h -> h i j", i=n)[None]  # (1, heads, n, n)
+    # the gather's backward must be deterministic: on CPU table[index] accumulates with parallel
+    # atomic adds (run-to-run rounding differences), index_select's backward does not; on CUDA
+    # it is the other way round
+    rows = table.index_select(0, index.reshape(-1)) if table.device.type == "cpu" else table[index.reshape(-1)]
+    bias = rearrange(rows, "(i j) h -> h i j", i=n)[None]  # (1, heads, n, n)
     if backend == "sdpa" and q.device.type == "cpu":
         out = _BiasedAttention.apply(q, k, v, bias.to(q.dtype), region, hd**-0.5)
         return rearrange(out, "b w h n d -> (b w) n (h d)")
