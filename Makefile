@@ -16,7 +16,8 @@ export TORCH_NUM_THREADS ?=
 	touch $@
 
 .venv/.installed-test: .venv/.installed requirements-test.txt
-	.venv/bin/pip install -q -r requirements-test.txt
+	# --no-warn-conflicts: nilearn (template files only, --no-deps) would be reported as incomplete
+	.venv/bin/pip install -q --no-warn-conflicts -r requirements-test.txt
 	touch $@
 
 venv: .venv/.installed
