@@ -364,13 +364,13 @@ class ConvOnly(nn.Module):
 
     def forward(self, x):
         c = self.conv
-        if x.device.type == "cpu":  # oneDNN's own layout: no reorder per conv (1.8x faster backward)
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        if c.kernel_size == (1, 1, 1) and not c.transposed and x.is_contiguous(memory_format=torch.channels_last_3d):
+        if x.device.type != "cpu":
+            return c(x)
+        x = x.contiguous(memory_format=torch.channels_last_3d)  # oneDNN's own layout: no reorder per conv
+        if c.kernel_size == (1, 1, 1) and not c.transposed:
             # a 1x1x1 conv on channels-last data is a matrix product over the channel axis
             # (oneDNN's 1x1 conv ran at a tenth of the speed, backward included)
-            out = F.linear(x.permute(0, 2, 3, 4, 1), c.weight.flatten(1), c.bias)
-            return out.permute(0, 4, 1, 2, 3)
+            return F.linear(x.permute(0, 2, 3, 4, 1), c.weight.flatten(1), c.bias).permute(0, 4, 1, 2, 3)
         return c(x)
 
 
