@@ -89,12 +89,19 @@ def test_ssim_mask_averages_the_skimage_map():
     assert ev.ssim3d(p, g, rng, mask=np.ones(g.shape, bool)) == pytest.approx(smap[inner].mean(), abs=1e-6)
 
 
-def test_ssim_long_volume_streams_in_chunks():
-    # deeper than several depth chunks and the kept slices, so the halo copy is exercised
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole-slab"])
+def test_ssim_long_volume(stream, monkeypatch):
+    # streamed (CPU): deeper than several refreshes of the running depth sum, so its drift and
+    # the ring of filtered slices are exercised; whole-slab: the path the GPU takes
+    monkeypatch.setattr(ev, "_SSIM_STREAM_CPU", stream)
     g = smooth((90, 12, 10), passes=2)
     p = g + 0.2 * RNG.standard_normal(g.shape)
     rng = ptp_range(p, g)
     assert abs(ev.ssim3d(p, g, rng) - structural_similarity(p, g, data_range=rng)) < 1e-6
+    _, smap = structural_similarity(p, g, data_range=rng, full=True)
+    mask = smooth(g.shape, seed=5) > 0
+    inner = (slice(3, -3),) * 3
+    assert ev.ssim3d(p, g, rng, mask=mask) == pytest.approx(smap[inner][mask[inner]].mean(), abs=1e-6)
 
 
 def test_ssim_bad_input():
