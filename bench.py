@@ -390,10 +390,13 @@ def bench_metrics(args):
         a, b = pred.astype(dtype), gt.astype(dtype)
         r = float(max(np.ptp(a), np.ptp(b)))
         ref = structural_similarity(a.astype(np.float64), b.astype(np.float64), data_range=r)
-        t_sk = median_time(lambda: structural_similarity(a, b, data_range=r), repeats)
+        fns = {"skimage": lambda: structural_similarity(a, b, data_range=r)}
         for compute in (torch.float32, torch.float64):
+            fns[compute] = lambda compute=compute: evaluate.ssim3d(a, b, r, dtype=compute)
+        times = median_times(fns, 2 * repeats + 1)  # in turn: a change of machine load hits all alike
+        t_sk = times.pop("skimage")
+        for compute, t in times.items():
             v = evaluate.ssim3d(a, b, r, dtype=compute)
-            t = median_time(lambda: evaluate.ssim3d(a, b, r, dtype=compute), repeats)
             rows.append({"metric": f"SSIM {np.dtype(dtype).name} input, ours in {str(compute)[6:]}", "ours_s": t,
                          "peer": "skimage", "peer_s": t_sk, "ratio": t / t_sk, "speedup": t_sk / t,
                          "abs_diff": abs(v - ref)})

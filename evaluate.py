@@ -130,36 +130,34 @@ _SSIM_REFRESH = 16  # CPU: the running depth sum is recomputed from its w slices
 _SSIM_STREAM_CPU = True  # False runs the GPU's whole-slab path on CPU (tests compare the two)
 
 
-def _ssim_products(xs, ys, prod, inv, ks, kd, c2n):
-    """prod (4, n) <- s, d, s^2 + c2n, d^2 of flat xs, ys (n,), where s = (x + y) / R - ks and
-    d = (x - y) / R - kd are centred on their global means (ks, kd: 0-dim tensors)."""
-    s, d, ss, dd = prod
-    torch.add(-ks, xs, alpha=inv, out=s).add_(ys, alpha=inv)
-    torch.add(-kd, xs, alpha=inv, out=d).sub_(ys, alpha=inv)
-    torch.addcmul(c2n, s, s, out=ss)  # c2 / N per voxel: its box sum adds c2 to Sss
-    torch.mul(d, d, out=dd)
+def _ssim_products(xs, ys, prod, xy, k):
+    """prod (4, n) <- s, d, s^2 + c2/N, d^2 of flat xs, ys (n,), where s = (x + y) / R - ks and
+    d = (x - y) / R - kd are centred on their global means; xy: scratch (2, n); k: constants.
+    Each step handles both rows in one op: s, d = X + Y, X - Y with X = x / R - (ks + kd) / 2
+    and Y = y / R - (ks - kd) / 2."""
+    torch.add(k["x"], xs, alpha=k["inv"], out=xy[0])
+    torch.add(k["y"], ys, alpha=k["inv"], out=xy[1])
+    torch.addcmul(xy[:1], xy[1:], k["plus_minus"], out=prod[:2])
+    torch.addcmul(k["c2n"], prod[:2], prod[:2], out=prod[2:])  # c2 / N per voxel: Sss gains c2
 
 
-def _ssim_add_map(total, sums, weight, tmp, N, ks, kd, c1):
+def _ssim_add_map(total, sums, weight, tmp, k):
     """total += SSIM map (times weight) from the window sums (4, n) of s, d, s^2 + c2/N, d^2.
     With s = x + y and d = x - y (in units of R): 2 ux uy = (Ss^2 - Sd^2) / 2N^2, ux^2 + uy^2 =
     (Ss^2 + Sd^2) / 2N^2, 2 sxy = (Vs - Vd) / 2 and sx^2 + sy^2 = (Vs + Vd) / 2, where V are
     the sample variances; both factors of the ratio are scaled alike, so the constants are too.
-    tmp: scratch (5, n)."""
-    S, Sd, Sss, Sdd = sums
-    st, dt, a1, b1, e = tmp
-    torch.add(S, ks, alpha=N, out=st)  # uncentred sums
-    torch.add(Sd, kd, alpha=N, out=dt)
-    torch.addcmul(c1, dt, dt, value=-1, out=a1).addcmul_(st, st)  # Ss^2 - Sd^2 + c1
-    torch.addcmul(a1, dt, dt, value=2, out=b1)  # Ss^2 + Sd^2 + c1
-    vs = torch.addcmul(Sss, S, S, value=-1.0 / N, out=st)  # (Vs + c2) / N: c2 rode along in ss
-    vd = torch.addcmul(Sdd, Sd, Sd, value=-1.0 / N, out=dt)
-    a1.mul_(torch.sub(vs, vd, out=e))
-    b1.mul_(vs.add_(vd))
+    tmp: scratch (6, n); pairs of rows go through one op."""
+    N = k["N"]
+    t = torch.add(sums[:2], k["s_d"], alpha=N, out=tmp[:2])  # uncentred Ss, Sd
+    v = torch.addcmul(sums[2:], sums[:2], sums[:2], value=-1.0 / N, out=tmp[2:4])  # (Vs + c2, Vd) / N
+    q = torch.addcmul(k["c1"], t[0], t[0], out=tmp[4])  # Ss^2 + c1
+    torch.mul(t[1], t[1], out=tmp[5])  # Sd^2
+    ab = torch.addcmul(q, tmp[5], k["minus_plus"], out=tmp[:2])  # Ss^2 + c1 -/+ Sd^2
+    ab.mul_(torch.addcmul(v[0], v[1], k["minus_plus"], out=tmp[4:]))  # times Vs + c2 -/+ Vd
     if weight is None:
-        total.addcdiv_(a1, b1)
+        total.addcdiv_(ab[0], ab[1])
     else:
-        total.add_(a1.div_(b1).mul_(weight))
+        total.add_(ab[0].div_(ab[1]).mul_(weight))
 
 
 def _ssim_slab(x, y, weight, w, dtype, inv, ks, kd, stream=True):
@@ -177,9 +175,10 @@ def _ssim_slab(x, y, weight, w, dtype, inv, ks, kd, stream=True):
     P, r, N = H * W, w - 1, w ** 3
     dev = x.device
     const = lambda v: torch.tensor(v, dtype=dtype, device=dev)
-    c1 = const(2.0 * (0.01 ** 2) * N * N)  # A1, B1 scaled by 2 N^2 (in units of R)
-    c2n = const(2.0 * (0.03 ** 2) * (N - 1) / N)  # A2, B2 scaled by 2 N / cn, cn = N / (N - 1)
-    ks, kd = const(ks), const(kd)
+    k = {"inv": inv, "N": N, "x": const(-(ks + kd) / 2), "y": const(-(ks - kd) / 2),
+         "s_d": const([[ks], [kd]]), "plus_minus": const([[1.0], [-1.0]]), "minus_plus": const([[-1.0], [1.0]]),
+         "c1": const(2.0 * (0.01 ** 2) * N * N),  # A1, B1 scaled by 2 N^2 (in units of R)
+         "c2n": const([[2.0 * (0.03 ** 2) * (N - 1) / N], [0.0]])}  # A2, B2 scaled by 2 N / cn, cn = N / (N - 1)
     if weight is not None:  # laid out like the flat output slices, zero in the cropped border
         wflat = torch.zeros(D - r, H, W, dtype=dtype, device=dev)
         wflat[:, :H - r, :W - r] = weight
@@ -188,18 +187,17 @@ def _ssim_slab(x, y, weight, w, dtype, inv, ks, kd, stream=True):
     zeros = lambda *shape: torch.zeros(*shape, dtype=dtype, device=dev)
     if not stream:
         prod, wsum, hsum = zeros(4, D * P), zeros(4, D * P), zeros(4, D * P)
-        _ssim_products(xf.reshape(-1).to(dtype), yf.reshape(-1).to(dtype), prod, inv, ks, kd, c2n)
+        _ssim_products(xf.reshape(-1).to(dtype), yf.reshape(-1).to(dtype), prod, hsum[:2], k)
         _box_sum(prod, w, 1, wsum)  # along w
         _box_sum(wsum, w, W, hsum)  # along h
         sums = _box_sum(hsum, w, P, prod)  # along d
         total = zeros((D - r) * P)
-        _ssim_add_map(total, sums, None if weight is None else weight.reshape(-1), zeros(5, (D - r) * P),
-                      N, ks, kd, c1)
+        _ssim_add_map(total, sums, None if weight is None else weight.reshape(-1), zeros(6, (D - r) * P), k)
     else:
-        prod, wsum, u, tmp, total = zeros(4, P), zeros(4, P), zeros(4, P), zeros(5, P), zeros(P)
+        prod, xy, wsum, u, tmp, total = zeros(4, P), zeros(2, P), zeros(4, P), zeros(4, P), zeros(6, P), zeros(P)
         ring = zeros(w, 4, P)  # the last w slices filtered along w and h; slice z in ring[z % w]
         for z in range(D):
-            _ssim_products(xf[z].to(dtype), yf[z].to(dtype), prod, inv, ks, kd, c2n)
+            _ssim_products(xf[z].to(dtype), yf[z].to(dtype), prod, xy, k)
             _box_sum(prod, w, 1, wsum)
             slot, fresh = ring[z % w], (z - r) % _SSIM_REFRESH == 0
             if z > r and not fresh:
@@ -211,7 +209,7 @@ def _ssim_slab(x, y, weight, w, dtype, inv, ks, kd, stream=True):
                 torch.sum(ring, 0, out=u)
             else:
                 u.add_(slot)
-            _ssim_add_map(total, u, None if weight is None else weight[z - r], tmp, N, ks, kd, c1)
+            _ssim_add_map(total, u, None if weight is None else weight[z - r], tmp, k)
     # total: the map summed per position, over one plane (stream) or per output slice
     return rearrange(total, "(c h w) -> c h w", h=H, w=W)[:, :H - r, :W - r].sum(dtype=torch.float64).item()
 
