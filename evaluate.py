@@ -126,7 +126,7 @@ def _box_sum(x, w, step, out):
     return torch.sum(windows, 1, out=out[:, :m])
 
 
-_SSIM_REFRESH = 16  # CPU: the running depth sum is recomputed from its w slices this often
+_SSIM_REFRESH = 32  # CPU: the running depth sum is recomputed from its w slices this often
 _SSIM_STREAM_CPU = True  # False runs the GPU's whole-slab path on CPU (tests compare the two)
 
 
@@ -194,10 +194,11 @@ def _ssim_slab(x, y, weight, w, dtype, inv, ks, kd, stream=True):
         total = zeros((D - r) * P)
         _ssim_add_map(total, sums, None if weight is None else weight.reshape(-1), zeros(6, (D - r) * P), k)
     else:
-        prod, xy, wsum, u, tmp, total = zeros(4, P), zeros(2, P), zeros(4, P), zeros(4, P), zeros(6, P), zeros(P)
+        prod, u, tmp, total = zeros(4, P), zeros(4, P), zeros(6, P), zeros(P)
+        wsum = tmp[:4]  # tmp is free until the map: fewer arrays per slice, fewer cache misses
         ring = zeros(w, 4, P)  # the last w slices filtered along w and h; slice z in ring[z % w]
         for z in range(D):
-            _ssim_products(xf[z].to(dtype), yf[z].to(dtype), prod, xy, k)
+            _ssim_products(xf[z].to(dtype), yf[z].to(dtype), prod, tmp[4:], k)
             _box_sum(prod, w, 1, wsum)
             slot, fresh = ring[z % w], (z - r) % _SSIM_REFRESH == 0
             if z > r and not fresh:
