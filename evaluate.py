@@ -164,9 +164,10 @@ def _ssim_slab(x, y, weight, w, dtype, inv, ks, kd, stream=True):
     """Sum of the SSIM map over the valid region of a slab (D, H, W) of both volumes, weighted
     by `weight` (the mask over the valid region, or None).
 
-    stream=True (CPU) goes slice by slice, so every array but the last w filtered slices stays
-    in the L2 cache: per input slice the products, the box sums along w and h into a ring of w
-    slices, and the depth window sum kept as a running sum (minus the slice that leaves, plus
+    stream=True (CPU) goes slice by slice, so each op works on one slice (about 1 MiB for 4
+    rows of 240x240) that is still in cache from the op before, instead of on the volume: per
+    input slice the products, the box sums along w and h into a ring of w slices, and the
+    depth window sum kept as a running sum (minus the slice that leaves, plus
     the one that enters; recomputed from the ring every _SSIM_REFRESH slices to bound the
     rounding drift), then the map of one output slice. stream=False (GPU) does each step once
     over the whole slab. Positions whose windows wrap across a row or slice of the flat arrays
@@ -187,7 +188,7 @@ def _ssim_slab(x, y, weight, w, dtype, inv, ks, kd, stream=True):
     zeros = lambda *shape: torch.zeros(*shape, dtype=dtype, device=dev)
     if not stream:
         prod, wsum, hsum = zeros(4, D * P), zeros(4, D * P), zeros(4, D * P)
-        _ssim_products(xf.reshape(-1).to(dtype), yf.reshape(-1).to(dtype), prod, hsum[:2], k)
+        _ssim_products(xf.reshape(-1).to(dtype), yf.reshape(-1).to(dtype), prod, hsum[:2], k)  # hsum as scratch
         _box_sum(prod, w, 1, wsum)  # along w
         _box_sum(wsum, w, W, hsum)  # along h
         sums = _box_sum(hsum, w, P, prod)  # along d
