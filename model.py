@@ -68,7 +68,7 @@ class _BiasedAttention(torch.autograd.Function):
         # The shift mask is -inf here instead of MONAI's -100: the probabilities are the same
         # in float32 (exp(-100) is below its resolution next to the row's maximum term, and the
         # outputs are bitwise equal), but exp(-100) is a float32 denormal, and the kernel ran
-        # 1.7x slower on windows that hold them.
+        # 1.5-1.7x slower on blocks that hold them.
         B, nw, heads, n, d = q.shape
         attend = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         bias = bias.contiguous()
