@@ -99,8 +99,8 @@ class _BiasedAttention(torch.autograd.Function):
             qc, kc, vc, gc = q[:, c], k[:, c], v[:, c], grad[:, c]
             p = torch.matmul(qc, kc.transpose(-2, -1)).mul_(ctx.scale).add_(bias)
             if region is not None:
-                p.add_(region_mask(region[c], q.dtype)[:, None])
-            # logits below -80 (the -100 of the shift mask) are set to -inf: their exp would be a
+                p.add_(region_mask(region[c], q.dtype, -math.inf)[:, None])  # the forward's mask
+            # logits more than 80 below the log-sum-exp are set to -inf: their exp would be a
             # float32 denormal, which costs ~80x more in exp and in every product after it
             p = F.threshold_(p.sub_(lse[:, c].to(q.dtype)), -80.0, -math.inf).exp_()
             dv[:, c] = torch.matmul(p.transpose(-2, -1), gc)
