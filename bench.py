@@ -357,8 +357,8 @@ def bench_data(args):
 
 # metrics benchmark: 3-D SSIM vs scikit-image, HD95 vs MONAI, 18-connected components vs scipy
 def _metrics_ssim_ours(a, b, data_range):
-    import evaluate
-    return evaluate.ssim3d(a, b, data_range)
+    import metrics
+    return metrics.ssim3d(a, b, data_range)
 
 
 def _metrics_ssim_skimage(a, b, data_range):
@@ -378,7 +378,7 @@ def bench_metrics(args):
     from scipy import ndimage
     from skimage.metrics import structural_similarity
 
-    import evaluate
+    import metrics
 
     shape = (120, 120, 78) if args.quick else (240, 240, 155)
     repeats = 2 if args.quick else 3
@@ -392,11 +392,11 @@ def bench_metrics(args):
         ref = structural_similarity(a.astype(np.float64), b.astype(np.float64), data_range=r)
         fns = {"skimage": lambda: structural_similarity(a, b, data_range=r)}
         for compute in (torch.float32, torch.float64):
-            fns[compute] = lambda compute=compute: evaluate.ssim3d(a, b, r, dtype=compute)
+            fns[compute] = lambda compute=compute: metrics.ssim3d(a, b, r, dtype=compute)
         times = median_times(fns, 2 * repeats + 1)  # in turn: a change of machine load hits all alike
         t_sk = times.pop("skimage")
         for compute, t in times.items():
-            v = evaluate.ssim3d(a, b, r, dtype=compute)
+            v = metrics.ssim3d(a, b, r, dtype=compute)
             rows.append({"metric": f"SSIM {np.dtype(dtype).name} input, ours in {str(compute)[6:]}", "ours_s": t,
                          "peer": "skimage", "peer_s": t_sk, "ratio": t / t_sk, "speedup": t_sk / t,
                          "abs_diff": abs(v - ref)})
@@ -420,8 +420,8 @@ def bench_metrics(args):
         ref = compute_hausdorff_distance(tm(p_mask), tm(g_mask), include_background=True, percentile=95, spacing=spacing).item()
         t_peer = median_time(lambda: compute_hausdorff_distance(tm(p_mask), tm(g_mask), include_background=True,
                                                                 percentile=95, spacing=spacing), repeats)
-    v = evaluate.hd95(p_mask, g_mask, spacing)
-    t = median_time(lambda: evaluate.hd95(p_mask, g_mask, spacing), repeats)
+    v = metrics.hd95(p_mask, g_mask, spacing)
+    t = median_time(lambda: metrics.hd95(p_mask, g_mask, spacing), repeats)
     rows.append({"metric": "HD95 (tumour-sized masks)", "ours_s": t, "peer": "MONAI", "peer_s": t_peer,
                  "ratio": t / t_peer, "speedup": t_peer / t, "abs_diff": abs(v - ref)})
 
@@ -429,8 +429,8 @@ def bench_metrics(args):
     lesions = ndimage.binary_dilation(lesions, iterations=2)
     structure = ndimage.generate_binary_structure(3, 2)
     n_ref = ndimage.label(lesions, structure)[1]
-    n = evaluate.connected_components(lesions, 18)[1]
-    t = median_time(lambda: evaluate.connected_components(lesions, 18), repeats)
+    n = metrics.connected_components(lesions, 18)[1]
+    t = median_time(lambda: metrics.connected_components(lesions, 18), repeats)
     t_peer = median_time(lambda: ndimage.label(lesions, structure), repeats)
     rows.append({"metric": f"18-conn. components ({n} lesions)", "ours_s": t, "peer": "scipy", "peer_s": t_peer,
                  "ratio": t / t_peer, "speedup": t_peer / t, "abs_diff": float(abs(n - n_ref))})
@@ -571,6 +571,7 @@ def _downstream_setup(which, fs, roi):
     graph by its own backward; the peer sums every term and runs one backward."""
     import numpy as np
 
+    import inference as I
     import losses
     import model
     import runtime as R
@@ -591,12 +592,12 @@ def _downstream_setup(which, fs, roi):
         net.zero_grad(set_to_none=True)
         feats, anchor, total = [], None, 0.0
         for i in order:
-            u = T.single(x, i)
-            xh, skips = T.encode(net, u)
+            u = I.single(x, i)
+            xh, skips = I.encode(net, u)
             feats.append((xh, skips, u))
             total = total + losses.seg_loss(net.decode(xh, skips, u), batch["regions"]) + losses.invariance_loss(xh, anchor)
             anchor = losses.update_anchor(anchor, xh)
-        total = total + losses.seg_loss(net.decode(*T.fuse(feats, w)), batch["regions"])
+        total = total + losses.seg_loss(net.decode(*I.fuse(feats, w)), batch["regions"])
         total.backward()
 
     return net, ours if which == "ours" else one_backward
@@ -617,7 +618,7 @@ def bench_downstream(args):
     backward of the summed objective (same gradients, every decoder graph alive at once), and
     whole-volume inference of the 15 BraTS subsets in one sliding-window pass (each modality
     encoded once per window) against 15 separate passes."""
-    import train_downstream as T
+    import inference as I
     import model
 
     fs, roi = (12, (32, 32, 64)) if args.quick else (24, (96, 96, 96))
@@ -635,10 +636,10 @@ def bench_downstream(args):
     meta = {"modalities": ["t1", "t1ce", "t2", "flair"], "roi": list(roi)}
     image = torch.randn(4, roi[0] + roi[0] // 2, *roi[1:])  # two windows along D at overlap 0.5
     subsets = [[i for i in range(4) if c >> i & 1] for c in range(1, 16)]
-    t_one = median_time(lambda: T.predict_subsets(net, image, subsets, meta), repeats=1, warmup=0)
-    t_sep = median_time(lambda: [T.predict(net, image, s, meta) for s in subsets], repeats=1, warmup=0)
-    diff = max((a - T.predict(net, image, s, meta)).abs().max().item()
-               for a, s in zip(T.predict_subsets(net, image, subsets, meta), subsets[:3]))
+    t_one = median_time(lambda: I.predict_subsets(net, image, subsets, meta), repeats=1, warmup=0)
+    t_sep = median_time(lambda: [I.predict(net, image, s, meta) for s in subsets], repeats=1, warmup=0)
+    diff = max((a - I.predict(net, image, s, meta)).abs().max().item()
+               for a, s in zip(I.predict_subsets(net, image, subsets, meta), subsets[:3]))
     print_table(f"15-subset whole-volume inference, F={fs}, volume {tuple(image.shape[1:])}, roi {roi}",
                 [{"one pass s": t_one, "15 passes s": t_sep, "speedup": t_sep / t_one, "max |diff|": diff}],
                 ["one pass s", "15 passes s", "speedup", "max |diff|"])

@@ -35,9 +35,7 @@ import itertools
 import json
 import os
 import re
-import shutil
 import sys
-import threading
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,6 +47,9 @@ import numpy as np
 import torch
 from einops import rearrange
 
+from files import atomic, atomic_dir, write_text
+from metrics import LABELS  # label kind -> (allowed values, regions: name -> label values, in channel order)
+
 HERE = Path(__file__).resolve().parent
 DEMO_DIR = HERE / "demo_data"  # demo root: brats/ (resolve("demo")) and autopet/ (resolve("demo-petct"))
 CACHE_DIR = HERE / ".cache" / "data"
@@ -57,11 +58,6 @@ VERSION = 1  # of the preprocessing: cache entries of another version are rebuil
 BRATS_FILES = {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair"}  # modality -> file suffix
 BRATS2023_FILES = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
 AUTOPET_FILES = {"ct": "CTres", "pet": "SUV"}
-LABELS = {  # label kind -> (allowed values, regions: name -> label values, in channel order)
-    "brats": ((0, 1, 2, 4), {"tc": (1, 4), "wt": (1, 2, 4), "et": (4,)}),
-    "brats2023": ((0, 1, 2, 3), {"tc": (1, 3), "wt": (1, 2, 3), "et": (3,)}),
-    "autopet": ((0, 1), {"lesion": (1,)}),
-}
 ALIASES = {  # lower-case names seen in file names and dataset.json files -> modality name
     "t1": "t1", "t1n": "t1", "t1w": "t1", "native": "t1",
     "t1ce": "t1ce", "t1c": "t1ce", "t1gd": "t1ce", "t1-gd": "t1ce", "t1post": "t1ce",
@@ -637,7 +633,7 @@ def restore(array, record, fill=0):
 def write_nifti(array, record, path, grid="preprocessed"):
     """Writes an array (labels, probabilities, a synthesised modality) as NIfTI with the source's
     affine and header. grid="preprocessed": restored first; "original": already in that grid.
-    A leading channel axis is written as the 4th NIfTI dimension. Atomic (temp file + rename)."""
+    A leading channel axis is written as the 4th NIfTI dimension. Atomic (files.atomic)."""
     if grid not in ("preprocessed", "original"):
         raise ValueError(f"write_nifti: grid must be 'preprocessed' or 'original', got {grid!r}")
     a = restore(array, record) if grid == "preprocessed" else np.asarray(array)
@@ -655,14 +651,8 @@ def write_nifti(array, record, path, grid="preprocessed"):
     img.set_data_dtype(a.dtype)
     img.header.set_slope_inter(1.0, 0.0)
     path = Path(path)
-    ext = ".nii.gz" if path.name.endswith(".gz") else ".nii"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp{ext}")
-    try:
+    with atomic(path) as tmp:
         nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -671,6 +661,35 @@ def label_to_regions(label, regions):
     values None is 'any nonzero label'."""
     out = [(label > 0) if v is None else np.isin(label, v) for v in regions.values()]
     return np.stack(out).astype(np.float32)
+
+
+def regions_to_label(masks, regions):
+    """Region masks (K, D, H, W) in the channel order of `regions` (name -> label values, as
+    the specs hold them) -> a uint8 label map in the dataset's convention. Each region paints
+    the one value it holds that no region nested in it holds, outer regions first: BraTS
+    WT - TC -> 2, TC - ET -> 1, ET -> 4 (3 for BraTS 2023); AutoPET lesion -> 1."""
+    masks = np.asarray(masks)
+    if masks.ndim != 4 or masks.shape[0] != len(regions):
+        raise ValueError(f"regions_to_label: expected ({len(regions)}, D, H, W) masks for the regions "
+                         f"{list(regions)}, got shape {masks.shape}")
+    sets = {k: frozenset((1,) if v is None else v) for k, v in regions.items()}
+    label = np.zeros(masks.shape[1:], np.uint8)
+    for k in sorted(sets, key=lambda k: -len(sets[k])):  # stable: ties keep the channel order
+        inner = set().union(*[s for j, s in sets.items() if j != k and s < sets[k]])
+        own = sets[k] - inner
+        if len(own) != 1:
+            raise ValueError(f"regions_to_label: region {k!r} {sorted(sets[k])} does not own exactly one label "
+                             f"value (nested regions hold {sorted(inner)}); cannot write a label map")
+        label[masks[list(regions).index(k)] > 0] = next(iter(own))
+    return label
+
+
+def source_spacing(record):
+    """Voxel spacing (mm) along the source image's own axes (the record lists it in RAS order)."""
+    out = [0.0] * 3
+    for j, p in enumerate(record["perm"]):
+        out[p] = float(record["spacing"][j])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -775,26 +794,15 @@ def load_case(case, spec, cache_dir=None, use_cache=True, pad_to=None):
         vol = _open_entry(entry, case, spec, sources)  # another rank may have built it meanwhile
         if vol is not None:
             return vol
-        for old in cache_dir.glob(entry.name + ".tmp-*"):  # left by a builder that died
-            shutil.rmtree(old, ignore_errors=True)
         problems, arrays, img = _read_checked(case, spec, first_only=True)
         image, fg, label, record = _preprocess(case, spec, arrays, img, pad_to)
         record["sources"] = sources
-        tmp = cache_dir / f"{entry.name}.tmp-{os.getpid()}-{threading.get_ident()}"
-        tmp.mkdir(parents=True)
-        try:
+        with atomic_dir(entry) as tmp:  # a stale entry is moved aside: readers keep their open maps
             np.save(tmp / "image.npy", image)
             np.save(tmp / "fg.npy", fg)
             if label is not None:
                 np.save(tmp / "label.npy", label)
             (tmp / "record.json").write_text(json.dumps(record))
-            if entry.exists():  # stale: move aside first, readers keep their open maps
-                trash = cache_dir / f"{entry.name}.old-{os.getpid()}-{threading.get_ident()}"
-                os.replace(entry, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-            os.replace(tmp, entry)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return _open_entry(entry, case, spec, sources)
 
 
@@ -835,18 +843,8 @@ def make_split(spec, seed=0, val=0.2, test=0.2, path=None):
              "test": sorted(ids[i] for i in order[:n_test])}
     if path is not None:
         content = {"dataset": str(spec.root), "seed": seed, "val_fraction": val, "test_fraction": test, **split}
-        _atomic_write(Path(path), json.dumps(content, indent=1))
+        write_text(path, json.dumps(content, indent=1))
     return split
-
-
-def _atomic_write(path, text):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def contract(spec):
@@ -1090,18 +1088,9 @@ def ensure_demo(seed=0, n_persons=32, spacing=2.0, root=DEMO_DIR):
     with _locked(root.parent / f".{root.name}.lock"):
         if current():
             return root
-        tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            print(f"building the demo data set in {root} ({n_persons} persons, {spacing} mm)", file=sys.stderr)
+        print(f"building the demo data set in {root} ({n_persons} persons, {spacing} mm)", file=sys.stderr)
+        with atomic_dir(root) as tmp:
             demo_data.build(tmp, n_persons=n_persons, seed=seed, spacing=spacing)
-            if root.exists():
-                old = root.parent / f".{root.name}.old-{os.getpid()}"
-                os.replace(root, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp, root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 

@@ -106,7 +106,7 @@ def evaluate_once(run, dest, task, overlap, data_name="demo", extra=()):
             "--overlap", str(overlap), *extra]
     if results.exists() and results.stat().st_mtime > ckpt.stat().st_mtime:
         old = json.loads(results.read_text())
-        if _same_options(old["meta"]["config"], vars(evaluate._parse_args(argv))):
+        if _same_options(old["meta"]["config"], evaluate.options(evaluate.parse_args(argv))):
             print(f"{results}: up to date with {ckpt}, reused", file=sys.stderr)
             for md in sorted(dest.glob("table*.md")):
                 print(f"\n{md.name}\n\n{md.read_text()}", end="")

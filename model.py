@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
+from data import n_phi
+from files import read_checkpoint
+
 BACKENDS = ("naive", "sdpa", "triton", "auto")
 
 # Sub-voxel order (d, h, w offsets) of PatchMerging. "monai": MONAI >= 1.5. "legacy": the order
@@ -67,8 +70,8 @@ class _BiasedAttention(torch.autograd.Function):
         # mask is per window and one call per batch element shares it.
         # The shift mask is -inf here instead of MONAI's -100: the probabilities are the same
         # in float32 (exp(-100) is below its resolution next to the row's maximum term, and the
-        # outputs are bitwise equal), but exp(-100) is a float32 denormal, and the kernel ran
-        # 1.5-1.7x slower on blocks that hold them.
+        # outputs are bitwise equal), but exp(-100) is a float32 denormal, and the kernel runs
+        # slower on blocks that hold them.
         B, nw, heads, n, d = q.shape
         attend = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         bias = bias.contiguous()
@@ -101,7 +104,7 @@ class _BiasedAttention(torch.autograd.Function):
             if region is not None:
                 p.add_(region_mask(region[c], q.dtype, -math.inf)[:, None])  # the forward's mask
             # logits more than 80 below the log-sum-exp are set to -inf: their exp would be a
-            # float32 denormal, which costs ~80x more in exp and in every product after it
+            # float32 denormal, which is slow in exp and in every product after it
             p = F.threshold_(p.sub_(lse[:, c].to(q.dtype)), -80.0, -math.inf).exp_()
             dv[:, c] = torch.matmul(p.transpose(-2, -1), gc)
             ds = torch.matmul(gc, vc.transpose(-2, -1)).sub_(delta[:, c]).mul_(p)
@@ -379,7 +382,7 @@ class ConvOnly(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last_3d)  # oneDNN's own layout: no reorder per conv
         if c.kernel_size == (1, 1, 1) and not c.transposed:
             # a 1x1x1 conv on channels-last data is a matrix product over the channel axis
-            # (oneDNN's 1x1 conv ran at a tenth of the speed, backward included)
+            # (faster than oneDNN's 1x1 conv, backward included)
             return F.linear(x.permute(0, 2, 3, 4, 1), c.weight.flatten(1), c.bias).permute(0, 4, 1, 2, 3)
         return c(x)
 
@@ -535,11 +538,6 @@ class SwinUNETR(nn.Module):
         z, skips = self.encode(x)
         return self.decode(z, skips, x)
 
-    def replace_head(self, out_channels):
-        """New output layer (e.g. segmentation classes instead of modalities)."""
-        self.out = OutBlock(self.feature_size, out_channels).to(self.out.conv.conv.weight.device)
-        self.out_channels = out_channels
-
 
 class PriorAttention(nn.Module):
     """Multi-head cross-attention whose tokens are the 16F channels and whose embedding is the
@@ -630,6 +628,20 @@ class PersonalizedSwinUNETR(SwinUNETR):
         return self.decode(self.personalize(z), skips, x)
 
 
+def build_model(arch):
+    """The network of an architecture record (the "arch" entry of every checkpoint): "kind"
+    swinunetr or personalized, channels, feature size, roi, prior, prior heads, phi, attention
+    backend and checkpointing. Training builds its network with it and inference rebuilds the
+    same network from a checkpoint."""
+    kw = dict(feature_size=arch["feature_size"], attn_backend=arch.get("attn_backend", "auto"),
+              use_checkpoint=arch.get("checkpointing", False))
+    if arch["kind"] == "swinunetr":
+        return SwinUNETR(arch["in_channels"], arch["out_channels"], **kw)
+    return PersonalizedSwinUNETR(arch["in_channels"], arch["out_channels"], roi=tuple(arch["roi"]),
+                                 prior=arch["prior"], prior_heads=arch["prior_heads"], n_phi=n_phi(arch["phi"]),
+                                 **kw)
+
+
 # ----------------------------------------------------------------------------------------------
 # checkpoint loaders
 
@@ -642,16 +654,8 @@ def _unwrap(sd):
 
 
 def read_state_dict(path_or_sd):
-    """A state dict from a path (torch.load with weights_only=True) or a dict."""
-    if isinstance(path_or_sd, dict):
-        return _unwrap(path_or_sd)
-    try:
-        sd = torch.load(path_or_sd, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path_or_sd}: checkpoint file not found") from None
-    except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
-        raise ValueError(f"{path_or_sd}: not a readable weights-only torch checkpoint ({type(e).__name__}: {e})") from None
-    return _unwrap(sd)
+    """A state dict from a path (files.read_checkpoint: weights-only) or a dict."""
+    return _unwrap(path_or_sd if isinstance(path_or_sd, dict) else read_checkpoint(path_or_sd))
 
 
 def load_mapped(model, mapped, name, skip=(), log=print):

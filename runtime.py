@@ -1,6 +1,6 @@
-"""What both training scripts share: config -> argparse, torchrun set-up, the step sampler,
-atomic checkpoints with every rank's RNG state, the JSONL log and loss-curve figure, and the
-non-finite-loss guard whose decision all ranks agree on."""
+"""What the scripts share: config dataclass -> argparse, and for training torchrun set-up, the
+step sampler, checkpoints with every rank's RNG state, the JSONL log and loss-curve figure, and
+the non-finite-loss guard whose decision all ranks agree on."""
 import argparse
 import dataclasses
 import json
@@ -15,18 +15,28 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import data
+from files import atomic, read_checkpoint, save_checkpoint, write_text
+
 
 # ---- configuration ---------------------------------------------------------------------------
 
 
-def opt(default, help):
-    """A config field with its --help text."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def opt(default, help, choices=None, required=False):
+    """A config field with its --help text (and the values it may take; required: no default on
+    the command line)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "required": required})
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """Options both training scripts share (each script's Config adds its own)."""
+    data: str = opt("demo", "dataset folder, datalist JSON, 'demo' (BraTS-layout MRI) or 'demo-petct'")
+    val_fraction: float = opt(0.2, "fraction of cases held out for validation (a split file in --out, or the "
+                                   "stage-1 checkpoint's split when tuning on its cases, is kept)")
+    test_fraction: float = opt(0.2, "fraction of cases held out for testing")
+    fg_fraction: float = opt(0.5, "fraction of crops centred on a tumour / lesion voxel")
+    w_fg: float = opt(10.0, "foreground weight inside L_decom (pre-training; transfer tuning)")
     max_steps: int = opt(1000, "optimizer steps (one per person-batch)")
     batch_size: int = opt(1, "persons per rank per step")
     lr: float = opt(2e-4, "AdamW learning rate")
@@ -48,18 +58,25 @@ class TrainConfig:
 
 
 
-def parse_config(cls, argv=None, description=None):
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def parse_config(cls, argv=None, description=None, usage=None, epilog=None):
     """argparse built from a config dataclass: every field is a --flag (underscores -> dashes);
-    field metadata 'help' documents it."""
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    field metadata (opt) gives its help, choices and whether it is required."""
+    ap = argparse.ArgumentParser(description=description, usage=usage, epilog=epilog, formatter_class=_Formatter)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         kw = {"default": default, "help": f.metadata.get("help", " ")}
+        if f.metadata.get("required"):
+            kw["required"] = True
         if isinstance(default, bool):
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
-            ap.add_argument(flag, type=type(default) if default is not None else str, **kw)
+            ap.add_argument(flag, type=type(default) if default is not None else str,
+                            choices=f.metadata.get("choices"), **kw)
     return cls(**vars(ap.parse_args(argv)))
 
 
@@ -211,30 +228,12 @@ def set_rng_state(s):
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in s["python"]))
 
 
-def save_checkpoint(path, state):
-    """torch.save to a temporary file in the same folder, fsync, then rename: a crash never
-    leaves a truncated checkpoint behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def load_checkpoint(path):
-    """A checkpoint written by save_checkpoint (weights-only unpickling)."""
+    """files.read_checkpoint, with its one-line error as the command's exit message."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SystemExit(f"{path}: checkpoint not found") from None
-    except Exception as e:  # noqa: BLE001 - corrupt files raise many types
-        raise SystemExit(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+        return read_checkpoint(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
 
 
 def average_gradients(model, d):
@@ -290,11 +289,11 @@ class JsonlLog:
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if resume_step is None:
-                self.path.write_text("")
+                write_text(self.path, "")
             elif self.path.exists():
                 keep = [line for line in self.path.read_text().splitlines()
                         if line.strip() and json.loads(line).get("step", -1) <= resume_step]
-                self.path.write_text("".join(line + "\n" for line in keep))
+                write_text(self.path, "".join(line + "\n" for line in keep))
 
     def write(self, **entry):
         if self.enabled:
@@ -322,10 +321,9 @@ def plot_log(jsonl, png, keys, title):
         ax.set_xlabel("step")
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = Path(png).with_name(f".{Path(png).name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic(png) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, png)
     return png
 
 
@@ -370,6 +368,15 @@ def optimizer_step(net, params, optim, sched, guard, clip, d, loss, terms):
     return loss, terms, skipped, lr
 
 
+def log_step(jlog, bar, step, loss, terms, lr, wait, timer, skipped):
+    """A finished step: its line of log.jsonl (loss, terms, learning rate, time waiting for data
+    and for the whole step) and the progress bar's numbers."""
+    jlog.write(step=step, loss=loss, **terms, lr=lr, data_wait_s=round(wait, 4),
+               step_s=round(timer.lap() + wait, 4), skipped=skipped)
+    bar.update(1)
+    bar.set_postfix({"loss": f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in terms.items()}})
+
+
 def autocast(d, enabled=True):
     """bf16 autocast on GPU, plain fp32 on CPU."""
     if d.device.type == "cuda" and enabled:
@@ -398,8 +405,6 @@ class Timer:
 def train_loader(spec, ids, roi, batch, steps, start, seed, d, workers=2, fg_fraction=0.5, cache_dir=None):
     """Random roi crops of the cases `ids`, this rank's share of each global batch, from step
     `start` (resume) to `steps`. The cache is built first, split over ranks, then shared."""
-    import data
-
     cases = [spec.case(i) for i in ids]
     data.prepare(data.DatasetSpec(spec.root, spec.layout, spec.modalities, cases, spec.label_kind,
                                   spec.label_values, spec.regions), cache_dir, d.rank, d.world)

@@ -24,8 +24,11 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+
 import demo
-import evaluate
+import report
+from files import git_commit, write_json, write_text
 
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
 TABLE7 = {"1": "C + D + E", "2": "C + D + I", "3": "C + D + E + I (no prior)", "4": "C + D + E + prior",
@@ -148,7 +151,7 @@ def main(argv=None):
                                      "demo-petct", ["--subsets", "given"])
 
     # tables
-    meta = {"seed": seed, "commit": evaluate.git_commit(), "config": {**vars(args), "model": "F=12, roi 64x64x32, "
+    meta = {"seed": seed, "commit": git_commit(), "config": {**vars(args), "model": "F=12, roi 64x64x32, "
             "prior heads 2, AdamW lr 5e-4, batch 1, 1 process on CPU"},
             "test persons": ours["seg"]["meta"]["cases"]}
     t10 = transfer_rows("SwinUNETR (L_decom)", swin_t) + transfer_rows("ours", ours["transfer"]) \
@@ -166,9 +169,8 @@ def main(argv=None):
     ]
     claims = claims_text(t10, seg, t7, t8)
     md = render(args, meta, tables, claims, out)
-    (out / "STUDY.md").write_text(md)
-    (out / "STUDY.json").write_text(json.dumps(evaluate._json_value(
-        {"meta": meta, "tables": {k: rows for k, _, rows in tables}, "claims": claims}), indent=1) + "\n")
+    write_text(out / "STUDY.md", md)
+    write_json(out / "STUDY.json", {"meta": meta, "tables": {k: rows for k, _, rows in tables}, "claims": claims})
     print("\n" + md)
     if args.readme:
         update_readme(Path(args.readme), md, out)
@@ -204,7 +206,7 @@ def render(args, meta, tables, claims, out):
     records = [json.loads(line) for log in sorted(out.rglob("log.jsonl")) for line in log.read_text().splitlines()
                if line.strip()]
     steps = [r["step_s"] for r in records if r.get("step_s") is not None]
-    lines = [f"Made by `python study.py` (`make study`) on {'a GPU' if evaluate.torch.cuda.is_available() else 'CPU'}"
+    lines = [f"Made by `python study.py` (`make study`) on {'a GPU' if torch.cuda.is_available() else 'CPU'}"
              f" ({len(steps)} logged training steps, {sum(steps) / 60:.0f} min of training in all, evaluations "
              f"not counted); seed {meta['seed']}, commit "
              f"{meta['commit']}. Budget: MRI pre-training {args.pretrain_steps} steps, segmentation tuning "
@@ -213,7 +215,7 @@ def render(args, meta, tables, claims, out):
              f"Test persons: {', '.join(meta['test persons'])} (MRI and PET/CT are the same persons). "
              f"Tables with their configuration: {out}/STUDY.json.", ""]
     for name, title, rows in tables:
-        lines += [f"**{title}**", "", evaluate._markdown(rows, list(rows[0]), 2).rstrip(), ""]
+        lines += [f"**{title}**", "", report.markdown(rows, list(rows[0]), 2).rstrip(), ""]
     lines += ["Which of the paper's claims hold on this data, at this budget (one seed, 6 test persons: "
               "differences of a few points are within noise):", "", *claims, ""]
     return "\n".join(lines)
@@ -235,7 +237,7 @@ def update_readme(path, md, out):
     md = md + "\n" + "\n".join(shown)
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
-    path.write_text(f"{head}{BEGIN}\n{md}\n{END}{tail}")
+    write_text(path, f"{head}{BEGIN}\n{md}\n{END}{tail}")
     print(f"{path}: study section replaced; figures in {docs}", file=sys.stderr)
 
 

@@ -19,26 +19,24 @@ person-batch. The val split is scored with sliding windows every --val-every ste
 keeps the best weights (seg: mean Dice over the regions; transfer: strict PSNR from each single
 input to the other targets). OUT/last.pt continues a run exactly (--resume auto).
 
-Other code uses load_tuned(path) -> (model, meta), predict(model, image, subset, meta) and
-predict_subsets(model, image, subsets, meta) (e.g. the 15 subsets of BraTS in one pass).
+Inference with the tuned network (load_tuned, predict_subsets, the fused path) is inference.py.
 """
-import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-import evaluate
 import losses
+import metrics
 import model as M
 import runtime as R
-from train_pretrain import build_model
+from files import save_checkpoint, write_json
+from inference import encode, fuse, predict, predict_subsets, single
+from model import build_model
 
 TASKS = ("seg", "transfer")
 ARCHS = ("full", "swinunetr")
@@ -54,70 +52,30 @@ DOMAIN_GAP = ("modalities", "normalisation", "spacing", "layout", "label_kind", 
 
 @dataclass
 class Config(R.TrainConfig):
-    data: str = R.opt("demo", "dataset folder, datalist JSON, 'demo' (BraTS-layout MRI) or 'demo-petct'")
     out: str = R.opt("runs/downstream", "folder for checkpoints, log, validation results and figures")
     task: str = R.opt("seg", "seg (sigmoid regions: BraTS TC,WT,ET; AutoPET lesion) or transfer (modality synthesis)")
     init: str = R.opt("scratch", "scratch | ours:CKPT (stage-1 checkpoint) | ssl:PATH (Tang et al. model_swinvit.pt)")
+    patch_embed: str = R.opt("tile", "--init ssl: adapt the 1-channel patch embedding by 'tile' or 'reinit'")
     arch: str = R.opt("full", "full (personalized bottleneck; the prior as the stage-1 checkpoint has it) or swinunetr")
     modalities: str = R.opt("", "the |M| channels, in order (default: the stage-1 checkpoint's, else all of the data)")
     inputs: str = R.opt("", "modalities available as inputs in training and validation (default: all of --modalities)")
     targets: str = R.opt("", "transfer: modalities to synthesise (default: all of --modalities)")
     new_decoder: bool = R.opt(False, "keep E, O, Attn, T, Fuse of --init ours, draw D anew (supplementary F.4: "
                                    "another domain with the same number of channels)")
-    patch_embed: str = R.opt("tile", "--init ssl: adapt the 1-channel patch embedding by 'tile' or 'reinit'")
     roi: str = R.opt("", "crop and window size, one side or D,H,W, multiples of 32 (default: the checkpoint's, else 96)")
     feature_size: int = R.opt(0, "Swin feature size F (default: the checkpoint's, else 48)")
     prior_heads: int = R.opt(0, "heads of the prior attention (default: the checkpoint's, else 3)")
     w_inv: float = R.opt(1.0, "weight of L_inv (0 for the baselines of Table 8)")
     w_fused: float = R.opt(1.0, "weight of L_ori of the fused random-subset path")
-    w_fg: float = R.opt(10.0, "transfer: foreground weight inside L_decom")
-    fg_fraction: float = R.opt(0.5, "fraction of crops centred on the tumour / lesion")
     head_prior: float = R.opt(0.01, "seg: probability a new output layer starts with (bias = logit p, the "
                                     "prior-probability init of RetinaNet; 0.5 = bias 0)")
-    val_fraction: float = R.opt(0.2, "fraction of cases held out for validation (when no split is inherited)")
-    test_fraction: float = R.opt(0.2, "fraction of cases held out for testing (when no split is inherited)")
     val_every: int = R.opt(100, "score the val split every N steps and at the end (0: only at the end; -1: never, "
                                 "no best.pt)")
     overlap: float = R.opt(0.5, "sliding-window overlap in validation")
     sw_batch_size: int = R.opt(4, "windows per forward in validation")
 
 
-# ---- the fused path (training and inference) -------------------------------------------------
-
-
-def encode(net, u):
-    """(X_h', skips) of one input u (B, |M|, *roi) holding a single modality on every channel."""
-    z, skips = net.encode(u)
-    return (net.personalize(z) if isinstance(net, M.PersonalizedSwinUNETR) else z), skips
-
-
-def fuse(feats, w):
-    """Means over each person's subset. feats[i] = (X_h^i', skips^i, u^i) of the modalities i;
-    w (n, B) 0/1 with a non-empty column per person. Returns (X_h', skips, u) to decode."""
-    w = w / w.sum(0, keepdim=True)
-
-    def mean(ts):
-        return torch.einsum("nb,nb...->b...", w.to(ts[0]), torch.stack(ts))
-
-    n_skips = len(feats[0][1])
-    return (mean([f[0] for f in feats]), [mean([f[1][k] for f in feats]) for k in range(n_skips)],
-            mean([f[2] for f in feats]))
-
-
-def single(x, i):
-    """Modality i of x (B, |M|, D, H, W) repeated on all |M| channels (how a modality is fed)."""
-    return x[:, i:i + 1].repeat(1, x.shape[1], 1, 1, 1)
-
-
-def fused_outputs(net, x, subsets):
-    """Outputs of the fused path for each subset (channel indices) of x (B, |M|, *roi); every
-    modality is encoded once, however many subsets use it."""
-    feats = {}
-    for i in sorted({i for s in subsets for i in s}):
-        u = single(x, i)
-        feats[i] = (*encode(net, u), u)
-    ones = [torch.ones(len(s), x.shape[0], device=x.device) for s in subsets]
-    return [net.decode(*fuse([feats[i] for i in s], w)) for s, w in zip(subsets, ones)]
+# ---- one step ------------------------------------------------------------------------------------
 
 
 def ori_loss(task, y, x, batch, targets, w_fg):
@@ -177,60 +135,7 @@ def step_randomness(seed, step, first, b, n_inputs):
     return order, w
 
 
-# ---- whole-volume inference and validation ---------------------------------------------------
-
-
-def subset_indices(subset, names):
-    """Modality names or channel indices -> sorted channel indices (non-empty, known, distinct)."""
-    idx = [names.index(s) if isinstance(s, str) and s in names else s for s in subset]
-    if not idx or any(not isinstance(i, (int, np.integer)) or not 0 <= i < len(names) for i in idx) \
-            or len(set(idx)) != len(idx):
-        raise ValueError(f"subset {list(subset)}: expected a non-empty set of the modalities {names} "
-                         "(names or channel indices)")
-    return sorted(int(i) for i in idx)
-
-
-@torch.no_grad()
-def predict_subsets(model, image, subsets, meta, roi=None, overlap=0.5, sw_batch_size=4, blend="gaussian",
-                    device=None, amp=True, stitch_device=None):
-    """Whole-volume outputs of a tuned model from each subset of modalities (names or channel
-    indices) of image (|M|, D, H, W), normalised as data.load_case gives it; channels outside
-    the subsets are never read. One pass of sliding windows of the training roi with Gaussian
-    blending (each modality encoded once per window); axes shorter than the roi are padded with
-    each modality's empty-space value (CT: air), as training crops are. Returns a list of float32
-    (K, D, H, W): seg logits per region (> 0 is inside) or the target modalities."""
-    names = list(meta["modalities"])
-    idx = [subset_indices(s, names) for s in subsets]
-    if not idx:
-        raise ValueError("predict: no subsets of modalities given")
-    x = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image, dtype=np.float32))
-    if x.ndim != 4 or x.shape[0] != len(names):
-        raise ValueError(f"predict: image must be ({len(names)}, D, H, W) for the modalities {names}, "
-                         f"got shape {tuple(x.shape)}")
-    roi = tuple(int(r) for r in (roi or meta["roi"]))
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    size = tuple(x.shape[1:])
-    pad = [(max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for r, s in zip(roi, size)]
-    x = x.float()
-    if any(a or b for a, b in pad):
-        flat = [v for ab in reversed(pad) for v in ab]
-        x = torch.stack([F.pad(x[c], flat, value=data.pad_value(m)) for c, m in enumerate(names)])
-
-    def fn(xb):
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp and dev.type == "cuda"):
-            return torch.cat(fused_outputs(model, xb, idx), 1).float()
-
-    out = evaluate.sliding_window_inference(fn, x, roi, overlap, sw_batch_size, blend, device=dev,
-                                            stitch_device=stitch_device)
-    out = out[(slice(None), *[slice(a, a + s) for (a, _), s in zip(pad, size)])]
-    return list(out.chunk(len(idx)))
-
-
-def predict(model, image, subset, meta, roi=None, overlap=0.5, sw_batch_size=4, blend="gaussian", device=None,
-            amp=True, stitch_device=None):
-    """predict_subsets for one subset: (K, D, H, W) float32."""
-    return predict_subsets(model, image, [subset], meta, roi, overlap, sw_batch_size, blend, device, amp,
-                           stitch_device)[0]
+# ---- validation ------------------------------------------------------------------------------
 
 
 def score_case(net, vol, meta, overlap, sw_batch_size, amp):
@@ -245,9 +150,11 @@ def score_case(net, vol, meta, overlap, sw_batch_size, amp):
         logits = predict(net, image, meta["inputs"], meta, overlap=overlap, sw_batch_size=sw_batch_size, amp=amp)
         truth = torch.from_numpy(vol.regions).to(dev) > 0.5
         policy = "autopet" if meta["label_kind"] == "autopet" else "brats"
-        out = {f"dice_{r}": evaluate.dice(logits[k] > 0, truth[k], policy) for k, r in enumerate(meta["regions"])}
-        vals = [v for v in out.values() if not math.isnan(v)]
-        out["dice"] = sum(vals) / len(vals) if vals else math.nan
+        regions = meta["regions"]
+        row = metrics.region_metrics({r: logits[k] > 0 for k, r in enumerate(regions)},
+                                     {r: truth[k] for k, r in enumerate(regions)}, policy)
+        out = {f"dice_{r}": row[r] for r in regions}
+        out["dice"] = metrics.nanmean(out.values())
         return out
     fg = torch.from_numpy(np.array(vol.fg, dtype=bool)).to(dev)
     wanted = [(s, t) for s in meta["inputs"] for t in meta["targets"] if s != t]
@@ -255,27 +162,22 @@ def score_case(net, vol, meta, overlap, sw_batch_size, amp):
     sources = list(dict.fromkeys(s for s, _ in wanted))
     preds = predict_subsets(net, image, [[s] for s in sources], meta, overlap=overlap, sw_batch_size=sw_batch_size,
                             amp=amp)
-    pairs, base = {}, {}
+    rows = []
     for src, pred in zip(sources, preds):
-        for tgt in [t for s, t in wanted if s == src]:
-            gt = image[names.index(tgt)]
-            pred_t = pred[meta["targets"].index(tgt)]
-            pairs[f"{src}>{tgt}"] = evaluate.transfer_metrics(pred_t, gt, fg, "strict")
-            base[f"{src}>{tgt}"] = evaluate.transfer_metrics(image[names.index(src)], gt, fg, "strict")
-    out = {k: sum(p[k] for p in pairs.values()) / len(pairs) for k in ("psnr", "nmse", "ssim")}
-    out["psnr_identity"] = sum(p["psnr"] for p in base.values()) / len(base)
-    out["pairs"] = {k: {m: p[m] for m in ("psnr", "nmse", "ssim")} for k, p in pairs.items()}
+        tgts = [t for s, t in wanted if s == src]
+        rows += metrics.transfer_case(vol.id, src, [pred[meta["targets"].index(t)] for t in tgts],
+                                      [image[names.index(t)] for t in tgts], fg, tgts, "strict",
+                                      identity=image[names.index(src)])
+    out = {k: metrics.nanmean(r[k] for r in rows) for k in ("psnr", "nmse", "ssim")}
+    out["psnr_identity"] = metrics.nanmean(r["identity_psnr"] for r in rows)
+    out["pairs"] = {f"{r['source']}>{r['target']}": {m: r[m] for m in ("psnr", "nmse", "ssim")} for r in rows}
     return out
 
 
 def summarise(cases):
     """Mean over cases of every scalar entry, NaN values left out."""
     keys = [k for k, v in next(iter(cases.values())).items() if isinstance(v, float)]
-    out = {}
-    for k in keys:
-        vals = [c[k] for c in cases.values() if not math.isnan(c[k])]
-        out[k] = sum(vals) / len(vals) if vals else math.nan
-    return out
+    return {k: metrics.nanmean(c[k] for c in cases.values()) for k in keys}
 
 
 @torch.no_grad()
@@ -382,7 +284,7 @@ def names_of(flag, value, available, default):
 
 
 def architecture(cfg, source, n_channels, n_out):
-    """The tuning network's architecture record (train_pretrain.build_model builds it): sizes
+    """The tuning network's architecture record (model.build_model builds it): sizes
     from the stage-1 checkpoint unless given, and checked against it."""
     s = source["arch"] if source else {}
     personalized = cfg.arch == "full"
@@ -416,31 +318,6 @@ def tuning_split(spec, cfg, source, out, d):
     if not d.main:
         split = data.make_split(spec, cfg.seed, cfg.val_fraction, cfg.test_fraction, path)
     return split
-
-
-def write_json(path, obj):
-    """JSON written to a temporary file, then renamed (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def load_tuned(path, device="cpu"):
-    """A tuned model (OUT/best.pt or OUT/last.pt) in eval mode and its meta: task, modalities
-    (channel order), inputs, targets or regions, roi, label kind, arch, contract, split, step, val."""
-    ck = R.load_checkpoint(path)
-    if ck.get("kind") != "downstream":
-        raise ValueError(f"{path}: not a train_downstream checkpoint (kind {ck.get('kind')!r})")
-    net = build_model(ck["arch"])
-    net.load_state_dict(ck["model"])
-    meta = {**ck["task"], "arch": ck["arch"], "contract": ck["contract"], "split": ck["split"],
-            "step": ck["step"], "val": ck.get("val")}
-    return net.to(device).eval(), meta
 
 
 # ---- the loop --------------------------------------------------------------------------------
@@ -539,7 +416,7 @@ def main(argv=None):
         if d.main:
             write_json(out / "val.json", {"step": step, "summary": summary, "cases": cases})
             if improved:
-                R.save_checkpoint(out / "best.pt", {
+                save_checkpoint(out / "best.pt", {
                     "model": net.state_dict(), "step": step, "arch": arch, "task": task,
                     "contract": data.contract(spec), "modalities": names, "split": split, "kind": "downstream",
                     "config": asdict(cfg), "val": summary})
@@ -571,10 +448,7 @@ def main(argv=None):
         loss = terms.pop("loss")
         loss, terms, skipped, lr = R.optimizer_step(net, params, optim, sched, guard, cfg.clip, d, loss, terms)
         step += 1
-        jlog.write(step=step, loss=loss, **terms, lr=lr, data_wait_s=round(wait, 4),
-                   step_s=round(timer.lap() + wait, 4), skipped=skipped)
-        bar.update(1)
-        bar.set_postfix({"loss": f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in terms.items()}})
+        R.log_step(jlog, bar, step, loss, terms, lr, wait, timer, skipped)
         if step == cfg.max_steps or (cfg.val_every > 0 and step % cfg.val_every == 0):
             summary = validate_and_keep_best(step)
         if step % cfg.save_every == 0 or step == cfg.max_steps:

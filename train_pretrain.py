@@ -21,6 +21,7 @@ import data
 import losses
 import model as M
 import runtime as R
+from model import build_model
 
 # Table 7 of the supplementary: which constraints and whether the prior is used.
 PRESETS = {
@@ -38,36 +39,20 @@ TERMS = ("contr", "equ", "inv", "decom")
 
 @dataclass
 class Config(R.TrainConfig):
-    data: str = R.opt("demo", "dataset folder, datalist JSON, 'demo' (BraTS-layout MRI) or 'demo-petct'")
     out: str = R.opt("runs/pretrain", "folder for checkpoints, log and figures")
-    modalities: str = R.opt("", "comma-separated subset and order of modalities (default: all of the data set)")
     preset: str = R.opt("full", "constraint set: 1..6 (Table 7), full (= 6) or swinunetr (plain, L_decom only)")
     roi: str = R.opt("96", "crop size, one side or D,H,W, multiples of 32")
     feature_size: int = R.opt(48, "Swin feature size F (multiple of 12)")
     prior_heads: int = R.opt(3, "heads of the prior attention (must divide (roi/32)^3)")
     phi: str = R.opt("rot90", "geometric transforms: rot90 (4 classes in one plane) or cube (24 rotations)")
+    modalities: str = R.opt("", "comma-separated subset and order of modalities (default: all of the data set)")
     w_contr: float = R.opt(1.0, "weight of L_contr")
     w_equ: float = R.opt(1.0, "weight of L_equ")
     w_inv: float = R.opt(1.0, "weight of L_inv")
     w_decom: float = R.opt(1.0, "weight of L_decom")
-    w_fg: float = R.opt(10.0, "foreground weight inside L_decom")
     tau: float = R.opt(0.1, "InfoNCE temperature")
     grad_views: bool = R.opt(False, "back-propagate through the encodings of the positive and negative views")
-    fg_fraction: float = R.opt(0.5, "fraction of crops centred on the foreground / lesion")
-    val_fraction: float = R.opt(0.2, "fraction of cases held out for validation (split file in --out)")
-    test_fraction: float = R.opt(0.2, "fraction of cases held out for testing")
     compile: bool = R.opt(False, "torch.compile the encoder and decoder blocks")
-
-
-def build_model(arch):
-    """The network of a pre-training run from its architecture record (stored in checkpoints)."""
-    kw = dict(feature_size=arch["feature_size"], attn_backend=arch.get("attn_backend", "auto"),
-              use_checkpoint=arch.get("checkpointing", False))
-    if arch["kind"] == "swinunetr":
-        return M.SwinUNETR(arch["in_channels"], arch["out_channels"], **kw)
-    return M.PersonalizedSwinUNETR(arch["in_channels"], arch["out_channels"], roi=tuple(arch["roi"]),
-                                   prior=arch["prior"], prior_heads=arch["prior_heads"],
-                                   n_phi=data.n_phi(arch["phi"]), **kw)
 
 
 def per_sample(fn, x, ks, kind):
@@ -191,10 +176,7 @@ def main(argv=None):
                 sums[t] += v.item() / nm
         total, sums, skipped, lr = R.optimizer_step(net, params, optim, sched, guard, cfg.clip, d, total, sums)
         step += 1
-        jlog.write(step=step, loss=total, **sums, lr=lr, data_wait_s=round(wait, 4),
-                   step_s=round(timer.lap() + wait, 4), skipped=skipped)
-        bar.update(1)
-        bar.set_postfix({"loss": f"{total:.3f}", **{t: f"{v:.3f}" for t, v in sums.items()}})
+        R.log_step(jlog, bar, step, total, sums, lr, wait, timer, skipped)
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             R.save_state(out / "last.pt", net, optim, sched, step, cfg, d, arch=arch,
                          contract=data.contract(spec), modalities=list(spec.modalities), split=split,

@@ -1,4 +1,6 @@
+import itertools
 import os
+import struct
 import sys
 
 import nibabel as nib
@@ -6,6 +8,20 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def smooth(shape, passes=4, seed=0):
+    x = np.random.default_rng(seed).standard_normal(shape)
+    for axis, _ in itertools.product(range(3), range(passes)):
+        x = (x + np.roll(x, 1, axis) + np.roll(x, -1, axis)) / 3
+    return x
+
+
+def png_size(path):
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
 
 
 def write_brats(root, n=5, shape=(36, 40, 34), seed=0, convention="brats"):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import data
+import inference
 import model as M
 import runtime as R
 import train_downstream as T
@@ -57,7 +58,7 @@ def trained_batch(tiny_brats, out, cache, steps):
 @torch.no_grad()
 def objective(net, batch, task, inputs, targets):
     """Algorithm-2 objective of a network (or checkpoint) on a batch, fixed order, full subsets."""
-    net = T.load_tuned(net)[0] if isinstance(net, Path) else net.eval()
+    net = inference.load_tuned(net)[0] if isinstance(net, Path) else net.eval()
     n = len(inputs)
     return T.tuning_step(net, batch["image"], batch, T.Config(task=task), inputs, targets, np.arange(n),
                          torch.ones(n, batch["image"].shape[0]), R.Dist(), backward=False)["loss"]
@@ -87,7 +88,7 @@ def test_seg_from_stage1_loads_every_tensor_but_the_head_and_lowers_loss(tiny_br
     batch = trained_batch(tiny_brats, out, stage1[1], 2)
     assert objective(out / "last.pt", batch, "seg", [0, 1], []) < objective(tmp_path / "step0.pt", batch, "seg",
                                                                              [0, 1], [])
-    net, meta = T.load_tuned(out / "best.pt")
+    net, meta = inference.load_tuned(out / "best.pt")
     assert meta["task"] == "seg" and meta["regions"] == ["tc", "wt", "et"] and meta["modalities"] == ["t1", "t2"]
     assert meta["inputs"] == ["t1", "t2"] and meta["roi"] == list(ROI)
 
@@ -121,7 +122,7 @@ def test_transfer_keeps_target_head_rows_lowers_loss_and_resumes_exactly(tiny_br
 
     # the initial network: stage-1 weights; the stage-1 decoder already predicts t2 (channel 1), so
     # its row of the output layer is kept
-    net0 = train_pretrain.build_model(sa["arch"])
+    net0 = M.build_model(sa["arch"])
     T.load_stage1(net0, ck, "transfer", ["t2"], log=QUIET)
     assert torch.equal(net0.out.conv.conv.weight, ck["model"]["out.conv.conv.weight"][1:2])
     assert torch.equal(net0.out.conv.conv.bias, ck["model"]["out.conv.conv.bias"][1:2])
@@ -132,7 +133,7 @@ def test_transfer_keeps_target_head_rows_lowers_loss_and_resumes_exactly(tiny_br
 def test_stage1_into_plain_swinunetr_and_new_decoder(stage1):
     ck = torch.load(stage1[0], weights_only=True)
     arch = dict(ck["arch"], kind="swinunetr", out_channels=3)
-    plain = train_pretrain.build_model(arch)
+    plain = M.build_model(arch)
     rep = T.load_stage1(plain, ck, "seg", [], log=QUIET)
     bottleneck = [k for k in ck["model"] if k.startswith(("prior", "prior_attn.", "transfer.", "fuse.",
                                                           "equ_head.", "proj_head.", "out."))]
@@ -144,7 +145,7 @@ def test_stage1_into_plain_swinunetr_and_new_decoder(stage1):
     assert all(torch.equal(sd[k], ck["model"][k]) for k in rep["loaded"])
 
     # F.4: keep E, O, Attn, T, Fuse; draw the whole decoder D anew
-    net = train_pretrain.build_model(dict(ck["arch"], out_channels=2))
+    net = M.build_model(dict(ck["arch"], out_channels=2))
     torch.manual_seed(1)
     rep = T.load_stage1(net, ck, "transfer", ["t1", "t2"], new_decoder=True, log=QUIET)
     decoder = [k for k in ck["model"] if k.split(".")[0] in
@@ -201,7 +202,7 @@ def test_fused_inference_every_subset_of_4_and_of_2():
     encoded, decoded, encode, decode = [], [], net.encode, net.decode
     net.encode = lambda u: encoded.append((u, encode(u))) or encoded[-1][1]
     net.decode = lambda xh, skips, u: decoded.append((xh, skips, u)) or decode(xh, skips, u)
-    outs = T.fused_outputs(net, x, subsets)
+    outs = inference.fused_outputs(net, x, subsets)
     del net.encode, net.decode
     assert len(decoded) == len(outs) == 15
     # each modality encoded once, alone, repeated on the 4 channels
@@ -224,17 +225,17 @@ def test_fused_inference_every_subset_of_4_and_of_2():
     meta = {"modalities": ["ct", "pet"], "roi": list(ROI)}
     image = torch.rand(2, 20, 30, 50) * 2 - 1
     subsets = all_subsets(2)
-    preds = T.predict_subsets(net2, image, [[meta["modalities"][i] for i in s] for s in subsets], meta)
+    preds = inference.predict_subsets(net2, image, [[meta["modalities"][i] for i in s] for s in subsets], meta)
     padded = torch.full((1, 2, *ROI), -1.0)
     padded[:, 1] = 0.0
     padded[0, :, 6:26, 1:31, 7:57] = image
-    feats = [(*T.encode(net2, padded[:, [i] * 2]), padded[:, [i] * 2]) for i in range(2)]
+    feats = [(*inference.encode(net2, padded[:, [i] * 2]), padded[:, [i] * 2]) for i in range(2)]
     for s, p in zip(subsets, preds):
         assert p.shape == (1, 20, 30, 50)
-        ref = net2.decode(*T.fuse([feats[i] for i in s], torch.ones(len(s), 1)))
+        ref = net2.decode(*inference.fuse([feats[i] for i in s], torch.ones(len(s), 1)))
         torch.testing.assert_close(p, ref[0, :, 6:26, 1:31, 7:57], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="non-empty set"):
-        T.predict(net2, image, [], meta)
+        inference.predict(net2, image, [], meta)
 
 
 def free_port():
@@ -259,7 +260,7 @@ def test_validation_two_gloo_ranks_equals_one_process(tiny_brats, stage1, tmp_pa
     two = json.loads((out / "val.json").read_text())
     assert list(two["cases"]) == ids
 
-    net, meta = T.load_tuned(out / "last.pt")
+    net, meta = inference.load_tuned(out / "last.pt")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

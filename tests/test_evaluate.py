@@ -16,6 +16,7 @@ from skimage.measure import label as components
 
 import data
 import evaluate as E
+import inference
 import train_downstream as T
 
 TINY = ["--feature-size", "12", "--roi", "32,32,64", "--prior-heads", "2", "--workers", "0"]
@@ -136,7 +137,7 @@ def test_seg_tables_nifti_on_source_grid_and_dice_from_written_files(setup, tmp_
     results = json.loads((out / "results.json").read_text())
     assert sorted(results["cases"]) == ["Case_000", "Case_001", "Case_002"]
 
-    net, meta = T.load_tuned(ckpts["seg"])
+    net, meta = inference.load_tuned(ckpts["seg"])
     spec = data.resolve(root, ["t1", "t2"])
     dices = {r: [] for r in ("WT", "TC", "ET")}
     for cid in ("Case_000", "Case_001", "Case_002"):
@@ -149,7 +150,7 @@ def test_seg_tables_nifti_on_source_grid_and_dice_from_written_files(setup, tmp_
 
         if cid != "Case_001":  # the label map of all inputs: the model's regions sent to the source grid by hand
             vol = data.load_case(spec.case(cid), spec, cache)
-            logits = T.predict(net, torch.from_numpy(np.array(vol.image)), ["t1", "t2"], meta)
+            logits = inference.predict(net, torch.from_numpy(np.array(vol.image)), ["t1", "t2"], meta)
             tc, wt, et = (logits > 0).numpy()  # meta["regions"] order
             assert meta["regions"] == ["tc", "wt", "et"]
             want = expected_on_source_grid(brats_label(tc, wt, et), vol.record, src_img.shape)
@@ -173,7 +174,7 @@ def test_transfer_tables_and_metrics_recomputed_from_written_nifti(setup, tmp_pa
     root, cache, ckpts = setup
     out = tmp_path / "transfer"
     run(setup, "transfer", out, "--protocol", "reference,strict,brasyn", "--figures", "0")
-    net, meta = T.load_tuned(ckpts["transfer"])
+    net, meta = inference.load_tuned(ckpts["transfer"])
     test_ids = meta["split"]["test"]
     results = json.loads((out / "results.json").read_text())
     assert sorted(results["cases"]) == sorted(test_ids)
@@ -280,14 +281,14 @@ def test_regions_to_label_inverts_label_to_regions(kind):
     rng = np.random.default_rng(0)
     label = rng.choice(np.array(values, np.uint8), size=(7, 6, 5))
     masks = data.label_to_regions(label, regions) > 0.5
-    np.testing.assert_array_equal(E.regions_to_label(masks, regions), label)
+    np.testing.assert_array_equal(data.regions_to_label(masks, regions), label)
     if kind != "autopet":  # overlapping predictions: the innermost region wins, by the BraTS rule
         tc, wt, et = rng.random((3, 7, 6, 5)) < 0.4
         et_value = 4 if kind == "brats" else 3
-        np.testing.assert_array_equal(E.regions_to_label(np.stack([tc, wt, et]), regions),
+        np.testing.assert_array_equal(data.regions_to_label(np.stack([tc, wt, et]), regions),
                                       brats_label(tc, wt, et, et_value))
     with pytest.raises(ValueError, match="does not own exactly one label value"):
-        E.regions_to_label(np.zeros((2, 3, 3, 3), bool), {"a": (1, 2), "b": (3, 4)})
+        data.regions_to_label(np.zeros((2, 3, 3, 3), bool), {"a": (1, 2), "b": (3, 4)})
 
 
 def test_modality_order_mismatch_and_corrupt_file_stop_with_one_line_and_no_output(setup, tmp_path):

@@ -1,31 +1,22 @@
-"""evaluate.py against independent references: scikit-image (PSNR, NRMSE, SSIM), MONAI (Dice,
-confusion-matrix rates, HD95, sliding-window inference), scipy.ndimage.label (connected
-components) and brute-force loops written here."""
-import itertools
-import json
+"""metrics.py against independent references: scikit-image (PSNR, NRMSE, SSIM), MONAI (Dice,
+confusion-matrix rates, HD95), scipy.ndimage.label (connected components) and brute-force loops
+written here."""
 import math
-import struct
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from monai.inferers import sliding_window_inference as monai_swi
 from monai.metrics import (compute_confusion_matrix_metric, compute_dice, compute_hausdorff_distance,
                            get_confusion_matrix)
 from scipy import ndimage
 from skimage.metrics import normalized_root_mse, peak_signal_noise_ratio, structural_similarity
 
-import evaluate as ev
+import metrics
+import report
+from conftest import smooth
 
 RNG = np.random.default_rng(0)
-
-
-def smooth(shape, passes=4, seed=0):
-    x = np.random.default_rng(seed).standard_normal(shape)
-    for axis, _ in itertools.product(range(3), range(passes)):
-        x = (x + np.roll(x, 1, axis) + np.roll(x, -1, axis)) / 3
-    return x
 
 
 def volume_pairs():
@@ -48,13 +39,6 @@ def ptp_range(p, g):
     return float(max(np.ptp(p), np.ptp(g)))
 
 
-def png_size(path):
-    with open(path, "rb") as f:
-        head = f.read(24)
-    assert head[:8] == b"\x89PNG\r\n\x1a\n"
-    return struct.unpack(">II", head[16:24])
-
-
 # ---------------------------------------------------------------------------------------------
 # PSNR, NMSE, SSIM
 
@@ -62,16 +46,16 @@ def png_size(path):
 @pytest.mark.parametrize("name,pred,gt", list(volume_pairs()), ids=lambda v: v if isinstance(v, str) else "")
 def test_psnr_nmse_ssim_match_skimage(name, pred, gt):
     rng = ptp_range(pred, gt)
-    assert ev.psnr(pred, gt, rng) == pytest.approx(peak_signal_noise_ratio(gt, pred, data_range=rng), abs=1e-6)
-    assert ev.nmse(pred, gt) == pytest.approx(normalized_root_mse(gt, pred, normalization="euclidean") ** 2, rel=1e-6)
+    assert metrics.psnr(pred, gt, rng) == pytest.approx(peak_signal_noise_ratio(gt, pred, data_range=rng), abs=1e-6)
+    assert metrics.nmse(pred, gt) == pytest.approx(normalized_root_mse(gt, pred, normalization="euclidean") ** 2, rel=1e-6)
     ref = structural_similarity(pred.astype(np.float64), gt.astype(np.float64), data_range=rng)
-    assert abs(ev.ssim3d(pred, gt, rng) - ref) < 1e-5  # float32 path (default)
-    assert abs(ev.ssim3d(torch.from_numpy(pred), torch.from_numpy(gt), rng, dtype=torch.float64) - ref) < 1e-9
+    assert abs(metrics.ssim3d(pred, gt, rng) - ref) < 1e-5  # float32 path (default)
+    assert abs(metrics.ssim3d(torch.from_numpy(pred), torch.from_numpy(gt), rng, dtype=torch.float64) - ref) < 1e-9
     ref5 = structural_similarity(pred.astype(np.float64), gt.astype(np.float64), data_range=rng, win_size=5)
-    assert abs(ev.ssim3d(pred, gt, rng, win_size=5) - ref5) < 1e-5
+    assert abs(metrics.ssim3d(pred, gt, rng, win_size=5) - ref5) < 1e-5
     # a data range much smaller than the values (luminance and contrast terms nearly unregularised)
     small = structural_similarity(pred.astype(np.float64), gt.astype(np.float64), data_range=rng / 50)
-    assert abs(ev.ssim3d(pred, gt, rng / 50) - small) < 1e-4
+    assert abs(metrics.ssim3d(pred, gt, rng / 50) - small) < 1e-4
 
 
 def test_ssim_mask_averages_the_skimage_map():
@@ -83,43 +67,42 @@ def test_ssim_mask_averages_the_skimage_map():
     mask[2:15, 5:18, 1:9] = True
     inner = (slice(3, -3),) * 3
     want = smap[inner][mask[inner]].mean()
-    assert ev.ssim3d(p, g, rng, mask=mask) == pytest.approx(want, abs=1e-6)
-    assert ev.ssim3d(p, g, rng, mask=mask, dtype=torch.float64) == pytest.approx(want, abs=1e-12)
+    assert metrics.ssim3d(p, g, rng, mask=mask) == pytest.approx(want, abs=1e-6)
+    assert metrics.ssim3d(p, g, rng, mask=mask, dtype=torch.float64) == pytest.approx(want, abs=1e-12)
     # the whole-volume mean is the mask of everything
-    assert ev.ssim3d(p, g, rng, mask=np.ones(g.shape, bool)) == pytest.approx(smap[inner].mean(), abs=1e-6)
+    assert metrics.ssim3d(p, g, rng, mask=np.ones(g.shape, bool)) == pytest.approx(smap[inner].mean(), abs=1e-6)
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole-slab"])
-def test_ssim_long_volume(stream, monkeypatch):
+def test_ssim_long_volume(stream):
     # streamed (CPU): deeper than several refreshes of the running depth sum, so its drift and
     # the ring of filtered slices are exercised; whole-slab: the path the GPU takes
-    monkeypatch.setattr(ev, "_SSIM_STREAM_CPU", stream)
     g = smooth((90, 12, 10), passes=2)
     p = g + 0.2 * RNG.standard_normal(g.shape)
     rng = ptp_range(p, g)
-    assert abs(ev.ssim3d(p, g, rng) - structural_similarity(p, g, data_range=rng)) < 1e-6
+    assert abs(metrics.ssim3d(p, g, rng, stream=stream) - structural_similarity(p, g, data_range=rng)) < 1e-6
     _, smap = structural_similarity(p, g, data_range=rng, full=True)
     mask = smooth(g.shape, seed=5) > 0
     inner = (slice(3, -3),) * 3
-    assert ev.ssim3d(p, g, rng, mask=mask) == pytest.approx(smap[inner][mask[inner]].mean(), abs=1e-6)
+    assert metrics.ssim3d(p, g, rng, mask=mask, stream=stream) == pytest.approx(smap[inner][mask[inner]].mean(), abs=1e-6)
 
 
 def test_ssim_bad_input():
     x = np.zeros((8, 8, 8))
     with pytest.raises(ValueError, match="win_size"):
-        ev.ssim3d(x, x, 1.0, win_size=6)
+        metrics.ssim3d(x, x, 1.0, win_size=6)
     with pytest.raises(ValueError, match="every side"):
-        ev.ssim3d(np.zeros((8, 5, 8)), np.zeros((8, 5, 8)), 1.0)
+        metrics.ssim3d(np.zeros((8, 5, 8)), np.zeros((8, 5, 8)), 1.0)
     with pytest.raises(ValueError, match="shape"):
-        ev.ssim3d(x, np.zeros((8, 8, 9)), 1.0)
+        metrics.ssim3d(x, np.zeros((8, 8, 9)), 1.0)
     mask = np.zeros((8, 8, 8), bool)
     mask[0] = True  # only border voxels, none in the valid region
     with pytest.raises(ValueError, match="mask has no voxel"):
-        ev.ssim3d(x, x + 1, 1.0, mask=mask)
+        metrics.ssim3d(x, x + 1, 1.0, mask=mask)
     with pytest.raises(ValueError, match="data_range"):
-        ev.psnr(x, x, 0)
+        metrics.psnr(x, x, 0)
     with pytest.raises(ValueError, match="all zero"):
-        ev.nmse(x + 1, x)
+        metrics.nmse(x + 1, x)
 
 
 def _crop_mean(smap, mask):
@@ -138,7 +121,7 @@ def test_transfer_protocols_match_a_direct_computation():
     tumour = np.zeros(shape, bool)
     tumour[9:16, 10:17, 7:13] = True
 
-    out = ev.transfer_metrics(pred, gt, fg, "reference")
+    out = metrics.transfer_metrics(pred, gt, fg, "reference")
     z = np.where(fg, (pred - pred[fg].mean()) / pred[fg].std(), gt)
     r = ptp_range(z, gt)
     assert out["data_range"] == pytest.approx(r)
@@ -146,14 +129,14 @@ def test_transfer_protocols_match_a_direct_computation():
     assert out["nmse"] == pytest.approx(((z - gt) ** 2).sum() / (gt ** 2).sum(), rel=1e-9)
     assert out["ssim"] == pytest.approx(structural_similarity(z, gt, data_range=r), abs=1e-5)
 
-    out = ev.transfer_metrics(pred, gt, fg, "strict")
+    out = metrics.transfer_metrics(pred, gt, fg, "strict")
     r = ptp_range(pred[fg], gt[fg])
     assert out["psnr"] == pytest.approx(peak_signal_noise_ratio(gt[fg], pred[fg], data_range=r), abs=1e-6)
     assert out["nmse"] == pytest.approx(((pred - gt)[fg] ** 2).sum() / (gt[fg] ** 2).sum(), rel=1e-9)
     _, smap = structural_similarity(pred, gt, data_range=r, full=True)
     assert out["ssim"] == pytest.approx(_crop_mean(smap, fg), abs=1e-5)
 
-    out = ev.transfer_metrics(pred, gt, None, "brasyn", tumour=tumour)
+    out = metrics.transfer_metrics(pred, gt, None, "brasyn", tumour=tumour)
 
     def clip_scale(a):
         lo, hi = np.percentile(a, [0.5, 99.5])
@@ -166,13 +149,13 @@ def test_transfer_protocols_match_a_direct_computation():
     _, smap = structural_similarity(p1 * ~tumour, g1 * ~tumour, data_range=1.0, full=True)
     assert out["ssim_non_tumour"] == pytest.approx(_crop_mean(smap, ~tumour), abs=1e-5)
 
-    rows = ev.transfer_case("c0", "t1", [pred, gt], [gt, gt], fg, ["t2", "flair"])
+    rows = metrics.transfer_case("c0", "t1", [pred, gt], [gt, gt], fg, ["t2", "flair"])
     assert [(r["case"], r["source"], r["target"]) for r in rows] == [("c0", "t1", "t2"), ("c0", "t1", "flair")]
-    assert rows[0]["ssim"] == ev.transfer_metrics(pred, gt, fg)["ssim"]
+    assert rows[0]["ssim"] == metrics.transfer_metrics(pred, gt, fg)["ssim"]
     with pytest.raises(ValueError, match="protocol"):
-        ev.transfer_metrics(pred, gt, fg, "paper")
+        metrics.transfer_metrics(pred, gt, fg, "paper")
     with pytest.raises(ValueError, match="constant"):
-        ev.transfer_metrics(np.ones(shape), gt, fg, "reference")
+        metrics.transfer_metrics(np.ones(shape), gt, fg, "reference")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,16 +192,16 @@ def test_dice_and_confusion_rates_match_monai():
     for p, g in mask_pairs():
         monai_nan = compute_dice(as_monai(p), as_monai(g), include_background=True, ignore_empty=True).item()
         monai_one = compute_dice(as_monai(p), as_monai(g), include_background=True, ignore_empty=False).item()
-        assert same(ev.dice(p, g, "monai"), monai_nan, 1e-6)
-        assert same(ev.dice(p, g, "brats"), monai_one, 1e-6)  # BraTS: both empty -> 1, one empty -> 0
+        assert same(metrics.dice(p, g, "monai"), monai_nan, 1e-6)
+        assert same(metrics.dice(p, g, "brats"), monai_one, 1e-6)  # BraTS: both empty -> 1, one empty -> 0
         # AutoPET: a true negative is left out (NaN), a false positive on a negative case scores 0
         if not g.any():
             want = 0.0 if p.any() else np.nan
         else:
             want = 2 * (p & g).sum() / (p.sum() + g.sum())
-        assert same(ev.dice(torch.from_numpy(p), torch.from_numpy(g), "autopet"), want, 1e-12)
+        assert same(metrics.dice(torch.from_numpy(p), torch.from_numpy(g), "autopet"), want, 1e-12)
         cm = get_confusion_matrix(as_monai(p), as_monai(g), include_background=True)
-        ours = ev.confusion_rates(p, g)
+        ours = metrics.confusion_rates(p, g)
         for k in ("tpr", "tnr", "fpr", "fnr"):
             assert same(ours[k], compute_confusion_matrix_metric(k, cm).item(), 1e-6), k
         assert [ours[k] for k in ("tp", "fp", "tn", "fn")] == cm[0, 0].long().tolist()
@@ -231,9 +214,9 @@ def test_hd95_matches_monai_including_empty_masks():
         spacing = rng.uniform(0.6, 2.0, 3)
         ref = compute_hausdorff_distance(as_monai(p), as_monai(g), include_background=True, percentile=95,
                                          spacing=spacing.tolist()).item()
-        ours = ev.hd95(p, g, spacing, empty="monai")
+        ours = metrics.hd95(p, g, spacing, empty="monai")
         assert same(ours, ref, 1e-4 * max(1.0, ref)), (ours, ref)  # MONAI keeps float32 distances
-        brats = ev.hd95(p, g, spacing, empty="brats")
+        brats = metrics.hd95(p, g, spacing, empty="brats")
         if p.any() and g.any():
             assert brats == ours
         else:
@@ -245,14 +228,14 @@ def test_hd95_matches_monai_including_empty_masks():
     p = ell((24, 21, 20), (18, 18, 17)) | (rng.random(g.shape) > 0.9993)
     ref = compute_hausdorff_distance(as_monai(p), as_monai(g), include_background=True, percentile=95,
                                      spacing=[1.2, 1.4, 1.3]).item()
-    assert ev.hd95(p, g, (1.2, 1.4, 1.3)) == pytest.approx(ref, rel=1e-5)
+    assert metrics.hd95(p, g, (1.2, 1.4, 1.3)) == pytest.approx(ref, rel=1e-5)
     # the directed maximum (percentile 100) equals a brute force over surface voxels
     p, g = mask_pairs()[0]
     pts = lambda m: np.argwhere(m & ~ndimage.binary_erosion(m, border_value=0)) * np.array([1.0, 2.0, 0.5])
     a, b = pts(p), pts(g)
     d = np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))
     want = max(d.min(1).max(), d.min(0).max())
-    assert ev.hd95(p, g, (1.0, 2.0, 0.5), percentile=100) == pytest.approx(want, abs=1e-9)
+    assert metrics.hd95(p, g, (1.0, 2.0, 0.5), percentile=100) == pytest.approx(want, abs=1e-9)
 
 
 def test_policies_and_brats_regions():
@@ -260,41 +243,41 @@ def test_policies_and_brats_regions():
     label[2:8, 2:9, 3:9] = 2
     label[3:6, 3:7, 4:7] = 1
     label[4:5, 4:6, 5:6] = 4
-    regions = ev.brats_regions(label)
+    regions = metrics.brats_regions(label)
     for name, values in (("WT", (1, 2, 4)), ("TC", (1, 4)), ("ET", (4,))):
         assert np.array_equal(regions[name].numpy(), np.isin(label, values))
     label23 = np.where(label == 4, 3, label)
-    for name in ev.REGIONS:
-        assert torch.equal(ev.brats_regions(label23, "brats2023")[name], regions[name])
-        assert torch.equal(ev.brats_regions(label23, "auto")[name], regions[name])
+    for name in metrics.REGIONS:
+        assert torch.equal(metrics.brats_regions(label23, "brats2023")[name], regions[name])
+        assert torch.equal(metrics.brats_regions(label23, "auto")[name], regions[name])
     big_endian = label.astype(">i2")  # as nibabel may hand them over
-    assert torch.equal(ev.brats_regions(big_endian)["ET"], regions["ET"])
+    assert torch.equal(metrics.brats_regions(big_endian)["ET"], regions["ET"])
     with pytest.raises(ValueError, match=r"\[4\] are not in the brats2023"):
-        ev.brats_regions(label, "brats2023")
+        metrics.brats_regions(label, "brats2023")
     with pytest.raises(ValueError, match="3 and 4 both"):
-        ev.brats_regions(np.array([[[3, 4]]]), "auto")
+        metrics.brats_regions(np.array([[[3, 4]]]), "auto")
 
     # a case with no enhancing tumour in truth or prediction, and one where only the truth has it
     no_et = {k: v.clone() for k, v in regions.items()}
     no_et["ET"][:] = False
-    both_empty = ev.seg_case("a", no_et, no_et, subset=("t1",), policy="brats", hd=True)
+    both_empty = metrics.seg_case("a", no_et, no_et, subset=("t1",), policy="brats", hd=True)
     assert both_empty["ET"] == 1.0 and both_empty["HD95_ET"] == 0.0 and both_empty["empty_truth"] == ["ET"]
-    missed = ev.brats_seg_metrics(no_et, regions, policy="brats", hd=True)
+    missed = metrics.brats_seg_metrics(no_et, regions, policy="brats", hd=True)
     assert missed["ET"] == 0.0 and missed["HD95_ET"] == 373.13 and missed["WT"] == 1.0
-    s = ev.brats_summary([both_empty, {"case": "b", **missed}])
+    s = metrics.brats_summary([both_empty, {"case": "b", **missed}])
     assert s["policy"] == "brats" and s["ET"] == 0.5 and s["n_empty_truth_ET"] == 1 and s["n_empty_pred_ET"] == 2
-    monai = [ev.brats_seg_metrics(no_et, no_et, policy="monai"), ev.brats_seg_metrics(no_et, regions, policy="monai")]
-    s = ev.brats_summary(monai)
+    monai = [metrics.brats_seg_metrics(no_et, no_et, policy="monai"), metrics.brats_seg_metrics(no_et, regions, policy="monai")]
+    s = metrics.brats_summary(monai)
     assert s["policy"] == "monai" and s["ET"] == 0.0 and s["n_excluded_ET"] == 1  # the NaN case is left out
     with pytest.raises(ValueError, match="different empty policies"):
-        ev.brats_summary([both_empty, monai[0]])
+        metrics.brats_summary([both_empty, monai[0]])
     with pytest.raises(ValueError, match="unknown empty-mask policy"):
-        ev.dice(label > 0, label > 0, empty="nnunet")
-    custom = dict(ev.EMPTY_POLICIES["brats"], name="mine", dice_both_empty=0.5)
-    assert ev.dice(label > 9, label > 9, custom) == 0.5
+        metrics.dice(label > 0, label > 0, empty="nnunet")
+    custom = dict(metrics.EMPTY_POLICIES["brats"], name="mine", dice_both_empty=0.5)
+    assert metrics.dice(label > 9, label > 9, custom) == 0.5
     # arrays in WT, TC, ET order give the same result as dicts
-    stack = torch.stack([regions[k] for k in ev.REGIONS])
-    assert ev.brats_seg_metrics(stack, regions)["TC"] == 1.0
+    stack = torch.stack([regions[k] for k in metrics.REGIONS])
+    assert metrics.brats_seg_metrics(stack, regions)["TC"] == 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +289,7 @@ def test_connected_components_match_scipy(connectivity, rank):
     rng = np.random.default_rng(connectivity)
     for density in (0.1, 0.3, 0.45):
         m = rng.random((14, 17, 11)) < density
-        ours, n = ev.connected_components(m, connectivity)
+        ours, n = metrics.connected_components(m, connectivity)
         ref, n_ref = ndimage.label(m, ndimage.generate_binary_structure(3, rank))
         assert n == n_ref
         pairs = set(zip(ours.numpy()[m].tolist(), ref[m].tolist()))
@@ -317,11 +300,11 @@ def test_connected_components_match_scipy(connectivity, rank):
 def test_corner_neighbours_are_separate_at_18_connectivity():
     m = np.zeros((4, 4, 4), bool)
     m[1, 1, 1] = m[2, 2, 2] = True  # touch at a corner only
-    assert ev.connected_components(m, 18)[1] == 2
-    assert ev.connected_components(m, 26)[1] == 1
+    assert metrics.connected_components(m, 18)[1] == 2
+    assert metrics.connected_components(m, 26)[1] == 1
     m[2, 2, 2], m[2, 2, 1] = False, True  # touch along an edge
-    assert ev.connected_components(m, 18)[1] == 1
-    assert ev.connected_components(m, 6)[1] == 2
+    assert metrics.connected_components(m, 18)[1] == 1
+    assert metrics.connected_components(m, 6)[1] == 2
 
 
 def official_style_volumes(pred, gt, connectivity_rank=2):
@@ -345,18 +328,18 @@ def test_autopet_fp_fn_volumes_on_hand_built_components():
     for v in [(5, 5, 5), (5, 5, 6), (5, 6, 6), (6, 6, 6)]:  # a false-positive lesion of 4 voxels
         pred[v] = True
     spacing = (2.0, 1.0, 1.5)  # 3 mm^3 per voxel
-    out = ev.autopet_case_metrics(pred, gt, spacing)
+    out = metrics.autopet_case_metrics(pred, gt, spacing)
     assert out["fp_volume_ml"] == pytest.approx(5 * 3 / 1000)
     assert out["fn_volume_ml"] == pytest.approx(3 * 3 / 1000)
     assert official_style_volumes(pred, gt) == (5, 3)
-    assert ev._unmatched_volume(torch.from_numpy(pred), torch.from_numpy(gt), 26) == 4  # 26-connectivity differs
+    assert metrics._unmatched_volume(torch.from_numpy(pred), torch.from_numpy(gt), 26) == 4  # 26-connectivity differs
     assert out["dice"] == pytest.approx(2 * 1 / (pred.sum() + gt.sum()))
     assert out["gt_positive"] and out["pred_positive"]
     # random cases against the component loop
     rng = np.random.default_rng(5)
     for _ in range(3):
         p, g = rng.random((10, 13, 9)) < 0.08, rng.random((10, 13, 9)) < 0.08
-        out = ev.autopet_case_metrics(p, g, 1.0)
+        out = metrics.autopet_case_metrics(p, g, 1.0)
         fp, fn = official_style_volumes(p, g)
         assert (out["fp_volume_ml"], out["fn_volume_ml"]) == pytest.approx((fp / 1000, fn / 1000))
 
@@ -371,8 +354,8 @@ def test_autopet_summary_case_level_rates():
     speck = empty.copy()
     speck[7, 8, 9] = True
     cases = [(shifted, lesion), (empty, lesion), (empty, empty), (speck, empty), (lesion, lesion), (empty, empty)]
-    results = [dict(ev.autopet_case_metrics(p, g, (1, 1, 2)), method="m") for p, g in cases]
-    s = ev.autopet_summary(results)
+    results = [dict(metrics.autopet_case_metrics(p, g, (1, 1, 2)), method="m") for p, g in cases]
+    s = metrics.autopet_summary(results)
     d_shift = 2 * (shifted & lesion).sum() / (2 * lesion.sum())
     assert s["dice"] == pytest.approx((d_shift + 0 + 0 + 1) / 4)  # true negatives left out, FP negative = 0
     assert s["dice_minus"] == pytest.approx((d_shift + 0 + 1) / 3)
@@ -384,108 +367,5 @@ def test_autopet_summary_case_level_rates():
     assert s["n_true_negative"] == 2 and s["policy"] == "autopet"
     fp = [official_style_volumes(p, g)[0] * 2 / 1000 for p, g in cases]
     assert s["fp_volume_ml"] == pytest.approx(np.mean(fp))
-    row = ev.autopet_table(results)[0]
+    row = report.autopet_table(results)[0]
     assert row["method"] == "m" and row["Dice"] == pytest.approx(100 * s["dice"]) and row["true negatives"] == 2
-
-
-# ---------------------------------------------------------------------------------------------
-# Sliding-window inference
-
-
-def test_identity_sliding_window_reproduces_odd_volume_exactly():
-    x = torch.randn(2, 19, 23, 11)
-    for blend, overlap, roi in (("gaussian", 0.5, (8, 8, 8)), ("constant", 0.25, (7, 10, 5)),
-                                ("gaussian", 0.75, (32, 9, 16))):
-        y = ev.sliding_window_inference(lambda t: t, x, roi, overlap=overlap, sw_batch_size=3, blend=blend)
-        assert y.shape == x.shape and y.dtype == x.dtype
-        assert torch.equal(y, x)
-    y = ev.sliding_window_inference(lambda t: t, x[None], (8, 8, 8), stitch_device="cpu")
-    assert y.shape == (1, 2, 19, 23, 11) and torch.equal(y[0], x)
-
-
-def test_sliding_window_matches_monai_and_checks_fn():
-    torch.manual_seed(0)
-    net = torch.nn.Conv3d(2, 3, 3, padding=1)
-    x = torch.randn(2, 19, 23, 11)
-    with torch.no_grad():
-        for roi, overlap in (((8, 10, 6), 0.5), ((8, 10, 6), 0.25), ((24, 10, 16), 0.5)):
-            ours = ev.sliding_window_inference(net, x, roi, overlap=overlap, sw_batch_size=4)
-            ref = monai_swi(x[None], roi, 4, net, overlap=overlap, mode="gaussian")[0]
-            assert torch.allclose(ours, ref, atol=1e-5)
-    with pytest.raises(ValueError, match="fn must map"):
-        ev.sliding_window_inference(lambda t: t[:, :, :4], x, (8, 8, 8))
-    with pytest.raises(ValueError, match="expected 5"):
-        ev.sliding_window_inference(lambda t: t, x, (8, 8, 8), out_channels=5)
-
-
-# ---------------------------------------------------------------------------------------------
-# Tables and figures
-
-
-def test_tables_and_write_table(tmp_path):
-    rng = np.random.default_rng(2)
-    mods = ["t1", "t1ce", "t2", "flair"]
-    results = [{"case": f"c{i}", "source": s, "target": t, "psnr": rng.uniform(20, 40), "nmse": rng.uniform(0, 0.2),
-                "ssim": rng.uniform(0.8, 1)} for i in range(4) for s in mods for t in mods]
-    rows = ev.transfer_matrix_table(results)
-    assert [(r["source"], r["stat"]) for r in rows][:2] == [("T1", "mean"), ("T1", "std")] and len(rows) == 8
-    sel = [r["psnr"] for r in results if r["source"] == "t2" and r["target"] == "flair"]
-    assert rows[4]["Flair PSNR"] == pytest.approx(np.mean(sel))
-    assert rows[5]["Flair PSNR"] == pytest.approx(np.std(sel, ddof=1))
-    summary = ev.transfer_summary_table(results)
-    sel = [r["ssim"] for r in results if (r["source"], r["target"]) == ("t1", "t2")]
-    assert summary[0]["T1->T2 SSIM"] == pytest.approx(np.mean(sel))
-    assert summary[0]["T1->T2 SSIM std"] == pytest.approx(np.std(sel, ddof=1))
-
-    seg = []
-    for k in range(1, 5):
-        for sub in itertools.combinations(mods, k):
-            for case in range(2):
-                d = {r: rng.uniform(0.5, 0.9) for r in ev.REGIONS}
-                seg.append({"case": case, "subset": sub, **d, "empty_truth": ["ET"] if case else []})
-    table = ev.missing_modality_table(seg)
-    assert len(table) == 16 and table[0]["T1"] == "x" and table[0]["T2"] == "" and table[-1]["subset"] == "mean"
-    assert table[4]["subset"] == "T1+T1ce" and table[-2]["subset"] == "T1+T1ce+T2+Flair"
-    assert table[-1]["ET"] == pytest.approx(np.mean([r["ET"] for r in table[:-1]]))
-    assert table[0]["WT"] == pytest.approx(100 * np.mean([r["WT"] for r in seg if r["subset"] == ("t1",)]))
-    assert table[-1]["empty truth"] == 15
-
-    meta = {"protocol": "reference", "policy": "brats", "seed": 0, "config": {"roi": [96, 96, 96]}}
-    paths = ev.write_table(summary, None, tmp_path / "table9", meta)
-    assert [p.suffix for p in paths] == [".md", ".csv", ".json"] and all(p.exists() for p in paths)
-    md = paths[0].read_text()
-    assert " ± " in md and "T1->T2 PSNR std" not in md
-    data = json.loads(paths[2].read_text())
-    assert data["meta"]["protocol"] == "reference" and data["meta"]["seed"] == 0 and data["meta"]["commit"]
-    assert data["rows"][0]["T1->T2 PSNR"] == pytest.approx(summary[0]["T1->T2 PSNR"])
-    csv_lines = paths[1].read_text().splitlines()
-    assert csv_lines[0].split(",")[0] == "method" and len(csv_lines) == 2
-    with pytest.raises(ValueError, match="lacks columns"):
-        ev.write_table(summary, ["method", "nope"], tmp_path / "bad", meta)
-    assert not list(tmp_path.glob("bad*"))
-
-
-def test_figures_and_pca(tmp_path):
-    rng = np.random.default_rng(4)
-    vol = smooth((20, 24, 16)).astype(np.float32)
-    preds = [vol + 0.1 * rng.standard_normal(vol.shape).astype(np.float32) for _ in range(3)]
-    path = ev.figure_transfer(tmp_path / "t.png", vol, preds, [vol] * 3, ["t1ce", "t2", "flair"], "t1")
-    assert png_size(path) == (12 * 160, 3 * 160)
-    label = np.zeros(vol.shape, np.uint8)
-    label[5:12, 6:15, 4:10] = 2
-    label[7:10, 8:12, 5:8] = 4
-    path = ev.figure_segmentation(tmp_path / "s.png", vol, np.roll(label, 1, 0), label)
-    assert png_size(path) == (3 * 220, 2 * 220)
-    feats = rng.standard_normal((24, 7)) + np.repeat(np.eye(7)[:2] * 4, 12, 0)
-    xy = ev.pca(feats).numpy()
-    c = feats - feats.mean(0)
-    u, s, vt = np.linalg.svd(c, full_matrices=False)
-    ref = c @ vt[:2].T
-    for k in range(2):
-        assert np.allclose(np.abs(xy[:, k]), np.abs(ref[:, k]), atol=1e-10)
-        assert np.allclose(xy[:, k], ref[:, k]) or np.allclose(xy[:, k], -ref[:, k])
-    people = [f"p{i // 2}" for i in range(24)]
-    path = ev.figure_embedding(tmp_path / "e.png", torch.from_numpy(feats), ["ct", "pet"] * 12, people)
-    assert png_size(path) == (400, 400)
-    with pytest.raises(ValueError, match="labels"):
-        ev.figure_embedding(tmp_path / "x.png", feats, ["ct"], ["p0"])

@@ -1,0 +1,258 @@
+"""Inference with a tuned network: the one layer below training, evaluation and prediction.
+
+    load_tuned(path) -> (net, meta)
+                the network rebuilt from the architecture record of its checkpoint
+                (model.build_model), in eval mode, and what it was tuned for
+    single, encode, fuse, fused_outputs
+                the fused path: each modality alone on every input channel, encoded and
+                personalized; the means over a subset of modalities decoded once (a subset of
+                one modality is the per-modality path). Training uses the same functions.
+    pad_to_roi  a (C, D, H, W) volume padded to at least the roi, each channel with its value
+    sliding_window_inference
+                whole-volume inference of any function on windows, Gaussian blending
+    predict_subsets, predict
+                whole-volume outputs of a tuned network from subsets of modalities
+    to_source_grid
+                outputs on the preprocessed grid -> the case's source grid (data.restore)
+    embed       X_h' of each input modality of a person (central roi crop)
+"""
+import itertools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+import data
+from files import read_checkpoint
+from metrics import as_tensor
+from model import PersonalizedSwinUNETR, build_model
+
+
+def load_tuned(path, device="cpu"):
+    """A tuned model (OUT/best.pt or OUT/last.pt of train_downstream.py) in eval mode and its
+    meta: task, modalities (channel order), inputs, targets or regions, roi, label kind, arch,
+    contract, split, step, val. Raises FileNotFoundError / ValueError naming the file."""
+    ck = read_checkpoint(path)
+    if ck.get("kind") != "downstream":
+        raise ValueError(f"{path}: not a train_downstream checkpoint (kind {ck.get('kind')!r})")
+    net = build_model(ck["arch"])
+    net.load_state_dict(ck["model"])
+    meta = {**ck["task"], "arch": ck["arch"], "contract": ck["contract"], "split": ck["split"],
+            "step": ck["step"], "val": ck.get("val")}
+    return net.to(device).eval(), meta
+
+
+# ---- the fused path ----------------------------------------------------------------------------
+
+
+def encode(net, u):
+    """(X_h', skips) of one input u (B, |M|, *roi) holding a single modality on every channel."""
+    z, skips = net.encode(u)
+    return (net.personalize(z) if isinstance(net, PersonalizedSwinUNETR) else z), skips
+
+
+def fuse(feats, w):
+    """Means over each person's subset. feats[i] = (X_h^i', skips^i, u^i) of the modalities i;
+    w (n, B) 0/1 with a non-empty column per person. Returns (X_h', skips, u) to decode."""
+    w = w / w.sum(0, keepdim=True)
+
+    def mean(ts):
+        return torch.einsum("nb,nb...->b...", w.to(ts[0]), torch.stack(ts))
+
+    n_skips = len(feats[0][1])
+    return (mean([f[0] for f in feats]), [mean([f[1][k] for f in feats]) for k in range(n_skips)],
+            mean([f[2] for f in feats]))
+
+
+def single(x, i):
+    """Modality i of x (B, |M|, D, H, W) repeated on all |M| channels (how a modality is fed)."""
+    return x[:, i:i + 1].repeat(1, x.shape[1], 1, 1, 1)
+
+
+def fused_outputs(net, x, subsets):
+    """Outputs of the fused path for each subset (channel indices) of x (B, |M|, *roi); every
+    modality is encoded once, however many subsets use it."""
+    feats = {}
+    for i in sorted({i for s in subsets for i in s}):
+        u = single(x, i)
+        feats[i] = (*encode(net, u), u)
+    ones = [torch.ones(len(s), x.shape[0], device=x.device) for s in subsets]
+    return [net.decode(*fuse([feats[i] for i in s], w)) for s, w in zip(subsets, ones)]
+
+
+# ---- whole volumes -----------------------------------------------------------------------------
+
+
+def pad_to_roi(x, roi, values=0.0):
+    """x (C, D, H, W) padded symmetrically (an odd voxel after) to at least roi along each axis,
+    channel c with values[c] (or one value for all). Returns (padded, crop): padded[:, crop]
+    is x again."""
+    size = tuple(x.shape[1:])
+    pad = [(max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for r, s in zip(roi, size)]
+    crop = tuple(slice(a, a + s) for (a, _), s in zip(pad, size))
+    if not any(a or b for a, b in pad):
+        return x, crop
+    flat = [v for ab in reversed(pad) for v in ab]
+    values = [values] * x.shape[0] if np.isscalar(values) else list(values)
+    if not any(values):
+        return F.pad(x, flat), crop
+    return torch.stack([F.pad(x[c], flat, value=v) for c, v in enumerate(values)]), crop
+
+
+def _window_starts(size, roi, overlap):
+    """Window starts along one axis: stride int(roi * (1 - overlap)) (at least 1), the last
+    window flush with the end (MONAI's placement)."""
+    if roi >= size:
+        return [0]
+    stride = max(int(roi * (1 - overlap)), 1)
+    n = next(k for k in range(1, size + 1) if (k - 1) * stride + roi >= size)
+    return [min(k * stride, size - roi) for k in range(n)]
+
+
+def importance_map(roi, blend="gaussian", sigma_scale=0.125, device=None):
+    """Window weights (float64): Gaussian with sigma = sigma_scale * roi per axis centred on the
+    window (floored at max(min, 1e-3) so no voxel gets weight 0), or constant 1."""
+    if blend == "constant":
+        return torch.ones(roi, dtype=torch.float64, device=device)
+    if blend != "gaussian":
+        raise ValueError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
+    w = None
+    for r in roi:
+        x = torch.arange(r, dtype=torch.float64, device=device) - (r - 1) / 2.0
+        g = torch.exp(-x ** 2 / (2 * (sigma_scale * r) ** 2))
+        w = g if w is None else w[..., None] * g
+    return w.clamp(min=max(w.min().item(), 1e-3))
+
+
+@torch.no_grad()
+def sliding_window_inference(fn, image, roi, overlap=0.5, sw_batch_size=4, blend="gaussian",
+                             sigma_scale=0.125, out_channels=None, device=None, stitch_device=None):
+    """Whole-volume inference: fn maps (n, C, *roi) -> (n, K, *roi); image is (C, D, H, W) or
+    (1, C, D, H, W) of any size (zero-padded symmetrically where smaller than roi, cropped
+    back). Windows run in batches of sw_batch_size on `device` (default: the image's); outputs
+    are blended with the importance map and stitched on `stitch_device` (default: the image's;
+    "cpu" keeps the full-size accumulators off the GPU). Accumulation is float64, so an identity
+    fn gives back a float32 input exactly. Returns the output in fn's dtype, shaped like image."""
+    x = as_tensor(image, "sliding_window_inference image")
+    batched = x.ndim == 5
+    if batched:
+        if x.shape[0] != 1:
+            raise ValueError(f"sliding_window_inference: batch size must be 1, got shape {tuple(x.shape)}")
+        x = x[0]
+    if x.ndim != 4:
+        raise ValueError(f"sliding_window_inference: image must be (C, D, H, W) or (1, C, D, H, W), "
+                         f"got {tuple(x.shape)}")
+    roi = (int(roi),) * 3 if np.isscalar(roi) else tuple(int(r) for r in roi)
+    if len(roi) != 3 or min(roi) < 1:
+        raise ValueError(f"sliding_window_inference: roi must be 3 positive sizes, got {roi}")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"sliding_window_inference: overlap must be in [0, 1), got {overlap}")
+    device = torch.device(device) if device is not None else x.device
+    stitch = torch.device(stitch_device) if stitch_device is not None else x.device
+    x, crop = pad_to_roi(x, roi)
+    full = tuple(x.shape[1:])
+    weight = importance_map(roi, blend, sigma_scale, stitch)
+    windows = list(itertools.product(*[_window_starts(s, r, overlap) for s, r in zip(full, roi)]))
+    acc, norm, out_dtype = None, torch.zeros(full, dtype=torch.float64, device=stitch), None
+    for i in range(0, len(windows), sw_batch_size):
+        batch = windows[i:i + sw_batch_size]
+        xb = torch.stack([x[:, a:a + roi[0], b:b + roi[1], c:c + roi[2]] for a, b, c in batch]).to(device)
+        yb = fn(xb)
+        got = tuple(yb.shape) if isinstance(yb, torch.Tensor) else type(yb).__name__
+        if not isinstance(yb, torch.Tensor) or yb.ndim != 5 or yb.shape[0] != len(batch) or got[2:] != roi:
+            raise ValueError(f"sliding_window_inference: fn must map (n, C, *roi) to (n, K, *roi); "
+                             f"for input {tuple(xb.shape)} it returned {got}")
+        if acc is None:
+            k = yb.shape[1]
+            if out_channels is not None and k != out_channels:
+                raise ValueError(f"sliding_window_inference: fn returned {k} channels, expected {out_channels}")
+            acc, out_dtype = torch.zeros((k,) + full, dtype=torch.float64, device=stitch), yb.dtype
+        yb = yb.to(stitch, torch.float64) * weight
+        for j, (a, b, c) in enumerate(batch):
+            acc[:, a:a + roi[0], b:b + roi[1], c:c + roi[2]] += yb[j]
+            norm[a:a + roi[0], b:b + roi[1], c:c + roi[2]] += weight
+    out = (acc / norm)[(slice(None), *crop)]
+    out = out.to(out_dtype)
+    return out[None] if batched else out
+
+
+
+def subset_indices(subset, names):
+    """Modality names or channel indices -> sorted channel indices (non-empty, known, distinct)."""
+    idx = [names.index(s) if isinstance(s, str) and s in names else s for s in subset]
+    if not idx or any(not isinstance(i, (int, np.integer)) or not 0 <= i < len(names) for i in idx) \
+            or len(set(idx)) != len(idx):
+        raise ValueError(f"subset {list(subset)}: expected a non-empty set of the modalities {names} "
+                         "(names or channel indices)")
+    return sorted(int(i) for i in idx)
+
+
+@torch.no_grad()
+def predict_subsets(model, image, subsets, meta, roi=None, overlap=0.5, sw_batch_size=4, blend="gaussian",
+                    device=None, amp=True, stitch_device=None):
+    """Whole-volume outputs of a tuned model from each subset of modalities (names or channel
+    indices) of image (|M|, D, H, W), normalised as data.load_case gives it; channels outside
+    the subsets are never read. One pass of sliding windows of the training roi with Gaussian
+    blending (each modality encoded once per window); axes shorter than the roi are padded with
+    each modality's empty-space value (CT: air), as training crops are. Returns a list of float32
+    (K, D, H, W): seg logits per region (> 0 is inside) or the target modalities."""
+    names = list(meta["modalities"])
+    idx = [subset_indices(s, names) for s in subsets]
+    if not idx:
+        raise ValueError("predict: no subsets of modalities given")
+    x = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image, dtype=np.float32))
+    if x.ndim != 4 or x.shape[0] != len(names):
+        raise ValueError(f"predict: image must be ({len(names)}, D, H, W) for the modalities {names}, "
+                         f"got shape {tuple(x.shape)}")
+    roi = tuple(int(r) for r in (roi or meta["roi"]))
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    x, crop = pad_to_roi(x.float(), roi, [data.pad_value(m) for m in names])
+
+    def fn(xb):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp and dev.type == "cuda"):
+            return torch.cat(fused_outputs(model, xb, idx), 1).float()
+
+    out = sliding_window_inference(fn, x, roi, overlap, sw_batch_size, blend, device=dev,
+                                   stitch_device=stitch_device)
+    out = out[(slice(None), *crop)]
+    return list(out.chunk(len(idx)))
+
+
+def predict(model, image, subset, meta, roi=None, overlap=0.5, sw_batch_size=4, blend="gaussian", device=None,
+            amp=True, stitch_device=None):
+    """predict_subsets for one subset: (K, D, H, W) float32."""
+    return predict_subsets(model, image, [subset], meta, roi, overlap, sw_batch_size, blend, device, amp,
+                           stitch_device)[0]
+
+
+def to_source_grid(outputs, record, names=None):
+    """Outputs (K, D, H, W) on the preprocessed grid of a case -> (K, X, Y, Z) numpy on its
+    source grid (data.restore: exact inverse of crop, padding and reorientation). Channels named
+    by `names` (modalities) get that modality's empty-space value outside the crop (CT: air),
+    other channels 0."""
+    a = outputs.float().cpu().numpy() if isinstance(outputs, torch.Tensor) else np.asarray(outputs)
+    fills = [data.pad_value(m) for m in names] if names is not None else [0] * len(a)
+    if len(fills) != len(a):
+        raise ValueError(f"to_source_grid: {len(a)} channels, {len(fills)} names")
+    return np.stack([data.restore(c, record, f) for c, f in zip(a, fills)])
+
+
+@torch.no_grad()
+def embed(net, vol, meta, device="cpu"):
+    """X_h' (flattened, on the CPU) of each input modality of one person (a data.Volume), from
+    the central roi crop of its preprocessed volume; [] for a network without personalization."""
+    if not isinstance(net, PersonalizedSwinUNETR):
+        return []
+    names, roi = meta["modalities"], tuple(meta["roi"])
+    dev = torch.device(device)
+    x, _ = pad_to_roi(torch.from_numpy(np.array(vol.image, dtype=np.float32)), roi,
+                      [data.pad_value(m) for m in names])
+    lo = [(s - r) // 2 for s, r in zip(x.shape[1:], roi)]
+    x = x[:, lo[0]:lo[0] + roi[0], lo[1]:lo[1] + roi[1], lo[2]:lo[2] + roi[2]][None].to(dev)  # (1, |M|, *roi)
+    feats = []
+    for m in meta["inputs"]:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            xh, _ = encode(net, single(x, names.index(m)))
+        feats.append(rearrange(xh.float(), "1 c d h w -> (c d h w)").cpu())
+    return feats
