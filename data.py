@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from files import atomic, atomic_dir, write_text
+from files import atomic, atomic_dir, json_text, write_json
 from metrics import LABELS  # label kind -> (allowed values, regions: name -> label values, in channel order)
 
 HERE = Path(__file__).resolve().parent
@@ -802,7 +802,7 @@ def load_case(case, spec, cache_dir=None, use_cache=True, pad_to=None):
             np.save(tmp / "fg.npy", fg)
             if label is not None:
                 np.save(tmp / "label.npy", label)
-            (tmp / "record.json").write_text(json.dumps(record))
+            (tmp / "record.json").write_text(json_text(record, indent=None))
     return _open_entry(entry, case, spec, sources)
 
 
@@ -843,7 +843,7 @@ def make_split(spec, seed=0, val=0.2, test=0.2, path=None):
              "test": sorted(ids[i] for i in order[:n_test])}
     if path is not None:
         content = {"dataset": str(spec.root), "seed": seed, "val_fraction": val, "test_fraction": test, **split}
-        write_text(path, json.dumps(content, indent=1))
+        write_json(path, content)
     return split
 
 

@@ -25,7 +25,6 @@ Files are stored in LPS voxel order like the BraTS and AutoPET releases.
 """
 import argparse
 import importlib.util
-import json
 import math
 import time
 from pathlib import Path
@@ -35,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+
+from files import write_json
 
 VERSION = 1
 STUDY = "study_0"
@@ -365,7 +366,7 @@ def _build(out, n_persons, seed, spacing, tumour_fraction, verbose):
         print()
     manifest = {"version": VERSION, "seed": seed, "n_persons": n_persons, "spacing": spacing,
                 "layouts": {"brats": "brats", "autopet": "autopet"}, "persons": persons}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    write_json(out / "manifest.json", manifest)
     return out
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import data
-from files import atomic, read_checkpoint, save_checkpoint, write_text
+from files import atomic, json_text, read_checkpoint, save_checkpoint, write_text
 
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -51,7 +51,7 @@ class TrainConfig:
     workers: int = opt(2, "DataLoader workers per rank")
     max_nonfinite: int = opt(5, "stop after this many non-finite steps in a row")
     attn_backend: str = opt("auto", "attention: naive | sdpa | triton | auto (triton on CUDA, else sdpa)")
-    checkpointing: bool = opt(False, "activation checkpointing (less memory, ~30%% more time)")
+    checkpointing: bool = opt(False, "activation checkpointing (less memory; each block's forward runs again in the backward)")
     amp: bool = opt(True, "bf16 autocast on GPU (CPU always runs fp32)")
     cache: str = opt("", "preprocessed-data cache folder (default: .cache/data beside data.py)")
     device: str = opt("auto", "auto | cuda | cpu")
@@ -298,7 +298,7 @@ class JsonlLog:
     def write(self, **entry):
         if self.enabled:
             with open(self.path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+                f.write(json_text(entry, indent=None))
 
 
 def plot_log(jsonl, png, keys, title):
@@ -314,7 +314,7 @@ def plot_log(jsonl, png, keys, title):
         return None
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
     for ax, k in zip(axes[0], keys):
-        pts = [(r["step"], r[k]) for r in rows if k in r and r[k] is not None and math.isfinite(r[k])]
+        pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
         if pts:
             ax.plot(*zip(*pts), lw=1)
         ax.set_title(k)
