@@ -8,10 +8,8 @@ median of several runs after warm-up; peak memory is measured in a fresh subproc
 each other. Timed tests are never part of the test suite: numbers come from here only.
 """
 import argparse
-import json
 import multiprocessing as mp
 import statistics
-import sys
 import time
 
 import torch
@@ -276,7 +274,6 @@ def bench_data(args):
     import tempfile
     from pathlib import Path
 
-    import nibabel as nib
     import numpy as np
     from monai.data import PersistentDataset
     from monai.transforms import Compose, CropForegroundd, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd

@@ -630,11 +630,12 @@ class PersonalizedSwinUNETR(SwinUNETR):
 
 def build_model(arch):
     """The network of an architecture record (the "arch" entry of every checkpoint): "kind"
-    swinunetr or personalized, channels, feature size, roi, prior, prior heads, phi, attention
-    backend and checkpointing. Training builds its network with it and inference rebuilds the
+    swinunetr or personalized, channels, feature size, roi, prior, prior heads, phi, the
+    patch-merging order (records without one were built with "monai"), attention backend and
+    checkpointing. Training builds its network with it and inference rebuilds the
     same network from a checkpoint."""
     kw = dict(feature_size=arch["feature_size"], attn_backend=arch.get("attn_backend", "auto"),
-              use_checkpoint=arch.get("checkpointing", False))
+              use_checkpoint=arch.get("checkpointing", False), merging=arch.get("merging", "monai"))
     if arch["kind"] == "swinunetr":
         return SwinUNETR(arch["in_channels"], arch["out_channels"], **kw)
     return PersonalizedSwinUNETR(arch["in_channels"], arch["out_channels"], roi=tuple(arch["roi"]),

@@ -54,8 +54,13 @@ DOMAIN_GAP = ("modalities", "normalisation", "spacing", "layout", "label_kind", 
 class Config(R.TrainConfig):
     out: str = R.opt("runs/downstream", "folder for checkpoints, log, validation results and figures")
     task: str = R.opt("seg", "seg (sigmoid regions: BraTS TC,WT,ET; AutoPET lesion) or transfer (modality synthesis)")
-    init: str = R.opt("scratch", "scratch | ours:CKPT (stage-1 checkpoint) | ssl:PATH (Tang et al. model_swinvit.pt)")
+    init: str = R.opt("scratch", "scratch | ours:CKPT (stage-1 checkpoint) | ssl:PATH (Tang et al. model_swinvit.pt) | "
+                                 "monai:PATH (a MONAI SwinUNETR state dict) | reference:PATH (the reference code's "
+                                 "SSLHead checkpoint)")
     patch_embed: str = R.opt("tile", "--init ssl: adapt the 1-channel patch embedding by 'tile' or 'reinit'")
+    merging: str = R.opt("auto", "patch-merging order: auto (legacy for --init ssl, whose public weights were trained "
+                                 "with it; else the stage-1 checkpoint's; else monai), monai or legacy",
+                         choices=("auto", "monai", "legacy"))
     arch: str = R.opt("full", "full (personalized bottleneck; the prior as the stage-1 checkpoint has it) or swinunetr")
     modalities: str = R.opt("", "the |M| channels, in order (default: the stage-1 checkpoint's, else all of the data)")
     inputs: str = R.opt("", "modalities available as inputs in training and validation (default: all of --modalities)")
@@ -244,11 +249,34 @@ def init_head_prior(net, p):
         net.out.conv.conv.bias.fill_(math.log(p / (1 - p)))
 
 
+INITS = ("scratch", "ours", "ssl", "monai", "reference")
+
+
 def parse_init(init):
     kind, _, path = init.partition(":")
-    if kind not in ("scratch", "ours", "ssl") or (kind == "scratch") != (path == ""):
-        raise SystemExit(f"--init {init}: use scratch, ours:CKPT (stage-1 checkpoint) or ssl:PATH (model_swinvit.pt)")
+    if kind not in INITS or (kind == "scratch") != (path == ""):
+        raise SystemExit(f"--init {init}: use scratch, ours:CKPT (stage-1 checkpoint), ssl:PATH (model_swinvit.pt), "
+                         "monai:PATH (MONAI SwinUNETR state dict) or reference:PATH (the reference code's checkpoint)")
     return kind, path
+
+
+def load_foreign(net, kind, path, patch_embed, log):
+    """--init ssl / monai / reference: the file's tensors by their own names (model.load_*), shapes
+    checked. The output layer loads only where its shape fits (a new task gets a new one); a plain
+    SwinUNETR skips the reference's bottleneck. Returns {"loaded", "skipped", "missing"} names
+    (missing: tensors of net left at their random initialisation)."""
+    try:
+        if kind == "ssl":
+            r = M.load_ssl_swinvit(net, path, patch_embed, log)
+        elif kind == "monai":
+            r = M.load_monai(net, path, skip=("out.",), log=log)
+        else:
+            skip = ("out.",) if isinstance(net, M.PersonalizedSwinUNETR) else ("out.",) + PRIOR
+            r = M.load_reference(net, path, skip=skip, log=log)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--init {kind}:{path}: {' '.join(str(e).split())[:400]}") from None
+    return {"loaded": r["matched"], "skipped": [k.split(":")[0] for k in r["skipped"]],  # names, not the shapes
+            "missing": [k for k in net.state_dict() if k not in r["matched"]]}
 
 
 def check_contract(source, path, spec, new_decoder):
@@ -283,10 +311,14 @@ def names_of(flag, value, available, default):
     return chosen
 
 
-def architecture(cfg, source, n_channels, n_out):
+def architecture(cfg, source, n_channels, n_out, init_kind="scratch"):
     """The tuning network's architecture record (model.build_model builds it): sizes
     from the stage-1 checkpoint unless given, and checked against it."""
     s = source["arch"] if source else {}
+    merging = cfg.merging if cfg.merging != "auto" else ("legacy" if init_kind == "ssl" else s.get("merging", "monai"))
+    if s and merging != s.get("merging", "monai"):
+        raise SystemExit(f"--merging {cfg.merging}: the stage-1 checkpoint was built with the "
+                         f"{s.get('merging', 'monai')} order")
     personalized = cfg.arch == "full"
     prior = s.get("prior", True) if s.get("kind") == "personalized" else True
     fs = cfg.feature_size or s.get("feature_size", 48)
@@ -302,7 +334,8 @@ def architecture(cfg, source, n_channels, n_out):
                 raise SystemExit(f"--{flag} {want}: the stage-1 checkpoint was built with {have}")
     return {"kind": "personalized" if personalized else "swinunetr", "in_channels": n_channels,
             "out_channels": n_out, "feature_size": fs, "roi": list(roi), "prior": prior, "prior_heads": heads,
-            "phi": s.get("phi", "rot90"), "attn_backend": cfg.attn_backend, "checkpointing": cfg.checkpointing}
+            "phi": s.get("phi", "rot90"), "merging": merging, "attn_backend": cfg.attn_backend,
+            "checkpointing": cfg.checkpointing}
 
 
 def tuning_split(spec, cfg, source, out, d):
@@ -349,7 +382,7 @@ def main(argv=None):
     else:
         targets = names_of("targets", cfg.targets, names, names)
         outputs = targets
-    arch = architecture(cfg, source, len(names), len(outputs))
+    arch = architecture(cfg, source, len(names), len(outputs), init)
     split = tuning_split(spec, cfg, source, out, d)
     roi = tuple(arch["roi"])
     task = {"task": cfg.task, "modalities": names, "inputs": inputs, "targets": targets,
@@ -362,9 +395,8 @@ def main(argv=None):
         log(f"[ours] tuning on another domain with a new decoder (F.4): {'; '.join(gap)}")
     if init == "ours":
         report = load_stage1(net, source, cfg.task, targets, cfg.new_decoder, log)
-    elif init == "ssl":
-        r = M.load_ssl_swinvit(net, init_path, cfg.patch_embed, log)
-        report = {"loaded": r["matched"], "skipped": r["skipped"], "missing": r["missing"]}
+    elif init != "scratch":
+        report = load_foreign(net, init, init_path, cfg.patch_embed, log)
     else:
         report = {"loaded": [], "skipped": [], "missing": list(net.state_dict())}
     if cfg.task == "seg" and "out.conv.conv.bias" in report["missing"]:
@@ -386,8 +418,8 @@ def main(argv=None):
         same = ("task", "init", "arch", "seed", "new_decoder")
         if ck.get("kind") != "downstream" or any(ck["config"].get(k) != getattr(cfg, k) for k in same) \
                 or ck["task"]["modalities"] != names or ck["task"]["inputs"] != inputs \
-                or ck["task"]["targets"] != targets:
-            made = ", ".join(f"{k}={ck['config'].get(k)}" for k in same)
+                or ck["task"]["targets"] != targets or ck["arch"].get("merging", "monai") != arch["merging"]:
+            made = ", ".join(f"{k}={ck['config'].get(k)}" for k in same) + f", merging={ck['arch'].get('merging', 'monai')}"
             raise SystemExit(f"{ck_path}: made with another task, init, architecture, seed or modalities "
                              f"({made}); use another --out")
         start, best = ck["step"], ck["best"]

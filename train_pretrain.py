@@ -112,7 +112,7 @@ def main(argv=None):
     nm = len(spec.modalities)
     arch = {"kind": "swinunetr" if cfg.preset == "swinunetr" else "personalized", "in_channels": nm,
             "out_channels": nm, "feature_size": cfg.feature_size, "roi": list(roi), "prior": use["prior"],
-            "prior_heads": cfg.prior_heads, "phi": cfg.phi, "attn_backend": cfg.attn_backend,
+            "prior_heads": cfg.prior_heads, "phi": cfg.phi, "merging": "monai", "attn_backend": cfg.attn_backend,
             "checkpointing": cfg.checkpointing}
     net = build_model(arch).to(d.device)
     R.broadcast_parameters(net, d)

@@ -238,6 +238,49 @@ def test_fused_inference_every_subset_of_4_and_of_2():
         inference.predict(net2, image, [], meta)
 
 
+def test_init_monai_reference_ssl_on_the_command_line(tiny_brats, stage1, tmp_path):
+    """Each foreign checkpoint, with the real key names, through --init: every tensor of the file
+    that fits the network is in the tuned weights under our name, the new task's output layer is
+    reported skipped, and ssl builds the legacy merging order that evaluation rebuilds."""
+    from monai.networks.nets import SwinUNETR as MonaiSwinUNETR
+    from test_model import fake_reference_checkpoint
+
+    monai_sd = {"module." + k: torch.randn_like(v) if v.is_floating_point() else v
+                for k, v in MonaiSwinUNETR(in_channels=2, out_channels=2, feature_size=12).state_dict().items()}
+    torch.save({"state_dict": monai_sd}, tmp_path / "monai.pt")
+    ref_sd = fake_reference_checkpoint(12, 2, grid=tuple(r // 32 for r in ROI))
+    torch.save({"state_dict": ref_sd}, tmp_path / "reference.pt")
+    fake_ssl_checkpoint(tmp_path / "ssl.pt")
+    want = {"monai": {k[len("module."):]: v for k, v in monai_sd.items()},
+            "reference": {"prior": ref_sd["static_prior"][0], "prior_attn.in_proj_weight": ref_sd["attn_for_x.in_proj_weight"],
+                          "transfer.0.weight": ref_sd["tansfer_for_mod.0.weight"],
+                          **{"swinViT." + k[len("swinViT1."):]: v for k, v in ref_sd.items() if k.startswith("swinViT1.")}}}
+    for kind in ("monai", "reference", "ssl"):
+        out = tmp_path / f"run-{kind}"
+        r = T.main(["--data", str(tiny_brats), "--modalities", "t1,t2", "--out", str(out), "--init",
+                    f"{kind}:{tmp_path / (kind + '.pt')}", "--max-steps", "0", "--val-every", "-1",
+                    "--cache", str(stage1[1]), *TINY])
+        init = json.loads((out / "init.json").read_text())
+        tuned = torch.load(out / "last.pt", weights_only=True)
+        own = tuned["model"]
+        assert init["init"].startswith(kind) and set(init["loaded"]) | set(init["missing"]) == set(own)
+        assert not set(init["loaded"]) & set(init["missing"]) and r["init"]["loaded"] == init["loaded"]
+        assert "out.conv.conv.weight" in init["missing"] and not any(k.startswith("swinViT.") for k in init["missing"])
+        for k, v in want.get(kind, {}).items():
+            if k.startswith("out."):
+                assert k in init["skipped"]  # 2 modality rows vs 3 region channels
+                continue
+            assert k in init["loaded"] and torch.equal(own[k], v), k
+        merging = "legacy" if kind == "ssl" else "monai"
+        assert tuned["arch"]["merging"] == merging
+        net, _ = inference.load_tuned(out / "last.pt")
+        assert net.swinViT.layers1[0].downsample.offsets == M.MERGING_ORDERS[merging]
+    assert len(json.loads((tmp_path / "run-monai" / "init.json").read_text())["loaded"]) == len(monai_sd) - 2
+    with pytest.raises(SystemExit, match="reference:.*missing.pt"):
+        T.main(["--data", str(tiny_brats), "--modalities", "t1,t2", "--out", str(tmp_path / "bad"), "--init",
+                f"reference:{tmp_path / 'missing.pt'}", "--max-steps", "0", "--cache", str(stage1[1]), *TINY])
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

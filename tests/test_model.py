@@ -1,5 +1,6 @@
 """model.py against MONAI SwinUNETR and brute-force constructions."""
 import itertools
+import math
 
 import pytest
 import torch
@@ -191,17 +192,18 @@ def test_load_monai_state_dict_with_module_prefix(tmp_path):
         model.load_monai(model.SwinUNETR(3, 2, feature_size=12), ref.state_dict(), log=lambda s: None)
 
 
-def fake_reference_checkpoint(fs=12, out=2):
+def fake_reference_checkpoint(fs=12, out=2, grid=(2, 2, 2)):
     """The reference code's SSLHead names (swinViT1, static_prior, attn_for_x, tansfer_for_mod,
-    fuse_to_X over 3*16F channels, unused attn_for_mod and single-token heads, encoder/decoder/out)."""
+    fuse_to_X over 3*16F channels, unused attn_for_mod and single-token heads, encoder/decoder/out)
+    for a bottleneck grid of roi / 32, 2 prior heads."""
     dim = 16 * fs
     base = model.SwinUNETR(2, out, feature_size=fs).state_dict()
     sd = {("swinViT1." + k[len("swinViT."):] if k.startswith("swinViT.") else k): torch.randn_like(v.float()).to(v.dtype)
           for k, v in base.items()}
-    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True).state_dict()
+    mha = torch.nn.MultiheadAttention(math.prod(grid), 2, batch_first=True).state_dict()
     sd.update({"attn_for_x." + k: torch.randn_like(v) for k, v in mha.items()})
     sd.update({"attn_for_mod." + k: torch.randn_like(v) for k, v in mha.items()})
-    sd["static_prior"] = torch.randn(1, dim, 2, 2, 2)
+    sd["static_prior"] = torch.randn(1, dim, *grid)
     for i in (0, 1):
         sd[f"tansfer_for_mod.{i}.weight"] = torch.randn(dim, dim, 3, 3, 3) * 0.01
         sd[f"tansfer_for_mod.{i}.bias"] = torch.randn(dim)
