@@ -480,18 +480,18 @@ def _reference_step(net, opt, x, fg, gen):
     full forward of a second view without, losses, backward and an optimizer step."""
     import torch.nn.functional as F
 
-    import data
+    import sampling
 
     anchor = None
     for i in torch.randperm(x.shape[1], generator=gen).tolist():
         k = int(torch.randint(4, (), generator=gen))
-        x1 = data.phi(x[:, i:i + 1].repeat(1, x.shape[1], 1, 1, 1), k)
-        rot, con, sem, out = net(data.augment(x1, gen))
+        x1 = sampling.phi(x[:, i:i + 1].repeat(1, x.shape[1], 1, 1, 1), k)
+        rot, con, sem, out = net(sampling.augment(x1, gen))
         with torch.no_grad():
-            _, con2, _, _ = net(data.augment(data.phi(x1, int(torch.randint(4, (), generator=gen))), gen))
+            _, con2, _, _ = net(sampling.augment(sampling.phi(x1, int(torch.randint(4, (), generator=gen))), gen))
         loss = F.cross_entropy(rot, torch.tensor([k])) + F.cross_entropy(
             (F.normalize(con, dim=1) @ F.normalize(con2, dim=1).t()) / 0.1, torch.zeros(1, dtype=torch.long))
-        out = data.phi_inverse(out, k)
+        out = sampling.phi_inverse(out, k)
         loss = loss + 10 * ((out - x) ** 2 * fg).sum() / fg.sum() / x.shape[1] + F.mse_loss(out, x)
         if anchor is not None:
             loss = loss + F.mse_loss(sem, anchor)
@@ -505,8 +505,8 @@ def _reference_step(net, opt, x, fg, gen):
 def _pretrain_setup(which, fs, roi):
     import numpy as np
 
-    import data
     import model
+    import sampling
     import train_pretrain
 
     torch.manual_seed(0)
@@ -525,7 +525,7 @@ def _pretrain_setup(which, fs, roi):
             gens = [torch.Generator().manual_seed(0)]
             anchor = None
             for i in range(nm):
-                terms, anchor = train_pretrain.modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, data.n_phi())
+                terms, anchor = train_pretrain.modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, sampling.n_phi())
                 sum(terms.values()).backward()
             opt.step()
     else:

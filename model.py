@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
-from data import n_phi
+from sampling import n_phi
 from files import read_checkpoint
 
 BACKENDS = ("naive", "sdpa", "triton", "auto")

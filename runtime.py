@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import sampling
 from files import atomic, json_text, read_checkpoint, save_checkpoint, write_text
 
 
@@ -409,7 +410,7 @@ def train_loader(spec, ids, roi, batch, steps, start, seed, d, workers=2, fg_fra
     data.prepare(data.DatasetSpec(spec.root, spec.layout, spec.modalities, cases, spec.label_kind,
                                   spec.label_values, spec.regions), cache_dir, d.rank, d.world)
     barrier(d)
-    ds = data.CropDataset(cases, roi, fg_fraction=fg_fraction, seed=seed, spec=spec, cache_dir=cache_dir)
+    ds = sampling.CropDataset(cases, roi, fg_fraction=fg_fraction, seed=seed, spec=spec, cache_dir=cache_dir)
     sampler = StepSampler(len(ds), batch, steps, start, seed, d.rank, d.world)
     return torch.utils.data.DataLoader(EpochIndexed(ds), batch_size=batch, sampler=sampler, num_workers=workers,
                                        persistent_workers=workers > 0, pin_memory=d.device.type == "cuda")

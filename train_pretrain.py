@@ -21,6 +21,7 @@ import data
 import losses
 import model as M
 import runtime as R
+import sampling
 from model import build_model
 
 # Table 7 of the supplementary: which constraints and whether the prior is used.
@@ -65,14 +66,14 @@ def modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, n_classes):
     rngs / gens: one numpy and one torch generator per person (its transforms and views)."""
     b, m = x.shape[:2]
     ks = torch.as_tensor([r.integers(n_classes) for r in rngs], device=x.device)
-    u = per_sample(data.phi, x[:, i:i + 1], ks, cfg.phi).repeat(1, m, 1, 1, 1)  # (B, |M|, roi)
+    u = per_sample(sampling.phi, x[:, i:i + 1], ks, cfg.phi).repeat(1, m, 1, 1, 1)  # (B, |M|, roi)
     z, skips = net.encode(u)
     terms = {}
     if use["contr"]:
         k_neg = [r.integers(1, n_classes) for r in rngs]  # phi' != identity
-        pos = torch.stack([data.augment(u[j], gens[j]) for j in range(b)])
-        neg = per_sample(data.phi, u, k_neg, cfg.phi)
-        neg = torch.stack([data.augment(neg[j], gens[j]) for j in range(b)])
+        pos = torch.stack([sampling.augment(u[j], gens[j]) for j in range(b)])
+        neg = per_sample(sampling.phi, u, k_neg, cfg.phi)
+        neg = torch.stack([sampling.augment(neg[j], gens[j]) for j in range(b)])
         with torch.set_grad_enabled(cfg.grad_views):  # both views in one batch (all norms are per sample)
             e_pos, e_neg = net.embed(net.encode(torch.cat([pos, neg]))[0]).chunk(2)
         e = net.embed(z)
@@ -84,7 +85,7 @@ def modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, n_classes):
     if use["inv"]:
         terms["inv"] = losses.invariance_loss(xh, anchor)  # on X_h', after the prior
         anchor = losses.update_anchor(anchor, xh)
-    y = per_sample(data.phi_inverse, net.decode(xh, skips, u), ks, cfg.phi)
+    y = per_sample(sampling.phi_inverse, net.decode(xh, skips, u), ks, cfg.phi)
     terms["decom"] = losses.decomposition_loss(y, x, fg, cfg.w_fg)
     return terms, anchor
 
@@ -143,7 +144,7 @@ def main(argv=None):
     jlog = R.JsonlLog(out / "log.jsonl", d.main, resume_step=start if ck_path else None)
     guard = R.NonFiniteGuard(cfg.max_nonfinite, d)
     weights = {"contr": cfg.w_contr, "equ": cfg.w_equ, "inv": cfg.w_inv, "decom": cfg.w_decom}
-    n_classes = data.n_phi(cfg.phi)
+    n_classes = sampling.n_phi(cfg.phi)
     R.log(f"pre-training preset {cfg.preset} ({', '.join(t for t in TERMS if use[t])}"
           f"{', prior' if use['prior'] else ', no prior'}) on {len(split['train'])} persons x {nm} modalities "
           f"({', '.join(spec.modalities)}), roi {roi}, F={cfg.feature_size}, {d.world} rank(s) on {d.device}, "

@@ -18,6 +18,7 @@ import data
 import inference
 import model as M
 import runtime as R
+import sampling
 import train_downstream as T
 import train_pretrain
 
@@ -50,7 +51,7 @@ def trained_batch(tiny_brats, out, cache, steps):
     the crops are the whole padded volumes, so they are the same at every visit."""
     spec = data.resolve(tiny_brats, ["t1", "t2"])
     ids = json.loads((out / "split.json").read_text())["train"]
-    ds = R.EpochIndexed(data.CropDataset([spec.case(i) for i in ids], ROI, spec=spec, cache_dir=cache))
+    ds = R.EpochIndexed(sampling.CropDataset([spec.case(i) for i in ids], ROI, spec=spec, cache_dir=cache))
     keys = list(R.StepSampler(len(ids), 1, steps, seed=0))
     return torch.utils.data.default_collate([ds[k] for k in keys])
 

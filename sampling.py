@@ -1,0 +1,194 @@
+"""What training sees of the cached cases: random roi crops (CropDataset), the geometric
+transforms Phi (exactly invertible rotations, labels alike) and Augment (intensity only).
+
+    phi(x, k, kind), phi_inverse(x, k, kind), n_phi(kind)   kind "rot90" (4 rotations in one
+                                                             plane) or "cube" (24 rotations)
+    augment(x, generator)                                   intensity scale / shift, patch drop
+    CropDataset(volumes_or_cases, roi, fg_fraction, ...)    crops reproducible from (seed, epoch,
+                                                             index), whatever the workers or ranks
+"""
+import itertools
+
+import numpy as np
+import torch
+
+from data import Case, Volume, label_to_regions, load_case
+
+# ---- Phi and Augment ---------------------------------------------------------------------------
+
+PHI_PLANE = (-3, -2)  # rot90 in the axial (x, y) plane, as the reference code's dims (2, 3) of (B, C, x, y, z)
+
+
+def _cube_rotations():
+    """The 24 proper rotations of the cube as (perm, flips) on the last three axes; the first
+    four are rot90 by k = 0..3 in PHI_PLANE, so 'cube' extends 'rot90'."""
+    probe = torch.arange(24).reshape(2, 3, 4)
+    rots = []
+    for perm in itertools.permutations(range(3)):
+        sign = np.linalg.det(np.eye(3)[list(perm)])
+        for flips in itertools.chain.from_iterable(itertools.combinations(range(3), r) for r in range(4)):
+            if sign * (-1) ** len(flips) > 0:
+                rots.append((perm, flips))
+    first = []
+    for k in range(4):
+        target = torch.rot90(probe, k, PHI_PLANE)
+        first.append(next(r for r in rots if torch.equal(_apply(probe, *r), target)))
+    return first + [r for r in rots if r not in first]
+
+
+def _apply(x, perm, flips):
+    lead = x.dim() - 3
+    x = x.permute(*range(lead), *[lead + p for p in perm])
+    return x.flip([lead + f for f in flips]) if flips else x
+
+
+CUBE = _cube_rotations()
+
+
+def n_phi(kind="rot90"):
+    """Number of transform classes: 4 (rot90 in one plane) or 24 (all cube rotations)."""
+    if kind not in ("rot90", "cube"):
+        raise ValueError(f"unknown transform kind {kind!r}: use 'rot90' or 'cube'")
+    return 4 if kind == "rot90" else 24
+
+
+def phi(x, k, kind="rot90"):
+    """Transform k of a tensor (..., D, H, W): images and labels alike (pure indexing)."""
+    if not 0 <= k < n_phi(kind):
+        raise ValueError(f"transform index {k} outside 0..{n_phi(kind) - 1}")
+    if kind == "rot90":
+        return torch.rot90(x, k, PHI_PLANE)
+    return _apply(x, *CUBE[k])
+
+
+def phi_inverse(x, k, kind="rot90"):
+    """Exact inverse of phi(., k, kind)."""
+    if not 0 <= k < n_phi(kind):
+        raise ValueError(f"transform index {k} outside 0..{n_phi(kind) - 1}")
+    if kind == "rot90":
+        return torch.rot90(x, -k, PHI_PLANE)
+    perm, flips = CUBE[k]
+    lead = x.dim() - 3
+    x = x.flip([lead + f for f in flips]) if flips else x
+    inv = np.argsort(perm)
+    return x.permute(*range(lead), *[lead + int(p) for p in inv])
+
+
+def augment(x, generator, max_drop=0.3, max_block=0.25, scale=0.1, shift=0.1):
+    """Intensity-only view of a (C, D, H, W) or (B, C, D, H, W) tensor, geometry unchanged:
+    per-channel intensity scale 1 +- scale and shift +- shift, then random boxes (each side up
+    to max_block of the volume) filled with N(0, 1) noise until up to max_drop of the voxels
+    are dropped (the SwinUNETR self-supervision patch drop)."""
+    if x.dim() == 5:
+        return torch.stack([augment(v, generator, max_drop, max_block, scale, shift) for v in x])
+    c, *size = x.shape
+    dev = generator.device
+
+    def uniform(n):
+        return torch.rand(n, generator=generator, device=dev).to(x.device)
+
+    a = 1 + (2 * uniform(c) - 1) * scale
+    b = (2 * uniform(c) - 1) * shift
+    y = x * a.view(c, 1, 1, 1).to(x.dtype) + b.view(c, 1, 1, 1).to(x.dtype)
+    target = float(uniform(1)) * max_drop * float(np.prod(size))
+    dropped = 0
+    while dropped < target:
+        lo = [int(torch.randint(0, n, (), generator=generator, device=dev)) for n in size]
+        ext = [int(torch.randint(1, max(2, int(n * max_block) + 1), (), generator=generator, device=dev)) for n in size]
+        hi = [min(lo_ + e, n) for lo_, e, n in zip(lo, ext, size)]
+        box = [h - l_ for l_, h in zip(lo, hi)]
+        noise = torch.randn((c, *box), generator=generator, device=dev).to(device=x.device, dtype=x.dtype)
+        y[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = noise
+        dropped += int(np.prod(box))
+    return y
+
+
+# ---- random roi crops --------------------------------------------------------------------------
+
+
+def _crop(a, start, roi, fill):
+    """a[..., start:start+roi] per spatial axis, with `fill` beyond the array (start may be < 0)."""
+    out = np.full(a.shape[:-3] + tuple(roi), fill, dtype=a.dtype)
+    src, dst = [], []
+    for s, r, n in zip(start, roi, a.shape[-3:]):
+        lo, hi = max(s, 0), min(s + r, n)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s, hi - s))
+    out[(Ellipsis, *dst)] = a[(Ellipsis, *src)]
+    return out
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """Random roi crops of volumes (or of cases, loaded lazily through the cache in each worker).
+
+    Sample i comes from volume i % len(volumes); its randomness depends only on (seed, epoch, i),
+    so crops are the same whatever the number of workers or ranks (DistributedSampler). Call
+    set_epoch(e) before each epoch. With probability fg_fraction the crop is centred on a random
+    labelled voxel (any label > 0; the foreground mask when the case has no label), else placed
+    uniformly. Axes shorter than the roi are padded (CT with air, others with 0).
+    Returns image (C, *roi) float32, fg (1, *roi) bool, id, start (3,) and, for labelled
+    volumes, label (1, *roi) uint8 (raw values) and regions (K, *roi) float32."""
+
+    def __init__(self, volumes_or_cases, roi, fg_fraction=0.5, samples_per_epoch=None, seed=0,
+                 spec=None, cache_dir=None):
+        self.items = list(volumes_or_cases)
+        if not self.items:
+            raise ValueError("CropDataset: no volumes or cases")
+        if any(isinstance(v, Case) for v in self.items) and spec is None:
+            raise ValueError("CropDataset: cases need spec= to be loaded")
+        self.roi = (roi,) * 3 if np.isscalar(roi) else tuple(int(r) for r in roi)
+        self.fg_fraction, self.seed, self.epoch = fg_fraction, seed, 0
+        self.samples_per_epoch = samples_per_epoch
+        self.spec, self.cache_dir = spec, cache_dir
+        self._volumes, self._positives = {}, {}
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.samples_per_epoch or len(self.items)
+
+    def volume(self, i):
+        item = self.items[i]
+        if isinstance(item, Volume):
+            return item
+        if i not in self._volumes:
+            self._volumes[i] = load_case(item, self.spec, self.cache_dir)
+        return self._volumes[i]
+
+    def positives(self, i, vol):
+        """Flat indices of the voxels a foreground crop may be centred on (at most 100k)."""
+        if i not in self._positives:
+            src = vol.label if vol.label is not None and np.any(vol.label) else vol.fg
+            idx = np.flatnonzero(np.asarray(src))
+            if len(idx) > 100_000:
+                idx = np.sort(np.random.default_rng(i).choice(idx, 100_000, replace=False))
+            self._positives[i] = idx
+        return self._positives[i]
+
+    def __getitem__(self, index):
+        i = index % len(self.items)
+        vol = self.volume(i)
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        shape = vol.fg.shape
+        pos = self.positives(i, vol)
+        centre = None
+        if rng.random() < self.fg_fraction and len(pos):
+            centre = np.unravel_index(pos[rng.integers(len(pos))], shape)
+        start = []
+        for axis, (n, r) in enumerate(zip(shape, self.roi)):
+            if n < r:
+                start.append(-((r - n) // 2))
+            elif centre is not None:
+                start.append(int(np.clip(centre[axis] - r // 2, 0, n - r)))
+            else:
+                start.append(int(rng.integers(0, n - r + 1)))
+        image = np.stack([_crop(vol.image[c], start, self.roi, v) for c, v in enumerate(vol.record["pad_value"])])
+        out = {"image": torch.from_numpy(image.astype(np.float32, copy=False)),
+               "fg": torch.from_numpy(_crop(vol.fg, start, self.roi, False))[None],
+               "id": vol.id, "start": torch.tensor(start)}
+        if vol.label is not None:
+            label = _crop(vol.label, start, self.roi, 0)
+            out["label"] = torch.from_numpy(label)[None]
+            out["regions"] = torch.from_numpy(label_to_regions(label, vol.region_values))
+        return out
