@@ -153,16 +153,13 @@ def _seg_case(net, vol, meta, regions, cfg, dev, stage, figures):
                                        sw_batch_size=cfg.sw_batch_size, device=dev)
     truth = _to(data.label_to_regions(data.restore(np.asarray(vol.label), rec), regions) > 0.5, dev)
     spacing = data.source_spacing(rec)
-    brats = sorted(n.upper() for n in names) == sorted(metrics.REGIONS)
-    keys = [n.upper() if brats else n for n in names]
-    order = list(metrics.REGIONS) if brats else keys  # the order rows and tables list the regions in
     rows = []
     for sub, lg in zip(subsets, logits):
         pre = data.regions_to_label((lg > 0).cpu().numpy(), regions)  # (D, H, W) on the preprocessed grid
         label = data.restore(pre, rec)  # (X, Y, Z) on the original grid
         masks = _to(data.label_to_regions(label, regions) > 0.5, dev)
-        row = metrics.seg_case(vol.id, {k: masks[keys.index(k)] for k in order},
-                               {k: truth[keys.index(k)] for k in order}, sub, cfg.policy, spacing, cfg.hd95)
+        row = metrics.seg_case(vol.id, dict(zip(names, masks)), dict(zip(names, truth)), sub, cfg.policy, spacing,
+                               cfg.hd95)  # BraTS regions come back as WT, TC, ET
         if meta["label_kind"] == "autopet":
             row["autopet"] = metrics.autopet_case_metrics(masks[0], truth[0], spacing)
         rows.append(row)

@@ -643,6 +643,14 @@ def build_model(arch):
                                  **kw)
 
 
+def same_network(a, b):
+    """Whether two architecture records build the same network: the attention backend and
+    activation checkpointing change how it runs, not what it computes."""
+    def network(r):
+        return {k: v for k, v in {"merging": "monai", **r}.items() if k not in ("attn_backend", "checkpointing")}
+    return network(a) == network(b)
+
+
 # ----------------------------------------------------------------------------------------------
 # checkpoint loaders
 
@@ -664,17 +672,21 @@ def load_mapped(model, mapped, name, skip=(), log=print):
 
     Every key must exist with the same shape unless it starts with one of `skip` (e.g. a head
     being replaced). Encoder keys (swinViT.*) of the model must all be present. Prints
-    matched / missing / unexpected counts; returns a report dict."""
+    matched / missing / unexpected counts; returns a report dict of names: matched, missing (the
+    model's tensors left as they were), unexpected, skipped."""
     own = model.state_dict()
     matched, skipped, unexpected, mismatched = [], [], [], []
     for k, v in mapped.items():
         if k not in own:
             (skipped if k.startswith(tuple(skip)) else unexpected).append(k)
         elif own[k].shape != v.shape:
-            (skipped if k.startswith(tuple(skip)) else mismatched).append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}")
+            if k.startswith(tuple(skip)):
+                skipped.append(k)
+            else:
+                mismatched.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}")
         else:
             matched.append(k)
-    missing = [k for k in own if k not in matched and k not in mapped]
+    missing = [k for k in own if k not in matched]
     missing_encoder = [k for k in missing if k.startswith("swinViT.")]
     log(f"[{name}] matched {len(matched)} / {len(own)} model tensors; missing {len(missing)}; "
         f"unexpected {len(unexpected)}; skipped {len(skipped)}")

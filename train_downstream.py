@@ -218,7 +218,6 @@ def load_stage1(net, ck, task, targets, new_decoder=False, log=print):
     stage-1 tensor must load with its shape. Returns {"loaded", "skipped", "missing"} names
     (missing: tensors of net left at their random initialisation)."""
     sd, skipped = dict(ck["model"]), []
-    own = net.state_dict()
     names = list(ck["modalities"])
     for k in list(sd):
         drop = new_decoder and k.startswith(DECODER)
@@ -233,10 +232,9 @@ def load_stage1(net, ck, task, targets, new_decoder=False, log=print):
     if isinstance(net, M.PersonalizedSwinUNETR) and net.use_prior and not any(k.startswith(PRIOR) for k in sd):
         log("[ours] the checkpoint has no prior: O, Attn, T and Fuse start from random weights")
     report = M.load_mapped(net, sd, "ours", log=log)
-    loaded = report["matched"]
-    log(f"[ours] loaded {len(loaded)} stage-1 tensors; skipped {len(skipped)}: {', '.join(skipped) or '-'}; "
-        f"new (random): {', '.join(k for k in own if k not in loaded) or '-'}")
-    return {"loaded": loaded, "skipped": skipped, "missing": [k for k in own if k not in loaded]}
+    log(f"[ours] loaded {len(report['matched'])} stage-1 tensors; skipped {len(skipped)}: {', '.join(skipped) or '-'}; "
+        f"new (random): {', '.join(report['missing']) or '-'}")
+    return {"loaded": report["matched"], "skipped": skipped, "missing": report["missing"]}
 
 
 def init_head_prior(net, p):
@@ -275,8 +273,7 @@ def load_foreign(net, kind, path, patch_embed, log):
             r = M.load_reference(net, path, skip=skip, log=log)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--init {kind}:{path}: {' '.join(str(e).split())[:400]}") from None
-    return {"loaded": r["matched"], "skipped": [k.split(":")[0] for k in r["skipped"]],  # names, not the shapes
-            "missing": [k for k in net.state_dict() if k not in r["matched"]]}
+    return {"loaded": r["matched"], "skipped": r["skipped"], "missing": r["missing"]}
 
 
 def check_contract(source, path, spec, new_decoder):
@@ -315,10 +312,10 @@ def architecture(cfg, source, n_channels, n_out, init_kind="scratch"):
     """The tuning network's architecture record (model.build_model builds it): sizes
     from the stage-1 checkpoint unless given, and checked against it."""
     s = source["arch"] if source else {}
-    merging = cfg.merging if cfg.merging != "auto" else ("legacy" if init_kind == "ssl" else s.get("merging", "monai"))
-    if s and merging != s.get("merging", "monai"):
-        raise SystemExit(f"--merging {cfg.merging}: the stage-1 checkpoint was built with the "
-                         f"{s.get('merging', 'monai')} order")
+    stage1_merging = s.get("merging", "monai")
+    merging = cfg.merging if cfg.merging != "auto" else ("legacy" if init_kind == "ssl" else stage1_merging)
+    if s and merging != stage1_merging:
+        raise SystemExit(f"--merging {cfg.merging}: the stage-1 checkpoint was built with the {stage1_merging} order")
     personalized = cfg.arch == "full"
     prior = s.get("prior", True) if s.get("kind") == "personalized" else True
     fs = cfg.feature_size or s.get("feature_size", 48)
@@ -418,10 +415,10 @@ def main(argv=None):
         same = ("task", "init", "arch", "seed", "new_decoder")
         if ck.get("kind") != "downstream" or any(ck["config"].get(k) != getattr(cfg, k) for k in same) \
                 or ck["task"]["modalities"] != names or ck["task"]["inputs"] != inputs \
-                or ck["task"]["targets"] != targets or ck["arch"].get("merging", "monai") != arch["merging"]:
-            made = ", ".join(f"{k}={ck['config'].get(k)}" for k in same) + f", merging={ck['arch'].get('merging', 'monai')}"
+                or ck["task"]["targets"] != targets or not M.same_network(ck["arch"], arch):
+            made = ", ".join(f"{k}={ck['config'].get(k)}" for k in same)
             raise SystemExit(f"{ck_path}: made with another task, init, architecture, seed or modalities "
-                             f"({made}); use another --out")
+                             f"({made}; network {ck['arch']}); use another --out")
         start, best = ck["step"], ck["best"]
         log(f"resumed from {ck_path} at step {start}")
     cache = cfg.cache or None
