@@ -525,7 +525,8 @@ def _pretrain_setup(which, fs, roi):
             gens = [torch.Generator().manual_seed(0)]
             anchor = None
             for i in range(nm):
-                terms, anchor = train_pretrain.modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, sampling.n_phi())
+                terms, anchor, _ = train_pretrain.modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor,
+                                                                sampling.n_phi())
                 sum(terms.values()).backward()
             opt.step()
     else:

@@ -39,7 +39,7 @@ import re
 import sys
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -106,6 +106,10 @@ class DatasetSpec:
     label_kind: str | None  # "brats", "brats2023", "autopet", "binary", "custom" or None
     label_values: tuple | None = None  # allowed label values, None = not checked
     regions: dict = field(default_factory=dict)  # region name -> label values, in channel order
+
+    def without_labels(self):
+        """The same cases with no label file: what self-supervised pre-training reads."""
+        return replace(self, cases=[replace(c, label=None) for c in self.cases])
 
     def case(self, case_id):
         for c in self.cases:

@@ -10,6 +10,11 @@ protocol, beside the identity baseline (the normalised source itself as the pred
 seg: every non-empty subset of the inputs (or all of them together, --subsets given); the region
 masks are made into a label map in the dataset's convention, restored to the original grid and
 scored from that map, as a challenge scores a submitted file.
+identify: a stage-1 checkpoint (train_pretrain.py) and its held-out persons: is the nearest X_h'
+(cosine) from another modality the same person's? Accuracy per modality pair against chance,
+same- vs other-person cosine, the PCA of Figure 9 (--untrained: the run's initial weights).
+
+    python evaluate.py --ckpt runs/pretrain/last.pt --data demo --task identify --out runs/identify
 
 The metrics are metrics.py, inference (sliding windows, the fused path) inference.py, tables and
 figures report.py; this file is the command.
@@ -30,10 +35,10 @@ import report
 import runtime as R
 from files import git_commit, staging, write_json
 
-USAGE = """python evaluate.py --ckpt RUN/best.pt --data PATH|demo|demo-petct --task transfer|seg --out DIR
+USAGE = """python evaluate.py --ckpt RUN/best.pt --data PATH|demo|demo-petct --task transfer|seg|identify --out DIR
        [--split test|val|all] [--overlap 0.5] [--sw-batch-size 4] [--protocol reference,strict[,brasyn]]
        [--policy brats|monai|autopet] [--subsets all|given] [--save-nifti | --no-save-nifti] [--figures N]
-       [--hd95] [--modalities a,b] [--cache DIR] [--device auto] [--seed 0]"""
+       [--hd95] [--untrained] [--modalities a,b] [--cache DIR] [--device auto] [--seed 0]"""
 
 OUTPUTS = """Outputs under DIR: table10_transfer_<protocol> and table9_transfer_<protocol> (transfer) or
 table11_missing_modality and, for AutoPET, table8_autopet (seg), each as .md, .csv and .json;
@@ -41,7 +46,8 @@ results.json (per-case numbers, summaries, protocol, policy, seed, commit, confi
 nifti/<case>/ (predictions on the input's grid, affine and header: transfer outputs in the
 data layer's normalised units, segmentations as label maps in the dataset's convention);
 figures/ (the first N cases, and the PCA of X_h' of every evaluated person; none with
---figures 0). Everything is
+--figures 0). identify: table_identification (.md, .csv, .json), results.json, figures/
+embedding.png. Everything is
 written in a hidden folder beside DIR and moved into DIR only when the whole run succeeded."""
 
 PROTOCOLS = ("reference", "strict", "brasyn")
@@ -49,9 +55,11 @@ PROTOCOLS = ("reference", "strict", "brasyn")
 
 @dataclass
 class Config:
-    ckpt: str = R.opt(None, "tuned checkpoint of train_downstream.py (OUT/best.pt or last.pt)", required=True)
+    ckpt: str = R.opt(None, "tuned checkpoint of train_downstream.py (OUT/best.pt or last.pt); identify: "
+                            "train_pretrain.py's OUT/last.pt", required=True)
     data: str = R.opt(None, "dataset folder, datalist JSON, 'demo' or 'demo-petct'", required=True)
-    task: str = R.opt(None, "the checkpoint's task (checked)", choices=("transfer", "seg"))
+    task: str = R.opt(None, "the checkpoint's task (checked), or identify (a stage-1 checkpoint)",
+                      choices=("transfer", "seg", "identify"))
     out: str = R.opt(None, "output folder", required=True)
     split: str = R.opt("test", "cases: the checkpoint's test or val split, or every case of --data",
                        choices=("test", "val", "all"))
@@ -65,6 +73,7 @@ class Config:
     save_nifti: bool = R.opt(True, "write predictions as NIfTI on the input's grid")
     figures: int = R.opt(2, "PNG figures for the first N cases (0: no figures)")
     hd95: bool = R.opt(False, "seg: also HD95 per region (results.json)")
+    untrained: bool = R.opt(False, "identify: the checkpoint's network with its run's initial weights")
     modalities: str = R.opt("", "the data's channels, in order (default: the checkpoint's)")
     cache: str = R.opt("", "preprocessed-data cache folder (default: data.py's)")
     device: str = R.opt("auto", "auto | cuda | cpu | cuda:N")
@@ -238,12 +247,64 @@ def _cases(cfg, meta, spec):
     return ids
 
 
+def _device(cfg):
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" \
+        else torch.device(cfg.device)
+
+
+def identify(cfg):
+    """--task identify: person identification from X_h' of a stage-1 checkpoint on its held-out
+    persons (metrics.person_identification), a table, results.json and the PCA figure."""
+    dev = _device(cfg)
+    try:
+        net, meta = inference.load_pretrained(cfg.ckpt, dev, cfg.untrained)
+    except (ValueError, OSError) as e:
+        raise SystemExit(" ".join(str(e).split())[:400]) from None
+    names = meta["modalities"]
+    try:
+        spec = data.resolve(cfg.data, names).without_labels()
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"{' '.join(str(e).split())} (the checkpoint needs {','.join(names)})") from None
+    problems = data.compare_contract(meta["contract"], data.contract(spec))
+    if problems:
+        raise SystemExit(f"{cfg.ckpt}: the data differ from the pre-training data: {'; '.join(problems)}")
+    ids = _cases(cfg, meta, spec)
+    if len(ids) < 2 or len(names) < 2:
+        raise SystemExit(f"--task identify needs at least 2 persons and 2 modalities: {len(ids)} {cfg.split} "
+                         f"person(s), modalities {','.join(names)}")
+    cache = Path(cfg.cache) if cfg.cache else None
+    feats = []
+    with torch.no_grad():
+        for cid in tqdm(ids, desc="identify", unit="person", dynamic_ncols=True):
+            vol = _load_volume(spec, cid, cache)
+            feats.append(torch.stack(inference.person_features(net, vol.image, names, tuple(meta["roi"]), dev)))
+    feats = torch.stack(feats)  # (persons, modalities, d)
+    result = metrics.person_identification(feats, [report.display_name(m) for m in names])
+    config = {**options(cfg), "ckpt_step": meta["step"], "preset": meta["preset"], "arch": meta["arch"],
+              "data_root": str(spec.root), "device": str(dev)}
+    info = {"seed": cfg.seed, "commit": git_commit(), "config": config, "split": cfg.split, "cases": ids}
+    rows = report.identification_table(result)
+    with staging(Path(cfg.out)) as stage:
+        report.write_table(rows, None, stage / "table_identification", meta=info)
+        if cfg.figures:
+            report.figure_embedding(stage / "figures" / "embedding.png", feats.flatten(0, 1),
+                                    [report.display_name(m) for _ in ids for m in names], [c for c in ids for _ in names])
+        write_json(stage / "results.json", {"meta": info, "summary": {k: v for k, v in result.items()}})
+        text = (stage / "table_identification.md").read_text()
+    print(f"\nperson identification from X_h' ({len(ids)} {cfg.split} persons, step {meta['step']})\n\n{text}"
+          f"\nmean accuracy {result['accuracy']:.3f} (chance {result['chance']:.3f}); cosine same person "
+          f"{result['cos_same']:.3f}, other persons {result['cos_other']:.3f}")
+    sys.stdout.flush()
+    return {"out": Path(cfg.out), "summary": result}
+
+
 def main(argv=None):
     cfg = parse_args(argv)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2 ** 32)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" \
-        else torch.device(cfg.device)
+    if cfg.task == "identify":
+        return identify(cfg)
+    dev = _device(cfg)
     try:
         net, meta = inference.load_tuned(cfg.ckpt, dev)
     except (ValueError, OSError) as e:  # one line: torch's unpickling errors span paragraphs

@@ -1,6 +1,6 @@
-"""Inference with a tuned network: the one layer below training, evaluation and prediction.
+"""Inference with a trained network: the one layer below training, evaluation and prediction.
 
-    load_tuned(path) -> (net, meta)
+    load_tuned(path) -> (net, meta), load_pretrained(path) -> (net, meta)
                 the network rebuilt from the architecture record of its checkpoint
                 (model.build_model), in eval mode, and what it was tuned for
     single, encode, fuse, fused_outputs
@@ -14,7 +14,8 @@
                 whole-volume outputs of a tuned network from subsets of modalities
     to_source_grid
                 outputs on the preprocessed grid -> the case's source grid (data.restore)
-    embed       X_h' of each input modality of a person (central roi crop)
+    person_features, embed
+                X_h' of each modality of a person (central roi crop)
 """
 import itertools
 
@@ -40,6 +41,26 @@ def load_tuned(path, device="cpu"):
     net.load_state_dict(ck["model"])
     meta = {**ck["task"], "arch": ck["arch"], "contract": ck["contract"], "split": ck["split"],
             "step": ck["step"], "val": ck.get("val")}
+    return net.to(device).eval(), meta
+
+
+def load_pretrained(path, device="cpu", untrained=False):
+    """A stage-1 model (OUT/last.pt of train_pretrain.py) in eval mode and its meta: modalities,
+    roi, arch, contract, split, step, seed. untrained=True: the same network with the initial
+    weights of that run (its seed), for the untrained baseline. Raises FileNotFoundError /
+    ValueError naming the file."""
+    ck = read_checkpoint(path)
+    if ck.get("kind") != "pretrain":
+        raise ValueError(f"{path}: not a train_pretrain checkpoint (kind {ck.get('kind')!r})")
+    seed = ck["config"]["seed"]
+    if untrained:
+        torch.manual_seed(seed)  # train_pretrain seeds the same way before building its network
+    net = build_model(ck["arch"])
+    if not untrained:
+        net.load_state_dict(ck["model"])
+    meta = {"modalities": ck["modalities"], "roi": ck["arch"]["roi"], "arch": ck["arch"], "contract": ck["contract"],
+            "split": ck["split"], "step": 0 if untrained else ck["step"], "seed": seed,
+            "preset": ck["config"]["preset"]}
     return net.to(device).eval(), meta
 
 
@@ -239,20 +260,25 @@ def to_source_grid(outputs, record, names=None):
 
 
 @torch.no_grad()
-def embed(net, vol, meta, device="cpu"):
-    """X_h' (flattened, on the CPU) of each input modality of one person (a data.Volume), from
-    the central roi crop of its preprocessed volume; [] for a network without personalization."""
-    if not isinstance(net, PersonalizedSwinUNETR):
-        return []
-    names, roi = meta["modalities"], tuple(meta["roi"])
+def person_features(net, image, names, roi, device="cpu", inputs=None):
+    """X_h' (flattened, float32 on the CPU) of each modality in `inputs` (default: all of
+    `names`, the channel order of image (|M|, D, H, W)) from the central roi crop; z for a plain
+    SwinUNETR, which has no personalization."""
     dev = torch.device(device)
-    x, _ = pad_to_roi(torch.from_numpy(np.array(vol.image, dtype=np.float32)), roi,
-                      [data.pad_value(m) for m in names])
+    x, _ = pad_to_roi(torch.as_tensor(np.array(image, dtype=np.float32)), roi, [data.pad_value(m) for m in names])
     lo = [(s - r) // 2 for s, r in zip(x.shape[1:], roi)]
     x = x[:, lo[0]:lo[0] + roi[0], lo[1]:lo[1] + roi[1], lo[2]:lo[2] + roi[2]][None].to(dev)  # (1, |M|, *roi)
     feats = []
-    for m in meta["inputs"]:
+    for m in inputs or names:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             xh, _ = encode(net, single(x, names.index(m)))
         feats.append(rearrange(xh.float(), "1 c d h w -> (c d h w)").cpu())
     return feats
+
+
+def embed(net, vol, meta, device="cpu"):
+    """X_h' of each input modality of one person (a data.Volume) of a tuned network (meta of
+    load_tuned), from the central roi crop; [] for a network without personalization."""
+    if not isinstance(net, PersonalizedSwinUNETR):
+        return []
+    return person_features(net, vol.image, meta["modalities"], tuple(meta["roi"]), device, meta["inputs"])

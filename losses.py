@@ -1,7 +1,8 @@
 """Losses of the two stages (METHOD.md). Every function takes batched tensors and returns a scalar.
 
 Stage 1: info_nce (L_contr), equivariance_loss (L_equ), invariance_loss with a running anchor
-(L_inv), decomposition_loss (L_decom). Stage 2 segmentation: seg_loss (Dice + weighted BCE).
+(L_inv, scale-free), decomposition_loss (L_decom); accuracy of the contrastive and transform
+logits for the log. Stage 2 segmentation: seg_loss (Dice + weighted BCE).
 """
 import torch
 import torch.distributed as dist
@@ -36,14 +37,13 @@ def gather_with_grad(x):
     return _Gather.apply(x), dist.get_rank() * x.shape[0]
 
 
-def info_nce(anchor, positive, negative, others=None, offset=0, tau=0.1):
-    """L_contr = -log( e^{s+/tau} / (e^{s+/tau} + e^{s-/tau} + sum_others e^{s/tau}) ).
+def nce_logits(anchor, positive, negative, others=None, offset=0, tau=0.1):
+    """Logits of L_contr, (b, 2 + n): column 0 the positive view, 1 the negative view, then the
+    persons of the global batch (the anchor itself at row offset + i masked to -inf).
 
     anchor, positive, negative: (b, d) L2-normalised embeddings of the input, its positive view
     (same geometry) and its negative view (other geometry). others: (n, d) embeddings of the
-    persons of the global batch, the anchor itself at row offset + i (excluded). Cosine
-    similarity over temperature tau; defined at batch size 1 (the negative view is always there).
-    """
+    persons of the global batch. Cosine similarity over temperature tau."""
     s_pos = (anchor * positive).sum(-1, keepdim=True)  # (b, 1)
     s_neg = (anchor * negative).sum(-1, keepdim=True)
     logits = [s_pos, s_neg]
@@ -52,8 +52,20 @@ def info_nce(anchor, positive, negative, others=None, offset=0, tau=0.1):
         self_idx = torch.arange(anchor.shape[0], device=anchor.device) + offset
         s_oth = s_oth.masked_fill(F.one_hot(self_idx, others.shape[0]).bool(), float("-inf"))
         logits.append(s_oth)
-    logits = torch.cat(logits, 1) / tau
+    return torch.cat(logits, 1) / tau
+
+
+def info_nce(anchor, positive, negative, others=None, offset=0, tau=0.1):
+    """L_contr = -log( e^{s+/tau} / (e^{s+/tau} + e^{s-/tau} + sum_others e^{s/tau}) ) over the
+    logits of nce_logits; defined at batch size 1 (the negative view is always there)."""
+    logits = nce_logits(anchor, positive, negative, others, offset, tau)
     return F.cross_entropy(logits, torch.zeros(anchor.shape[0], dtype=torch.long, device=anchor.device))
+
+
+def accuracy(logits, target):
+    """Fraction of rows whose largest logit is the target class (an int or a (b,) tensor)."""
+    target = torch.as_tensor(target, device=logits.device).expand(logits.shape[0])
+    return (logits.detach().argmax(1) == target).float().mean()
 
 
 def equivariance_loss(logits, k):
@@ -61,12 +73,23 @@ def equivariance_loss(logits, k):
     return F.cross_entropy(logits, k)
 
 
+def channel_standardise(x, eps=1e-12):
+    """Each voxel's channel vector of x (b, C, ...) to zero mean and unit variance (layer
+    normalisation over channels without affine): invariant to the scale of x."""
+    x = x.float()
+    x = x - x.mean(1, keepdim=True)
+    return x / (x.square().mean(1, keepdim=True) + eps).sqrt()
+
+
 def invariance_loss(x, anchor):
-    """L_inv = MSE(X_h^i', sg(anchor)); zero (and no gradient path) when there is no anchor yet,
-    i.e. for the first modality of a person."""
+    """L_inv = MSE between X_h^i' and sg(anchor), both standardised over channels per voxel:
+    2 (1 - r) averaged over voxels, r the Pearson correlation of the two channel vectors. It is
+    the same for x and anchor scaled by any factor, so shrinking X_h' cannot satisfy it and it
+    weighs the same with and without the prior. Zero (and no gradient path) when there is no
+    anchor yet, i.e. for the first modality of a person."""
     if anchor is None:
         return x.sum() * 0.0
-    return F.mse_loss(x, anchor.detach())
+    return F.mse_loss(channel_standardise(x), channel_standardise(anchor.detach()))
 
 
 def update_anchor(anchor, x):

@@ -13,6 +13,8 @@ MONAI (the tests compare against them).
     AutoPET           connected_components (6/18/26-connectivity), autopet_case_metrics,
                       autopet_summary
     summaries         nanmean, std (NaN values left out)
+    representations   person_identification (is the nearest feature of another modality the
+                      same person's?)
 
 Volumes are (D, H, W) = (x, y, z) in RAS order as data.py produces them.
 """
@@ -751,4 +753,34 @@ def autopet_summary(cases):
         n=len(cases), n_positive=int(gt.sum()), n_negative=int((~gt).sum()),
         n_true_negative=rates["tn"], policy="autopet")
 
+
+# ---- representations -------------------------------------------------------------------------
+
+
+def person_identification(feats, names=None):
+    """Person identification from features (P persons, M modalities, d), by cosine similarity.
+
+    For each ordered pair of modalities (i, j), i != j, and each person p: is the feature of
+    modality j nearest (highest cosine over the P persons) to p's feature of modality i p's own?
+    Returns accuracy per pair ("i>j", names or indices), their mean "accuracy", "chance" = 1 / P,
+    and the mean cosine between two modalities of the same person ("cos_same") and of two
+    different persons ("cos_other"). Ties count as misses."""
+    f = as_tensor(feats, "person_identification feats").double()
+    if f.ndim != 3 or f.shape[0] < 2 or f.shape[1] < 2:
+        raise ValueError(f"person_identification: expected (persons >= 2, modalities >= 2, d) features, "
+                         f"got shape {tuple(f.shape)}")
+    n_p, n_m = f.shape[:2]
+    names = [str(m) for m in (names or range(n_m))]
+    f = f / f.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    pairs, same, other = {}, [], []
+    eye = torch.eye(n_p, dtype=torch.bool, device=f.device)
+    for i, j in itertools.permutations(range(n_m), 2):
+        cos = f[:, i] @ f[:, j].T  # (P, P): query person, candidate person
+        own = cos.diagonal()
+        best_other = cos.masked_fill(eye, -math.inf).max(1).values
+        pairs[f"{names[i]}>{names[j]}"] = float((own > best_other).double().mean())
+        same.append(own)
+        other.append(cos[~eye])
+    return {"pairs": pairs, "accuracy": float(np.mean(list(pairs.values()))), "chance": 1.0 / n_p,
+            "cos_same": float(torch.cat(same).mean()), "cos_other": float(torch.cat(other).mean())}
 

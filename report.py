@@ -1,7 +1,8 @@
 """The paper's tables (Markdown, CSV, JSON) and figures (PNG), from the rows metrics.py scores.
 
     tables   transfer_matrix_table (Table 10), transfer_summary_table (Table 9),
-             missing_modality_table (Table 11), autopet_table (Table 8), write_table, markdown
+             missing_modality_table (Table 11), autopet_table (Table 8), identification_table,
+             write_table, markdown
     figures  figure_transfer (Figures 8, 10-12), figure_segmentation, figure_embedding (PCA of
              X_h', Figure 9)
 
@@ -122,6 +123,23 @@ def autopet_table(results):
                      "TPR": 100 * s["tpr"], "TNR": 100 * s["tnr"], "FNR": 100 * s["fnr"], "FPR": 100 * s["fpr"],
                      "FP vol (mL)": s["fp_volume_ml"], "FN vol (mL)": s["fn_volume_ml"],
                      "cases": s["n"], "true negatives": s["n_true_negative"]})
+    return rows
+
+
+def identification_table(result):
+    """Person identification (metrics.person_identification): a row per query modality with the
+    accuracy of finding the same person among the features of each other modality and their
+    mean; a last row "all" with the mean over pairs, the chance level and the same- and
+    other-person cosine."""
+    pairs = result["pairs"]
+    names = list(dict.fromkeys(k.split(">")[0] for k in pairs))
+    rows = []
+    for a in names:
+        row = {"from": a, **{f"to {b}": pairs.get(f"{a}>{b}", math.nan) for b in names}}
+        row["mean"] = nanmean(row[f"to {b}"] for b in names)
+        rows.append({**row, "chance": result["chance"], "cos same": math.nan, "cos other": math.nan})
+    rows.append({"from": "all", **{f"to {b}": math.nan for b in names}, "mean": result["accuracy"],
+                 "chance": result["chance"], "cos same": result["cos_same"], "cos other": result["cos_other"]})
     return rows
 
 

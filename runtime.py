@@ -36,13 +36,13 @@ class TrainConfig:
     val_fraction: float = opt(0.2, "fraction of cases held out for validation (a split file in --out, or the "
                                    "stage-1 checkpoint's split when tuning on its cases, is kept)")
     test_fraction: float = opt(0.2, "fraction of cases held out for testing")
-    fg_fraction: float = opt(0.5, "fraction of crops centred on a tumour / lesion voxel")
     w_fg: float = opt(10.0, "foreground weight inside L_decom (pre-training; transfer tuning)")
     max_steps: int = opt(1000, "optimizer steps (one per person-batch)")
     batch_size: int = opt(1, "persons per rank per step")
     lr: float = opt(2e-4, "AdamW learning rate")
     weight_decay: float = opt(1e-5, "AdamW weight decay")
     adam_eps: float = opt(1e-8, "AdamW epsilon")
+    prior_lr: float = opt(10.0, "learning rate of the prior O relative to --lr (O has no weight decay)")
     warmup: int = opt(0, "linear warm-up steps")
     cosine: bool = opt(False, "cosine decay to 0 at --max-steps after the warm-up")
     clip: float = opt(1.0, "gradient norm clipping (0 = off)")
@@ -313,8 +313,12 @@ def plot_log(jsonl, png, keys, title):
     keys = [k for k in keys if any(k in r for r in rows)]
     if not rows or not keys:
         return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
-    for ax, k in zip(axes[0], keys):
+    cols = min(len(keys), 6)
+    rows_n = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 2.8 * rows_n), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
+    for ax, k in zip(axes.flat, keys):
         pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
         if pts:
             ax.plot(*zip(*pts), lw=1)
@@ -351,28 +355,52 @@ class NonFiniteGuard:
         return bad
 
 
-def optimizer_step(net, params, optim, sched, guard, clip, d, loss, terms):
+def make_optimizer(net, cfg):
+    """AdamW over the trainable parameters (lr, weight decay, eps of cfg) in two groups: the
+    network, and the prior O alone with lr x cfg.prior_lr and no weight decay (a unit-scale
+    tensor that Adam moves by about lr per entry and step would otherwise change, relative to
+    itself, tens of times slower than the weights around it). Returns (params, optimizer);
+    group 0 is the network's."""
+    prior = getattr(net, "prior", None)
+    params = [p for p in net.parameters() if p.requires_grad]
+    rest = [p for p in params if p is not prior]
+    groups = [{"params": rest}]
+    if isinstance(prior, torch.nn.Parameter) and prior.requires_grad:
+        groups.append({"params": [prior], "lr": cfg.lr * cfg.prior_lr, "weight_decay": 0.0})
+    return params, torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+
+
+def optimizer_step(net, params, optim, sched, guard, clip, d, loss, terms, watch=()):
     """The end of every training step of both scripts: average the gradients over ranks, skip
     the step when any rank saw a non-finite value, else clip and step; advance the scheduler.
-    Returns (loss, terms, skipped, lr) with loss and terms averaged over ranks for the log."""
+    Returns (loss, terms, skipped, lr, norms) with loss and terms averaged over ranks for the
+    log; norms: grad_norm, the global gradient norm before clipping, and with `watch` (a subset
+    of params) grad_share, that subset's norm over the global one."""
     average_gradients(net, d)
     loss, terms = mean_over_ranks([loss, terms], d)  # the log shows the global batch
     skipped = guard.should_skip(loss, net)
+    norms = {}
     if skipped:
         optim.zero_grad(set_to_none=True)
     else:
+        grads = [p.grad for p in params if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads)
+        norms["grad_norm"] = float(total)
+        if watch:
+            part = torch.nn.utils.get_total_norm([p.grad for p in watch if p.grad is not None])
+            norms["grad_share"] = float(part / total.clamp_min(1e-30))
         if clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, clip)
+            torch.nn.utils.clip_grads_with_norm_(params, clip, total)
         optim.step()
     lr = optim.param_groups[0]["lr"]
     sched.step()
-    return loss, terms, skipped, lr
+    return loss, terms, skipped, lr, norms
 
 
-def log_step(jlog, bar, step, loss, terms, lr, wait, timer, skipped):
-    """A finished step: its line of log.jsonl (loss, terms, learning rate, time waiting for data
-    and for the whole step) and the progress bar's numbers."""
-    jlog.write(step=step, loss=loss, **terms, lr=lr, data_wait_s=round(wait, 4),
+def log_step(jlog, bar, step, loss, terms, lr, wait, timer, skipped, extra=None):
+    """A finished step: its line of log.jsonl (loss, terms, learning rate, `extra` diagnostics,
+    time waiting for data and for the whole step) and the progress bar's numbers."""
+    jlog.write(step=step, loss=loss, **terms, lr=lr, **(extra or {}), data_wait_s=round(wait, 4),
                step_s=round(timer.lap() + wait, 4), skipped=skipped)
     bar.update(1)
     bar.set_postfix({"loss": f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in terms.items()}})

@@ -1,8 +1,9 @@
 """What training sees of the cached cases: random roi crops (CropDataset), the geometric
 transforms Phi (exactly invertible rotations, labels alike) and Augment (intensity only).
 
-    phi(x, k, kind), phi_inverse(x, k, kind), n_phi(kind)   kind "rot90" (4 rotations in one
-                                                             plane) or "cube" (24 rotations)
+    phi(x, k, kind), phi_inverse(x, k, kind), n_phi(kind)   kind "rot90" (4 rotations in the
+                                                             axial plane), "rot90-yz" (in the
+                                                             sagittal plane) or "cube" (24)
     augment(x, generator)                                   intensity scale / shift, patch drop
     CropDataset(volumes_or_cases, roi, fg_fraction, ...)    crops reproducible from (seed, epoch,
                                                              index), whatever the workers or ranks
@@ -16,7 +17,13 @@ from data import Case, Volume, label_to_regions, load_case
 
 # ---- Phi and Augment ---------------------------------------------------------------------------
 
-PHI_PLANE = (-3, -2)  # rot90 in the axial (x, y) plane, as the reference code's dims (2, 3) of (B, C, x, y, z)
+# The plane of each rot90 kind, as axes of (..., x, y, z) arrays (data.py's RAS order). "rot90"
+# (the default) turns the axial (x, y) plane: BraTS slices are square in it and a crop need only
+# have D = H, so thin crops such as 64 x 64 x 32 work. "rot90-yz" turns the sagittal (y, z) plane,
+# the reference code's: it rotates each sample x_s[i] (C, H, W, D) over its dims (2, 3).
+PHI_PLANES = {"rot90": (-3, -2), "rot90-yz": (-2, -1)}
+PHI_PLANE = PHI_PLANES["rot90"]
+PHI_KINDS = (*PHI_PLANES, "cube")
 
 
 def _cube_rotations():
@@ -47,17 +54,23 @@ CUBE = _cube_rotations()
 
 def n_phi(kind="rot90"):
     """Number of transform classes: 4 (rot90 in one plane) or 24 (all cube rotations)."""
-    if kind not in ("rot90", "cube"):
-        raise ValueError(f"unknown transform kind {kind!r}: use 'rot90' or 'cube'")
-    return 4 if kind == "rot90" else 24
+    if kind not in PHI_KINDS:
+        raise ValueError(f"unknown transform kind {kind!r}: use one of {', '.join(PHI_KINDS)}")
+    return 24 if kind == "cube" else 4
+
+
+def rotated_axes(kind):
+    """The axes of (..., D, H, W) whose sides phi of this kind exchanges: they must be equal."""
+    n_phi(kind)
+    return (-3, -2, -1) if kind == "cube" else PHI_PLANES[kind]
 
 
 def phi(x, k, kind="rot90"):
     """Transform k of a tensor (..., D, H, W): images and labels alike (pure indexing)."""
     if not 0 <= k < n_phi(kind):
         raise ValueError(f"transform index {k} outside 0..{n_phi(kind) - 1}")
-    if kind == "rot90":
-        return torch.rot90(x, k, PHI_PLANE)
+    if kind in PHI_PLANES:
+        return torch.rot90(x, k, PHI_PLANES[kind])
     return _apply(x, *CUBE[k])
 
 
@@ -65,8 +78,8 @@ def phi_inverse(x, k, kind="rot90"):
     """Exact inverse of phi(., k, kind)."""
     if not 0 <= k < n_phi(kind):
         raise ValueError(f"transform index {k} outside 0..{n_phi(kind) - 1}")
-    if kind == "rot90":
-        return torch.rot90(x, -k, PHI_PLANE)
+    if kind in PHI_PLANES:
+        return torch.rot90(x, -k, PHI_PLANES[kind])
     perm, flips = CUBE[k]
     lead = x.dim() - 3
     x = x.flip([lead + f for f in flips]) if flips else x

@@ -44,7 +44,6 @@ TERMS = ("ori", "inv", "fused")
 # D of METHOD.md: the convolutional blocks that read the skips, the up-sampling path and the head.
 DECODER = ("encoder1.", "encoder2.", "encoder3.", "encoder4.", "encoder10.", "decoder5.", "decoder4.",
            "decoder3.", "decoder2.", "decoder1.", "out.")
-PRIOR = ("prior", "prior_attn.", "transfer.", "fuse.")  # O, Attn, T, Fuse
 STAGE1_HEADS = ("equ_head.", "proj_head.")  # F_equ and g: loaded, but not used (frozen) in stage 2
 # Contract entries that differ on purpose when tuning on another domain with a new decoder (F.4).
 DOMAIN_GAP = ("modalities", "normalisation", "spacing", "layout", "label_kind", "regions")
@@ -71,6 +70,7 @@ class Config(R.TrainConfig):
     feature_size: int = R.opt(0, "Swin feature size F (default: the checkpoint's, else 48)")
     prior_heads: int = R.opt(0, "heads of the prior attention (default: the checkpoint's, else 3)")
     w_inv: float = R.opt(1.0, "weight of L_inv (0 for the baselines of Table 8)")
+    fg_fraction: float = R.opt(0.5, "fraction of crops centred on a tumour / lesion voxel (the rest uniform)")
     w_fused: float = R.opt(1.0, "weight of L_ori of the fused random-subset path")
     head_prior: float = R.opt(0.01, "seg: probability a new output layer starts with (bias = logit p, the "
                                     "prior-probability init of RetinaNet; 0.5 = bias 0)")
@@ -221,7 +221,7 @@ def load_stage1(net, ck, task, targets, new_decoder=False, log=print):
     names = list(ck["modalities"])
     for k in list(sd):
         drop = new_decoder and k.startswith(DECODER)
-        drop |= not isinstance(net, M.PersonalizedSwinUNETR) and k.startswith(PRIOR + STAGE1_HEADS)
+        drop |= not isinstance(net, M.PersonalizedSwinUNETR) and k.startswith(M.PRIOR_BRANCH + STAGE1_HEADS)
         drop |= k.startswith("out.") and (task == "seg" or not set(targets) <= set(names)
                                          or sd[k].shape[0] != len(names))
         if drop:
@@ -229,7 +229,7 @@ def load_stage1(net, ck, task, targets, new_decoder=False, log=print):
             del sd[k]
         elif k.startswith("out."):  # transfer: the decoder already predicts these modalities
             sd[k] = sd[k][[names.index(t) for t in targets]]
-    if isinstance(net, M.PersonalizedSwinUNETR) and net.use_prior and not any(k.startswith(PRIOR) for k in sd):
+    if isinstance(net, M.PersonalizedSwinUNETR) and net.use_prior and not any(k.startswith(M.PRIOR_BRANCH) for k in sd):
         log("[ours] the checkpoint has no prior: O, Attn, T and Fuse start from random weights")
     report = M.load_mapped(net, sd, "ours", log=log)
     log(f"[ours] loaded {len(report['matched'])} stage-1 tensors; skipped {len(skipped)}: {', '.join(skipped) or '-'}; "
@@ -269,7 +269,7 @@ def load_foreign(net, kind, path, patch_embed, log):
         elif kind == "monai":
             r = M.load_monai(net, path, skip=("out.",), log=log)
         else:
-            skip = ("out.",) if isinstance(net, M.PersonalizedSwinUNETR) else ("out.",) + PRIOR
+            skip = ("out.",) if isinstance(net, M.PersonalizedSwinUNETR) else ("out.",) + M.PRIOR_BRANCH
             r = M.load_reference(net, path, skip=skip, log=log)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--init {kind}:{path}: {' '.join(str(e).split())[:400]}") from None
@@ -318,6 +318,8 @@ def architecture(cfg, source, n_channels, n_out, init_kind="scratch"):
         raise SystemExit(f"--merging {cfg.merging}: the stage-1 checkpoint was built with the {stage1_merging} order")
     personalized = cfg.arch == "full"
     prior = s.get("prior", True) if s.get("kind") == "personalized" else True
+    # the stage-1 network's bottleneck; the reference code's for its checkpoints; else ours
+    prior_norm = s.get("prior_norm", False) if s.get("kind") == "personalized" else init_kind != "reference"
     fs = cfg.feature_size or s.get("feature_size", 48)
     heads = cfg.prior_heads or s.get("prior_heads", 3)
     roi = R.roi_tuple(cfg.roi or ",".join(map(str, s.get("roi", [96]))))
@@ -331,7 +333,7 @@ def architecture(cfg, source, n_channels, n_out, init_kind="scratch"):
                 raise SystemExit(f"--{flag} {want}: the stage-1 checkpoint was built with {have}")
     return {"kind": "personalized" if personalized else "swinunetr", "in_channels": n_channels,
             "out_channels": n_out, "feature_size": fs, "roi": list(roi), "prior": prior, "prior_heads": heads,
-            "phi": s.get("phi", "rot90"), "merging": merging, "attn_backend": cfg.attn_backend,
+            "prior_norm": prior_norm, "phi": s.get("phi", "rot90"), "merging": merging, "attn_backend": cfg.attn_backend,
             "checkpointing": cfg.checkpointing}
 
 
@@ -404,8 +406,7 @@ def main(argv=None):
         for head in (net.equ_head, net.proj_head):  # stage-1 objectives only
             head.requires_grad_(False)
     R.broadcast_parameters(net, d)
-    params = [p for p in net.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    params, optim = R.make_optimizer(net, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, R.lr_lambda(cfg.warmup, cfg.max_steps, cfg.cosine))
 
     start, best = 0, -math.inf
@@ -475,9 +476,9 @@ def main(argv=None):
         optim.zero_grad(set_to_none=True)
         terms = tuning_step(net, x, batch, cfg, input_idx, target_idx, order, w.to(d.device), d)
         loss = terms.pop("loss")
-        loss, terms, skipped, lr = R.optimizer_step(net, params, optim, sched, guard, cfg.clip, d, loss, terms)
+        loss, terms, skipped, lr, norms = R.optimizer_step(net, params, optim, sched, guard, cfg.clip, d, loss, terms)
         step += 1
-        R.log_step(jlog, bar, step, loss, terms, lr, wait, timer, skipped)
+        R.log_step(jlog, bar, step, loss, terms, lr, wait, timer, skipped, norms)
         if step == cfg.max_steps or (cfg.val_every > 0 and step % cfg.val_every == 0):
             summary = validate_and_keep_best(step)
         if step % cfg.save_every == 0 or step == cfg.max_steps:

@@ -15,10 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import inference
 import losses
+import metrics
 import model as M
 import runtime as R
 import sampling
@@ -36,16 +39,25 @@ PRESETS = {
 }
 PRESETS["full"] = PRESETS["6"]
 TERMS = ("contr", "equ", "inv", "decom")
+# What log.jsonl holds beside the losses (README, "Pre-training diagnostics").
+DIAGNOSTICS = ("grad_norm", "grad_share", "prior_change", "prior_share", "xh_rms", "equ_acc", "contr_acc",
+               "id_acc", "id_cos_same", "id_cos_other")
 
 
 @dataclass
 class Config(R.TrainConfig):
     out: str = R.opt("runs/pretrain", "folder for checkpoints, log and figures")
+    clip: float = R.opt(0.0, "gradient norm clipping (0 = off, as in the reference code: clipping at 1 pushed the "
+                             "prior's gradient below Adam's epsilon)")
     preset: str = R.opt("full", "constraint set: 1..6 (Table 7), full (= 6) or swinunetr (plain, L_decom only)")
     roi: str = R.opt("96", "crop size, one side or D,H,W, multiples of 32")
     feature_size: int = R.opt(48, "Swin feature size F (multiple of 12)")
     prior_heads: int = R.opt(3, "heads of the prior attention (must divide (roi/32)^3)")
-    phi: str = R.opt("rot90", "geometric transforms: rot90 (4 classes in one plane) or cube (24 rotations)")
+    prior_norm: bool = R.opt(True, "standardise T's output over channels before Fuse (--no-prior-norm: the "
+                                   "reference code's bottleneck)")
+    phi: str = R.opt("rot90", "geometric transforms: rot90 (4 rotations in the axial x-y plane), rot90-yz (in the "
+                              "sagittal y-z plane, the reference code's) or cube (24 rotations)",
+                     choices=sampling.PHI_KINDS)
     modalities: str = R.opt("", "comma-separated subset and order of modalities (default: all of the data set)")
     w_contr: float = R.opt(1.0, "weight of L_contr")
     w_equ: float = R.opt(1.0, "weight of L_equ")
@@ -54,6 +66,7 @@ class Config(R.TrainConfig):
     tau: float = R.opt(0.1, "InfoNCE temperature")
     grad_views: bool = R.opt(False, "back-propagate through the encodings of the positive and negative views")
     compile: bool = R.opt(False, "torch.compile the encoder and decoder blocks")
+    id_every: int = R.opt(50, "person identification on the val persons every N steps and at the end (0: never)")
 
 
 def per_sample(fn, x, ks, kind):
@@ -62,13 +75,15 @@ def per_sample(fn, x, ks, kind):
 
 
 def modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, n_classes):
-    """Losses of one modality i of the batch x (B, |M|, D, H, W); returns (terms, new anchor).
-    rngs / gens: one numpy and one torch generator per person (its transforms and views)."""
+    """Losses of one modality i of the batch x (B, |M|, D, H, W); returns (terms, new anchor,
+    diagnostics). rngs / gens: one numpy and one torch generator per person (its transforms and
+    views). Diagnostics: accuracy of F_equ and of the contrastive task on this batch, RMS of
+    X_h' and the prior's share of it (model.prior_share)."""
     b, m = x.shape[:2]
     ks = torch.as_tensor([r.integers(n_classes) for r in rngs], device=x.device)
     u = per_sample(sampling.phi, x[:, i:i + 1], ks, cfg.phi).repeat(1, m, 1, 1, 1)  # (B, |M|, roi)
     z, skips = net.encode(u)
-    terms = {}
+    terms, diag = {}, {}
     if use["contr"]:
         k_neg = [r.integers(1, n_classes) for r in rngs]  # phi' != identity
         pos = torch.stack([sampling.augment(u[j], gens[j]) for j in range(b)])
@@ -78,16 +93,35 @@ def modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, n_classes):
             e_pos, e_neg = net.embed(net.encode(torch.cat([pos, neg]))[0]).chunk(2)
         e = net.embed(z)
         others, offset = losses.gather_with_grad(e)
-        terms["contr"] = losses.info_nce(e, e_pos, e_neg, others, offset, cfg.tau)
+        logits = losses.nce_logits(e, e_pos, e_neg, others, offset, cfg.tau)
+        terms["contr"] = F.cross_entropy(logits, torch.zeros(b, dtype=torch.long, device=x.device))
+        diag["contr_acc"] = losses.accuracy(logits, 0).item()
     if use["equ"]:
-        terms["equ"] = losses.equivariance_loss(net.equivariance_logits(z), ks)  # on z, before the prior
-    xh = net.personalize(z) if isinstance(net, M.PersonalizedSwinUNETR) else z
+        logits = net.equivariance_logits(z)  # on z, before the prior
+        terms["equ"] = losses.equivariance_loss(logits, ks)
+        diag["equ_acc"] = losses.accuracy(logits, ks).item()
+    personalized = isinstance(net, M.PersonalizedSwinUNETR)
+    xh = net.personalize(z) if personalized else z
+    diag["xh_rms"] = xh.detach().float().square().mean().sqrt().item()
+    if personalized and net.use_prior:
+        diag["prior_share"] = net.prior_share(z, xh)
     if use["inv"]:
         terms["inv"] = losses.invariance_loss(xh, anchor)  # on X_h', after the prior
         anchor = losses.update_anchor(anchor, xh)
     y = per_sample(sampling.phi_inverse, net.decode(xh, skips, u), ks, cfg.phi)
     terms["decom"] = losses.decomposition_loss(y, x, fg, cfg.w_fg)
-    return terms, anchor
+    return terms, anchor, diag
+
+
+def identification(net, vols, names, roi, device):
+    """Person identification from X_h' (metrics.person_identification) on the volumes `vols`
+    (data.Volume) by the network in eval mode, without gradient; the network is put back in
+    training mode."""
+    net.eval()
+    with torch.no_grad():
+        feats = torch.stack([torch.stack(inference.person_features(net, v.image, names, roi, device)) for v in vols])
+    net.train()
+    return metrics.person_identification(feats)
 
 
 def main(argv=None):
@@ -97,14 +131,16 @@ def main(argv=None):
     use = PRESETS[cfg.preset]
     use = {**use, "decom": True}
     roi = R.roi_tuple(cfg.roi)
-    if (cfg.phi == "rot90" and roi[0] != roi[1]) or (cfg.phi == "cube" and len(set(roi)) > 1):
+    turned = [roi[a] for a in sampling.rotated_axes(cfg.phi)]
+    if len(set(turned)) > 1:
         raise SystemExit(f"--roi {cfg.roi}: the {cfg.phi} transforms rotate the crop, so its rotated sides must be "
-                         "equal (rot90: D = H; cube: all three)")
+                         "equal (rot90: D = H; rot90-yz: H = W; cube: all three)")
     d = R.setup_distributed(cfg.device)
     R.seed_everything(cfg.seed)  # same initial weights on every rank (also broadcast below)
     out = Path(cfg.out)
 
-    spec = data.resolve(cfg.data, [s for s in cfg.modalities.split(",") if s] or None)
+    # Self-supervised: no label file is read, crops are centred on the brain / body foreground.
+    spec = data.resolve(cfg.data, [s for s in cfg.modalities.split(",") if s] or None).without_labels()
     split = data.make_split(spec, cfg.seed, cfg.val_fraction, cfg.test_fraction,
                             out / "split.json" if d.main else None)
     R.barrier(d)
@@ -113,7 +149,7 @@ def main(argv=None):
     nm = len(spec.modalities)
     arch = {"kind": "swinunetr" if cfg.preset == "swinunetr" else "personalized", "in_channels": nm,
             "out_channels": nm, "feature_size": cfg.feature_size, "roi": list(roi), "prior": use["prior"],
-            "prior_heads": cfg.prior_heads, "phi": cfg.phi, "merging": "monai", "attn_backend": cfg.attn_backend,
+            "prior_heads": cfg.prior_heads, "prior_norm": cfg.prior_norm, "phi": cfg.phi, "merging": "monai", "attn_backend": cfg.attn_backend,
             "checkpointing": cfg.checkpointing}
     net = build_model(arch).to(d.device)
     R.broadcast_parameters(net, d)
@@ -122,8 +158,9 @@ def main(argv=None):
         for name in ("encoder1", "encoder2", "encoder3", "encoder4", "encoder10",
                      "decoder5", "decoder4", "decoder3", "decoder2", "decoder1"):
             getattr(net, name).compile()
-    params = [p for p in net.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    params, optim = R.make_optimizer(net, cfg)
+    branch = net.prior_parameters() if isinstance(net, M.PersonalizedSwinUNETR) else []
+    prior_init = net.prior.detach().clone() if branch else None
     sched = torch.optim.lr_scheduler.LambdaLR(optim, R.lr_lambda(cfg.warmup, cfg.max_steps, cfg.cosine))
 
     start = 0
@@ -137,14 +174,21 @@ def main(argv=None):
         if problems:
             raise SystemExit(f"{ck_path}: data differ from the checkpoint's: " + "; ".join(problems))
         start = ck["step"]
+        if branch and ck.get("prior_init") is not None:
+            prior_init = ck["prior_init"].to(d.device)
         R.log(f"resumed from {ck_path} at step {start}", d)
     cache = cfg.cache or None
     loader = R.train_loader(spec, split["train"], roi, cfg.batch_size, cfg.max_steps, start, cfg.seed, d,
-                            cfg.workers, cfg.fg_fraction, cache)
+                            cfg.workers, 1.0, cache)
     jlog = R.JsonlLog(out / "log.jsonl", d.main, resume_step=start if ck_path else None)
     guard = R.NonFiniteGuard(cfg.max_nonfinite, d)
     weights = {"contr": cfg.w_contr, "equ": cfg.w_equ, "inv": cfg.w_inv, "decom": cfg.w_decom}
     n_classes = sampling.n_phi(cfg.phi)
+    identify = cfg.id_every > 0 and len(split["val"]) >= 2 and nm >= 2
+    if cfg.id_every > 0 and not identify:
+        R.log(f"no person identification in the log: it needs 2 val persons and 2 modalities "
+              f"({len(split['val'])} and {nm} here)", d)
+    val_vols = [data.load_case(spec.case(c), spec, cache) for c in split["val"]] if identify and d.main else []
     R.log(f"pre-training preset {cfg.preset} ({', '.join(t for t in TERMS if use[t])}"
           f"{', prior' if use['prior'] else ', no prior'}) on {len(split['train'])} persons x {nm} modalities "
           f"({', '.join(spec.modalities)}), roi {roi}, F={cfg.feature_size}, {d.world} rank(s) on {d.device}, "
@@ -165,27 +209,37 @@ def main(argv=None):
         gens = [torch.Generator(device=x.device).manual_seed(int(r.integers(2**62))) for r in rngs]
         order = np.random.default_rng([cfg.seed, step]).permutation(nm)  # same on every rank
         optim.zero_grad(set_to_none=True)
-        anchor, sums = None, {t: 0.0 for t in TERMS if use[t]}
+        anchor, sums, diag = None, {t: 0.0 for t in TERMS if use[t]}, {}
         total = 0.0
         for i in order:
             with R.autocast(d, cfg.amp):
-                terms, anchor = modality_step(net, x, fg, int(i), rngs, gens, cfg, use, anchor, n_classes)
+                terms, anchor, seen = modality_step(net, x, fg, int(i), rngs, gens, cfg, use, anchor, n_classes)
             loss = sum(weights[t] * v.float() for t, v in terms.items())
             loss.backward()  # frees this modality's graph
             total += loss.item() / nm
             for t, v in terms.items():
                 sums[t] += v.item() / nm
-        total, sums, skipped, lr = R.optimizer_step(net, params, optim, sched, guard, cfg.clip, d, total, sums)
+            for k, v in seen.items():
+                diag[k] = diag.get(k, 0.0) + v / nm
+        _, diag = R.mean_over_ranks([0.0, diag], d)
+        total, sums, skipped, lr, norms = R.optimizer_step(net, params, optim, sched, guard, cfg.clip, d, total,
+                                                           sums, watch=branch)
         step += 1
-        R.log_step(jlog, bar, step, total, sums, lr, wait, timer, skipped)
+        if branch:
+            diag["prior_change"] = float((net.prior.detach() - prior_init).norm() / prior_init.norm())
+        if val_vols and (step % cfg.id_every == 0 or step == cfg.max_steps):
+            ident = identification(net, val_vols, spec.modalities, roi, d.device)
+            diag.update(id_acc=ident["accuracy"], id_chance=ident["chance"], id_cos_same=ident["cos_same"],
+                        id_cos_other=ident["cos_other"])
+        R.log_step(jlog, bar, step, total, sums, lr, wait, timer, skipped, {**norms, **diag})
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             R.save_state(out / "last.pt", net, optim, sched, step, cfg, d, arch=arch,
                          contract=data.contract(spec), modalities=list(spec.modalities), split=split,
-                         kind="pretrain")
+                         kind="pretrain", prior_init=prior_init)
         timer.lap()
     bar.close()
     if d.main:
-        png = R.plot_log(out / "log.jsonl", out / "loss_curves.png", ["loss", *TERMS, "lr"],
+        png = R.plot_log(out / "log.jsonl", out / "loss_curves.png", ["loss", *TERMS, "lr", *DIAGNOSTICS],
                          f"pre-training, preset {cfg.preset}")
         R.log(f"done: {step} steps; checkpoint {out / 'last.pt'}, log {out / 'log.jsonl'}, curves {png}"
               f"{f', {guard.total} non-finite steps skipped' if guard.total else ''}", d)

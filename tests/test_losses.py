@@ -1,6 +1,7 @@
 """losses.py against values computed by hand on tiny tensors."""
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -39,23 +40,39 @@ def test_equivariance_loss_by_hand():
     assert abs(losses.equivariance_loss(logits, torch.tensor([0])).item() - want) < 1e-6
 
 
-def test_invariance_running_anchor():
-    x1, x2, x3 = torch.tensor([1.0, 3.0]), torch.tensor([3.0, 3.0]), torch.tensor([0.0, 0.0])
+def test_invariance_is_pearson_distance_with_running_anchor():
+    g = torch.Generator().manual_seed(0)
+    x1, x2, x3 = (torch.randn(2, 6, 2, 2, 1, generator=g) for _ in range(3))
+
+    def by_numpy(x, a):  # 2 (1 - Pearson r) of each voxel's channel vector, averaged
+        x, a = x.movedim(1, -1).reshape(-1, 6).numpy(), a.movedim(1, -1).reshape(-1, 6).numpy()
+        return np.mean([2 * (1 - np.corrcoef(u, v)[0, 1]) for u, v in zip(x, a)])
+
     anchor = None
-    l1 = losses.invariance_loss(x1, anchor)
-    assert l1.item() == 0.0
+    assert losses.invariance_loss(x1, anchor).item() == 0.0
     anchor = losses.update_anchor(anchor, x1)
     assert torch.equal(anchor, x1)
-    l2 = losses.invariance_loss(x2, anchor)
-    assert abs(l2.item() - ((3 - 1) ** 2 + 0) / 2) < 1e-6
-    anchor = losses.update_anchor(anchor, x2)  # (x1 + x2) / 2 = [2, 3]
-    assert torch.equal(anchor, torch.tensor([2.0, 3.0]))
-    assert abs(losses.invariance_loss(x3, anchor).item() - (4 + 9) / 2) < 1e-6
+    assert abs(losses.invariance_loss(x2, anchor).item() - by_numpy(x2, x1)) < 1e-5
+    anchor = losses.update_anchor(anchor, x2)
+    assert torch.allclose(anchor, (x1 + x2) / 2)
+    assert abs(losses.invariance_loss(x3, anchor).item() - by_numpy(x3, (x1 + x2) / 2)) < 1e-5
     # the anchor is a stop-gradient: gradient flows only into the current feature
-    y = torch.tensor([1.0, 1.0], requires_grad=True)
-    a = torch.tensor([0.0, 0.0], requires_grad=True)
+    y = x3.clone().requires_grad_(True)
+    a = x1.clone().requires_grad_(True)
     losses.invariance_loss(y, a).backward()
-    assert a.grad is None and torch.allclose(y.grad, torch.tensor([1.0, 1.0]))
+    assert a.grad is None and y.grad.abs().sum() > 0
+
+
+def test_invariance_cannot_be_satisfied_by_shrinking():
+    """Scaling X_h' and the anchor by the same factor leaves L_inv unchanged (a plain MSE would
+    fall with the square of the factor, so shrinking X_h' would satisfy it for free)."""
+    g = torch.Generator().manual_seed(1)
+    x, anchor = torch.randn(2, 24, 3, 3, 3, generator=g), torch.randn(2, 24, 3, 3, 3, generator=g)
+    base = losses.invariance_loss(x, anchor).item()
+    assert base > 0.5
+    for s in (1e-3, 0.1, 7.0, 1e3):
+        assert abs(losses.invariance_loss(s * x, s * anchor).item() - base) < 1e-5 * base
+    assert losses.invariance_loss(3.0 * anchor + 1.0, anchor).item() < 1e-6  # an affine copy is invariant
 
 
 def test_decomposition_foreground_weighting():

@@ -369,3 +369,36 @@ def test_autopet_summary_case_level_rates():
     assert s["fp_volume_ml"] == pytest.approx(np.mean(fp))
     row = report.autopet_table(results)[0]
     assert row["method"] == "m" and row["Dice"] == pytest.approx(100 * s["dice"]) and row["true negatives"] == 2
+
+
+def test_person_identification_against_brute_force():
+    rng = np.random.default_rng(4)
+    persons, mods, d = 7, 3, 10
+    base = rng.standard_normal((persons, 1, d))
+    feats = base + rng.standard_normal((persons, mods, d)) * np.array([0.3, 1.0, 3.0])[None, :, None]
+    got = metrics.person_identification(torch.from_numpy(feats), ["a", "b", "c"])
+    unit = feats / np.linalg.norm(feats, axis=-1, keepdims=True)
+    accs, same, other = {}, [], []
+    for i in range(mods):
+        for j in range(mods):
+            if i == j:
+                continue
+            hits = 0
+            for p in range(persons):
+                cos = [float(unit[p, i] @ unit[q, j]) for q in range(persons)]
+                hits += int(np.argmax(cos) == p and sorted(cos)[-2] < cos[p])
+                same.append(cos[p])
+                other += [c for q, c in enumerate(cos) if q != p]
+            accs["abc"[i] + ">" + "abc"[j]] = hits / persons
+    assert got["pairs"].keys() == accs.keys()
+    for k, v in accs.items():
+        assert got["pairs"][k] == pytest.approx(v), k
+    assert got["accuracy"] == pytest.approx(np.mean(list(accs.values())))
+    assert got["chance"] == pytest.approx(1 / persons)
+    assert got["cos_same"] == pytest.approx(np.mean(same)) and got["cos_other"] == pytest.approx(np.mean(other))
+    assert 0 < min(accs.values()) < max(accs.values()) <= 1  # the noise levels make the pairs differ
+    # every person identical across modalities: perfect; all persons the same vector: ties are misses
+    assert metrics.person_identification(torch.from_numpy(np.repeat(base, 2, 1)))["accuracy"] == 1.0
+    assert metrics.person_identification(torch.ones(4, 2, 5))["accuracy"] == 0.0
+    with pytest.raises(ValueError):
+        metrics.person_identification(torch.ones(1, 2, 5))

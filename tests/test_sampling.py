@@ -37,7 +37,8 @@ def test_phi_exact_inverses():
     image = torch.randn(2, 3, 5, 6, 7, generator=g)
     label = torch.randint(0, 5, (1, 5, 6, 7), generator=g, dtype=torch.uint8)
     assert (sampling.n_phi(), sampling.n_phi("rot90"), sampling.n_phi("cube")) == (4, 4, 24)
-    for kind in ("rot90", "cube"):
+    assert sampling.n_phi("rot90-yz") == 4
+    for kind in ("rot90", "rot90-yz", "cube"):
         for k in range(sampling.n_phi(kind)):
             for x in (image, label):
                 y = sampling.phi(x, k, kind)
@@ -46,6 +47,10 @@ def test_phi_exact_inverses():
         ref = np.rot90(image.numpy(), k, axes=(-3, -2))
         assert np.array_equal(sampling.phi(image, k).numpy(), ref)
         assert torch.equal(sampling.phi(image, k, "cube"), sampling.phi(image, k))
+    for k in range(4):  # the reference code's plane: each sample (C, x, y, z) over its dims (2, 3)
+        sample = image[0].numpy()
+        assert np.array_equal(sampling.phi(image[0], k, "rot90-yz").numpy(), np.rot90(sample, k, axes=(2, 3)))
+    assert sampling.rotated_axes("rot90") == (-3, -2) and sampling.rotated_axes("rot90-yz") == (-2, -1)
     cube = torch.arange(60).reshape(3, 4, 5)
     ref = _cube_reference(cube.numpy())
     got = {sampling.phi(cube, k, "cube").numpy().tobytes() + bytes(str(tuple(sampling.phi(cube, k, "cube").shape)), "ascii")
