@@ -34,7 +34,7 @@ def pretrain(data_name, out, steps, preset, seed):
     import train_pretrain
 
     return train_pretrain.main(["--data", data_name, "--out", str(out), "--max-steps", str(steps), "--preset", preset,
-                                "--lr", "5e-4", "--seed", str(seed), *SMALL])
+                                "--lr", "5e-4", "--seed", str(seed), "--id-every", "20", *SMALL])
 
 
 def tune(data_name, out, task, init, steps, seed, arch="full"):
@@ -55,7 +55,7 @@ def stage(title):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--pretrain-steps", type=int, default=12)
+    ap.add_argument("--pretrain-steps", type=int, default=60)
     ap.add_argument("--seg-steps", type=int, default=40)
     ap.add_argument("--transfer-steps", type=int, default=12)
     ap.add_argument("--eval-overlap", type=float, default=0.25, help="sliding-window overlap of the evaluation")

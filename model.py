@@ -590,18 +590,15 @@ class PersonalizedSwinUNETR(SwinUNETR):
     encode(x) -> (z, skips); personalize(z) -> X_h'; decode(X_h', skips, x) -> output.
     equivariance_logits(z) = F_equ(z); embed(z) = g(z) (L2-normalised, proj_dim).
     prior=False removes O, Attn, T and Fuse: X_h' = z (the ablations without prior).
-    prior_norm=True standardises T's output over channels per voxel before Fuse, as z is (so the
-    branch is not drowned by z whatever the scale T starts at); False is the reference code's
-    form, which its checkpoints need.
     """
 
     def __init__(self, in_channels, out_channels, feature_size=48, roi=(96, 96, 96), prior=True, prior_heads=3,
-                 n_phi=4, proj_dim=512, prior_norm=False, **kw):
+                 n_phi=4, proj_dim=512, **kw):
         super().__init__(in_channels, out_channels, feature_size, **kw)
         roi = (roi,) * 3 if isinstance(roi, int) else tuple(roi)
         if any(r % 32 for r in roi):
             raise ValueError(f"roi {roi} must be divisible by 32")
-        self.roi, self.grid, self.use_prior, self.prior_norm = roi, tuple(r // 32 for r in roi), prior, prior_norm
+        self.roi, self.grid, self.use_prior = roi, tuple(r // 32 for r in roi), prior
         dim, g = 16 * feature_size, math.prod(r // 32 for r in roi)
         if prior:
             self.prior = nn.Parameter(torch.randn(dim, *self.grid))
@@ -612,8 +609,7 @@ class PersonalizedSwinUNETR(SwinUNETR):
         self.proj_head = GridHead(dim, self.grid, proj_dim)
 
     def personalize(self, z):
-        """z (b, 16F, g, g, g) -> X_h' = Fuse([z, T(Attn(z, O, O))]), T's output standardised
-        over channels with prior_norm."""
+        """z (b, 16F, g, g, g) -> X_h' = Fuse([z, T(Attn(z, O, O))])."""
         if not self.use_prior:
             return z
         if tuple(z.shape[2:]) != self.grid:
@@ -622,8 +618,6 @@ class PersonalizedSwinUNETR(SwinUNETR):
                              f"size (sliding windows) or build the model with that roi")
         zt = self.prior_attn(z.flatten(2), self.prior.flatten(1))  # (b, 16F, G): channels are tokens
         z2 = self.transfer(zt.reshape(z.shape))
-        if self.prior_norm:
-            z2 = channel_norm(z2)
         return self.fuse(torch.cat([z, z2], 1))
 
     def prior_share(self, z, xh):
@@ -654,8 +648,7 @@ def build_model(arch):
     """The network of an architecture record (the "arch" entry of every checkpoint): "kind"
     swinunetr or personalized, channels, feature size, roi, prior, prior heads, phi, the
     patch-merging order (records without one were built with "monai"), attention backend and
-    checkpointing; "prior_norm" (records without one have the reference form, False). Training
-    builds its network with it and inference rebuilds the
+    checkpointing. Training builds its network with it and inference rebuilds the
     same network from a checkpoint."""
     kw = dict(feature_size=arch["feature_size"], attn_backend=arch.get("attn_backend", "auto"),
               use_checkpoint=arch.get("checkpointing", False), merging=arch.get("merging", "monai"))
@@ -663,15 +656,14 @@ def build_model(arch):
         return SwinUNETR(arch["in_channels"], arch["out_channels"], **kw)
     return PersonalizedSwinUNETR(arch["in_channels"], arch["out_channels"], roi=tuple(arch["roi"]),
                                  prior=arch["prior"], prior_heads=arch["prior_heads"], n_phi=n_phi(arch["phi"]),
-                                 prior_norm=arch.get("prior_norm", False), **kw)
+                                 **kw)
 
 
 def same_network(a, b):
     """Whether two architecture records build the same network: the attention backend and
     activation checkpointing change how it runs, not what it computes."""
     def network(r):
-        return {k: v for k, v in {"merging": "monai", "prior_norm": False, **r}.items()
-                if k not in ("attn_backend", "checkpointing")}
+        return {k: v for k, v in {"merging": "monai", **r}.items() if k not in ("attn_backend", "checkpointing")}
     return network(a) == network(b)
 
 
@@ -788,9 +780,6 @@ def load_reference(model, path_or_sd, skip=(), log=print):
     PersonalizedSwinUNETR. Its single-token rotation/contrastive heads, the unused
     attn_for_mod and its auxiliary upsampling decoders have no counterpart here and are
     reported as ignored."""
-    if getattr(model, "prior_norm", False):
-        raise ValueError("[reference] the reference code's bottleneck has no normalisation after T: build the model "
-                         "with prior_norm=False to load its checkpoints")
     sd = _strip(read_state_dict(path_or_sd), "module.")
     rename = (("swinViT1.", "swinViT."), ("attn_for_x.", "prior_attn."), ("tansfer_for_mod.", "transfer."),
               ("fuse_to_X.", "fuse."))

@@ -318,8 +318,6 @@ def architecture(cfg, source, n_channels, n_out, init_kind="scratch"):
         raise SystemExit(f"--merging {cfg.merging}: the stage-1 checkpoint was built with the {stage1_merging} order")
     personalized = cfg.arch == "full"
     prior = s.get("prior", True) if s.get("kind") == "personalized" else True
-    # the stage-1 network's bottleneck; the reference code's for its checkpoints; else ours
-    prior_norm = s.get("prior_norm", False) if s.get("kind") == "personalized" else init_kind != "reference"
     fs = cfg.feature_size or s.get("feature_size", 48)
     heads = cfg.prior_heads or s.get("prior_heads", 3)
     roi = R.roi_tuple(cfg.roi or ",".join(map(str, s.get("roi", [96]))))
@@ -333,7 +331,7 @@ def architecture(cfg, source, n_channels, n_out, init_kind="scratch"):
                 raise SystemExit(f"--{flag} {want}: the stage-1 checkpoint was built with {have}")
     return {"kind": "personalized" if personalized else "swinunetr", "in_channels": n_channels,
             "out_channels": n_out, "feature_size": fs, "roi": list(roi), "prior": prior, "prior_heads": heads,
-            "prior_norm": prior_norm, "phi": s.get("phi", "rot90"), "merging": merging, "attn_backend": cfg.attn_backend,
+            "phi": s.get("phi", "rot90"), "merging": merging, "attn_backend": cfg.attn_backend,
             "checkpointing": cfg.checkpointing}
 
 

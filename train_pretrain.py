@@ -53,8 +53,6 @@ class Config(R.TrainConfig):
     roi: str = R.opt("96", "crop size, one side or D,H,W, multiples of 32")
     feature_size: int = R.opt(48, "Swin feature size F (multiple of 12)")
     prior_heads: int = R.opt(3, "heads of the prior attention (must divide (roi/32)^3)")
-    prior_norm: bool = R.opt(True, "standardise T's output over channels before Fuse (--no-prior-norm: the "
-                                   "reference code's bottleneck)")
     phi: str = R.opt("rot90", "geometric transforms: rot90 (4 rotations in the axial x-y plane), rot90-yz (in the "
                               "sagittal y-z plane, the reference code's) or cube (24 rotations)",
                      choices=sampling.PHI_KINDS)
@@ -149,7 +147,7 @@ def main(argv=None):
     nm = len(spec.modalities)
     arch = {"kind": "swinunetr" if cfg.preset == "swinunetr" else "personalized", "in_channels": nm,
             "out_channels": nm, "feature_size": cfg.feature_size, "roi": list(roi), "prior": use["prior"],
-            "prior_heads": cfg.prior_heads, "prior_norm": cfg.prior_norm, "phi": cfg.phi, "merging": "monai", "attn_backend": cfg.attn_backend,
+            "prior_heads": cfg.prior_heads, "phi": cfg.phi, "merging": "monai", "attn_backend": cfg.attn_backend,
             "checkpointing": cfg.checkpointing}
     net = build_model(arch).to(d.device)
     R.broadcast_parameters(net, d)
