@@ -121,8 +121,9 @@ def test_two_gloo_ranks_equal_one_process(tiny_brats, tmp_path):
     """2 ranks x 1 person == 1 process x 2 persons (the global batch is the same). Adam's
     epsilon is raised above the gradient scale so the update is proportional to the gradient:
     rounding differences between a batch of 2 and two batches of 1 stay at rounding level
-    instead of being normalised up to +-lr, while a wrong gradient average would not."""
-    eps = ("--adam-eps", "1e-3")
+    instead of being normalised up to +-lr, while a wrong gradient average would not; clipping
+    at 1 keeps every gradient element below that epsilon."""
+    eps = ("--adam-eps", "1e-3", "--clip", "1")
     train_pretrain.main(args(tiny_brats, tmp_path / "one", 2, "--batch-size", "2", *eps))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
