@@ -1,6 +1,6 @@
 """Benchmarks: our code and its peer (MONAI, scikit-image, PyTorch SDPA) in the same run.
 
-    python bench.py model | data | metrics | pretrain | kernels [--quick]
+    python bench.py model | data | metrics | pretrain | kernels [--quick] [--static]
 
 Every benchmark prints a table with both sides and their ratio (ours / peer). Times are the
 median of several runs after warm-up; peak memory is measured in a fresh subprocess per side
@@ -148,11 +148,47 @@ def bench_model(args):
                 ["config", "phase", "ours s", "monai s", "time ratio", "ours MiB", "monai MiB", "mem ratio"])
 
 
+def flex_window_attention(qkv, table, index, region=None, compiled=None):
+    """Window attention with PyTorch FlexAttention, the peer a user would pick instead of the
+    Triton kernels: the relative position bias as score_mod, shift regions as MONAI's -100 in the
+    same score_mod (a block mask would give -inf, another function). Same contract as
+    model.window_attention. On CPU only its forward runs (eager); on GPU pass
+    compiled=torch.compile(flex_attention)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    b, n, _, heads, hd = qkv.shape
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (b, heads, n, hd)
+    bias = table[index.reshape(-1)].reshape(n, n, heads).permute(2, 0, 1)  # (heads, n, n)
+    nw = 1 if region is None else region.shape[0]
+
+    def score_mod(score, bi, h, qi, ki):
+        score = score + bias[h, qi, ki].to(score.dtype)
+        if region is not None:
+            w = bi % nw
+            score = score + torch.where(region[w, qi] != region[w, ki], -100.0, 0.0).to(score.dtype)
+        return score
+
+    out = (compiled or flex_attention)(q, k, v, score_mod=score_mod)
+    return out.transpose(1, 2).reshape(b, n, heads * hd)
+
+
 def bench_kernels(args):
     """Fused Triton window attention vs PyTorch SDPA with the bias as attn_mask (memory-efficient
     backend) and the naive MONAI-style attention, at the Swin stage shapes of 96^3 and 128^3
     inputs (feature size 48, bf16, shifted windows where the stage is shifted); then the prior
     cross-attention at roi 96 and the peak memory of a SwinUNETR train step at 128^3."""
+    if args.static:
+        from kernels import static
+        if not static.available():
+            raise SystemExit("this Triton wheel has no ptxas / cuobjdump: cannot build cubins here")
+        rows = static.table()
+        print("## Triton kernels compiled for sm_80 and sm_90 on this CPU (worst case over bf16 / fp16 / fp32, "
+              "with and without bias and shift regions)\n")
+        print(static.markdown(rows))
+        bad = static.violations(rows)
+        print(f"{len(rows)} cubins; {len(bad)} outside the budget or its exceptions; "
+              f"exceptions: {static.EXCEPTIONS}")
+        return
     if not torch.cuda.is_available():
         print("GPU timing needs a GPU: no CUDA device here. On CPU the kernels run only in Triton's "
               "interpreter (TRITON_INTERPRET=1, see tests/test_kernels.py); the model uses attn_backend='sdpa'.")
@@ -174,8 +210,11 @@ def bench_kernels(args):
             torch.cuda.empty_cache()
             return float("nan")
 
+    from torch.nn.attention.flex_attention import flex_attention
+    flex = torch.compile(flex_attention, dynamic=False)
     window_impls = {
         "triton": window_attention_triton,
+        "flex": lambda qkv, t, i, r: flex_window_attention(qkv, t, i, r, compiled=flex),
         "sdpa": lambda qkv, t, i, r: model.window_attention(qkv, t, i, r, backend="sdpa"),
         "naive": lambda qkv, t, i, r: model.window_attention(qkv, t, i, r, backend="naive"),
     }
@@ -206,14 +245,16 @@ def bench_kernels(args):
                     ms = row[kind]
                     rows.append({"input": f"{size}^3", "stage": stage + 1, "batch": batch,
                                  "windows x n": f"{b} x {n}", "heads": heads,
-                                 "triton ms": ms["triton"], "sdpa ms": ms["sdpa"], "naive ms": ms["naive"],
+                                 "triton ms": ms["triton"], "flex ms": ms["flex"], "sdpa ms": ms["sdpa"],
+                                 "naive ms": ms["naive"], "triton/flex": ms["triton"] / ms["flex"],
                                  "triton/sdpa": ms["triton"] / ms["sdpa"], "triton/naive": ms["triton"] / ms["naive"],
                                  "triton TFLOP/s": f / ms["triton"] / 1e9, "sdpa TFLOP/s": f / ms["sdpa"] / 1e9,
                                  "naive TFLOP/s": f / ms["naive"] / 1e9, "triton GB/s": io[kind] / ms["triton"] / 1e6})
                 del qkv, table, dout
                 torch.cuda.empty_cache()
-    cols = ["input", "stage", "batch", "windows x n", "heads", "triton ms", "sdpa ms", "naive ms", "triton/sdpa",
-            "triton/naive", "triton TFLOP/s", "sdpa TFLOP/s", "naive TFLOP/s", "triton GB/s"]
+    cols = ["input", "stage", "batch", "windows x n", "heads", "triton ms", "flex ms", "sdpa ms", "naive ms",
+            "triton/flex", "triton/sdpa", "triton/naive", "triton TFLOP/s", "sdpa TFLOP/s", "naive TFLOP/s",
+            "triton GB/s"]
     print_table("window attention forward, bf16 (ratio < 1: triton faster)", fwd_rows, cols)
     print_table("window attention forward + backward (dqkv, dtable), bf16", bwd_rows, cols)
 
@@ -651,6 +692,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=names)
     ap.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes")
+    ap.add_argument("--static", action="store_true",
+                    help="kernels: registers, spills and shared memory of every kernel compiled for sm_80 / sm_90 "
+                         "(no GPU needed)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args()
     if args.threads:

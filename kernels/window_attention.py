@@ -32,8 +32,16 @@ import triton
 import triton.language as tl
 from einops import rearrange
 
-BLOCK_M = 64  # queries per program
-BLOCK_N = 64  # keys per inner step
+# (BLOCK_M queries, BLOCK_N keys, warps) of each kernel by padded head dim: the largest tiles
+# whose code stays within the register budget on sm_80 and sm_90 without spills
+# (kernels/static.py compiles every one of them; the README has the table).
+CONFIGS = {
+    "fwd": {16: (32, 16, 4), 32: (16, 32, 4)},
+    "delta": {16: (64, 16, 4), 32: (64, 16, 4)},
+    "dkdv": {16: (16, 16, 4), 32: (16, 16, 4)},
+    "dq": {16: (32, 16, 4), 32: (16, 32, 4)},
+    "dbias": {16: (16, 16, 4), 32: (16, 16, 8)},
+}
 LOG2E = 1.4426950408889634
 GROUP_PROGRAMS = 1024  # dBias: about this many programs; the partial sums stay <= 16 MiB fp32
 
@@ -252,20 +260,31 @@ def _check_device(t):
                            f"kernels in the interpreter); got a {t.device.type} tensor: use attn_backend='sdpa'")
 
 
-def _meta(q, bias, region):
-    d = q.shape[-1]
-    return dict(HD=d, HD_PAD=max(16, triton.next_power_of_2(d)), HAS_BIAS=bias is not None,
-                HAS_REGION=region is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                PREC="ieee" if q.dtype == torch.float32 else "tf32")
+def head_pad(d):
+    return max(16, triton.next_power_of_2(d))
+
+
+def launch_meta(kernel, d, fp32, bias, region):
+    """Compile-time arguments and warps of one kernel for head dim d (CONFIGS)."""
+    bm, bn, warps = CONFIGS[kernel][head_pad(d)]
+    return dict(HD=d, HD_PAD=head_pad(d), HAS_BIAS=bias, HAS_REGION=region, BLOCK_M=bm, BLOCK_N=bn,
+                PREC="ieee" if fp32 in (True, "fp32") else "tf32", num_warps=warps)
+
+
+def _meta(kernel, q, bias, region, drop=()):
+    meta = launch_meta(kernel, q.shape[-1], q.dtype == torch.float32, bias is not None, region is not None)
+    for k in drop:
+        meta.pop(k)
+    return meta
 
 
 def _s3(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def bias_groups(b, heads, n):
+def bias_groups(b, heads, n, bm, bn):
     """Window groups of the dBias reduction: enough programs to fill the GPU, at most b."""
-    tiles = triton.cdiv(n, BLOCK_M) * triton.cdiv(n, BLOCK_N) * heads
+    tiles = triton.cdiv(n, bm) * triton.cdiv(n, bn) * heads
     return max(1, min(b, triton.cdiv(GROUP_PROGRAMS, tiles)))
 
 
@@ -278,9 +297,10 @@ def attention_forward(q, k, v, out, bias=None, region=None):
     lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
     dummy = lse
     nw = region.shape[0] if region is not None else 1
-    _attn_fwd[(triton.cdiv(n, BLOCK_M), b * h)](
+    meta = _meta("fwd", q, bias, region)
+    _attn_fwd[(triton.cdiv(n, meta["BLOCK_M"]), b * h)](
         q, k, v, dummy if bias is None else bias, dummy if region is None else region, out, lse,
-        *_s3(q), *_s3(k), *_s3(v), *_s3(out), h, n, nw, d**-0.5 * LOG2E, **_meta(q, bias, region))
+        *_s3(q), *_s3(k), *_s3(v), *_s3(out), h, n, nw, d**-0.5 * LOG2E, **meta)
     return lse
 
 
@@ -289,34 +309,40 @@ def attention_backward(q, k, v, out, dout, lse, dq, dk, dv, bias=None, region=No
     """Fills dq, dk, dv ((B, H, N, D) views; with shared_kv dk and dv have batch stride 0 and are
     summed over the batch). Returns dBias (H, N, N) fp32 when bias is given and need_dbias."""
     b, h, n, d = q.shape
-    meta = _meta(q, bias, region)
     nw = region.shape[0] if region is not None else 1
     delta = torch.empty_like(lse)
     dummy = delta
     bias_arg = dummy if bias is None else bias
     region_arg = dummy if region is None else region
     qk_scale, sm_scale = d**-0.5 * LOG2E, d**-0.5
-    _attn_bwd_delta[(triton.cdiv(n, BLOCK_M), b * h)](
-        out, dout, delta, *_s3(out), *_s3(dout), h, n, HD=d, HD_PAD=meta["HD_PAD"], BLOCK_M=BLOCK_M)
+    meta = _meta("delta", q, bias, region, drop=("HAS_BIAS", "HAS_REGION", "BLOCK_N", "PREC"))
+    _attn_bwd_delta[(triton.cdiv(n, meta["BLOCK_M"]), b * h)](
+        out, dout, delta, *_s3(out), *_s3(dout), h, n, **meta)
     strides = (*_s3(q), *_s3(k), *_s3(v), *_s3(dout))
-    _attn_bwd_dkdv[(triton.cdiv(n, BLOCK_N), h if shared_kv else b * h)](
+    meta = _meta("dkdv", q, bias, region)
+    _attn_bwd_dkdv[(triton.cdiv(n, meta["BLOCK_N"]), h if shared_kv else b * h)](
         q, k, v, bias_arg, region_arg, dout, lse, delta, dk, dv, *strides, *_s3(dk), *_s3(dv),
         b, h, n, nw, qk_scale, sm_scale, SHARED_KV=shared_kv, **meta)
-    _attn_bwd_dq[(triton.cdiv(n, BLOCK_M), b * h)](
+    meta = _meta("dq", q, bias, region)
+    _attn_bwd_dq[(triton.cdiv(n, meta["BLOCK_M"]), b * h)](
         q, k, v, bias_arg, region_arg, dout, lse, delta, dq, *strides, *_s3(dq),
         h, n, nw, qk_scale, sm_scale, **meta)
     if bias is None or not need_dbias:
         return None
-    g = bias_groups(b, h, n)
+    meta = _meta("dbias", q, bias, region, drop=("HAS_BIAS",))
+    g = bias_groups(b, h, n, meta["BLOCK_M"], meta["BLOCK_N"])
     if deterministic:
         dbias = torch.empty(g, h, n, n, device=q.device, dtype=torch.float32)
     else:
         dbias = torch.zeros(h, n, n, device=q.device, dtype=torch.float32)
-    meta.pop("HAS_BIAS")
-    _attn_bwd_dbias[(triton.cdiv(n, BLOCK_M), triton.cdiv(n, BLOCK_N), g * h)](
+    _attn_bwd_dbias[(triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), g * h)](
         q, k, v, bias, region_arg, dout, lse, delta, dbias, *strides,
         b, h, n, nw, g, qk_scale, ATOMIC=not deterministic, **meta)
     return dbias.sum(0) if deterministic else dbias
+
+
+KERNELS = {"fwd": _attn_fwd, "delta": _attn_bwd_delta, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq,
+           "dbias": _attn_bwd_dbias}
 
 
 # ----------------------------------------------------------------------------------------------

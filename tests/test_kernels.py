@@ -3,8 +3,12 @@
 By default the kernels run in Triton's interpreter on the CPU in fp32. KERNELS_ON_GPU=1 runs
 the same comparisons compiled on CUDA, in fp32 and bf16, plus larger shapes.
 """
+import json
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 ON_GPU = os.environ.get("KERNELS_ON_GPU") == "1"
 if not ON_GPU:
@@ -19,6 +23,8 @@ import model  # noqa: E402
 from kernels import window_attention as wa  # noqa: E402
 from kernels.prior_attention import prior_attention_triton  # noqa: E402
 from kernels.window_attention import window_attention_triton  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
@@ -156,8 +162,10 @@ class ShapeLog(TorchDispatchMode):
 def test_shift_mask_never_materialised(monkeypatch):
     """With region ids the only (.., n, n) tensors are the per-head bias, its gradient and the
     per-group dBias partial sums: no (windows, n, n) mask, no comparison of region ids in torch."""
-    monkeypatch.setattr(wa, "GROUP_PROGRAMS", 108)  # 3 groups over 4 windows: uneven groups
     dims, ws, sh, heads, n = (14, 14, 7), (7, 7, 7), (3, 3, 3), 1, 343
+    bm, bn, _ = wa.CONFIGS["dbias"][16]
+    tiles = math.ceil(n / bm) * math.ceil(n / bn) * heads
+    monkeypatch.setattr(wa, "GROUP_PROGRAMS", 3 * tiles)  # 3 groups over 4 windows: uneven groups
     region = model.shift_regions(dims, ws, sh, DEVICE)
     qkv = torch.randn(4, n, 3, heads, 16, device=DEVICE, requires_grad=True)
     table = torch.randn(2197, heads, device=DEVICE, requires_grad=True)
@@ -166,7 +174,7 @@ def test_shift_mask_never_materialised(monkeypatch):
     with log:
         out = window_attention_triton(qkv, table, index, region, deterministic=True)
         dqkv, dtable = torch.autograd.grad(out.square().sum(), (qkv, table))
-    groups = wa.bias_groups(4, heads, n)
+    groups = wa.bias_groups(4, heads, n, bm, bn)
     assert groups == 3
     allowed = {(heads, n, n), (n * n, heads), (groups, heads, n, n)}
     square = {shape for _, shape, _ in log.ops if shape[-2:] == (n, n) or (len(shape) == 2 and shape[0] == n * n)}
@@ -220,3 +228,41 @@ def test_cpu_without_interpreter_says_so(monkeypatch):
     qkv = torch.randn(1, 27, 3, 1, 16)
     with pytest.raises(RuntimeError, match="CUDA"):
         window_attention_triton(qkv, torch.randn(2197, 1), INDEX[:27, :27])
+
+
+def test_kernels_compile_for_sm80_and_sm90_within_budget():
+    """Every kernel at every configuration the model launches (head dims 8 / 16 / 32, bf16, fp16,
+    fp32, with and without bias and shift regions, the prior attention) compiled to a cubin for
+    sm_80 and sm_90 by Triton's compiler on this CPU: no spills, registers within budget."""
+    from kernels import static
+    if not static.available():
+        pytest.skip("this Triton wheel has no ptxas / cuobjdump")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "kernels.static", "--json"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(res.stdout)
+    assert len(rows) == len(static.configurations()) == 252
+    assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
+    assert all(r["spill_bytes"] == 0 for r in rows)
+    assert static.violations(rows) == []
+    fwd = [r for r in rows if r["kernel"] in ("fwd", "dq")]
+    assert max(r["registers"] for r in fwd) <= 128
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_flex_attention_peer_matches_naive(shift):
+    """bench.py's FlexAttention window attention (the peer of the Triton kernels) computes the
+    naive backend's function (forward; FlexAttention's backward needs a GPU)."""
+    import bench
+    dims, ws = (14, 14, 7), (7, 7, 7)
+    sh = (3, 3, 3) if shift else (0, 0, 0)
+    n, heads, nw = 343, 2, 4
+    region = model.shift_regions(dims, ws, sh, torch.device("cpu")) if shift else None
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(2 * nw, n, 3, heads, 16, generator=g)
+    table = torch.randn(2197, heads, generator=g)
+    index = INDEX
+    got = bench.flex_window_attention(qkv, table, index, region)
+    want = model.window_attention(qkv, table, index, region, backend="naive")
+    assert got.shape == want.shape and rel_err(got, want) < 1e-5
