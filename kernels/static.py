@@ -116,6 +116,20 @@ def table(jobs=2):
             os.environ["TRITON_INTERPRET"] = env_interp
 
 
+# per SM on sm_80 / sm_90: 64K 32-bit registers, 64 resident warps, 32 resident programs and the
+# shared memory a program may use (164 / 228 KiB)
+SM_SHARED = {"sm_80": 164 * 1024, "sm_90": 228 * 1024}
+
+
+def programs_per_sm(row):
+    """Programs of this kernel that fit one SM at once: registers (allocated per warp in units of
+    256), warps and shared memory, whichever runs out first."""
+    per_warp = -(-row["registers"] * 32 // 256) * 256
+    by_regs = 65536 // (per_warp * row["warps"])
+    by_smem = SM_SHARED[row["arch"]] // row["shared_bytes"] if row["shared_bytes"] else 32
+    return min(by_regs, 64 // row["warps"], by_smem, 32)
+
+
 def violations(rows):
     """Rows that spill or use more registers than their budget (or their exception) allows."""
     def allowed(r):
@@ -128,14 +142,15 @@ def markdown(rows):
     keys = sorted({(r["kernel"], r["head_dim"], r["arch"]) for r in rows},
                   key=lambda k: (list(BUDGET).index(k[0]), k[1], k[2]))
     lines = ["| kernel | head dim | arch | BLOCK_M x BLOCK_N, warps | registers (max) | spill bytes (max) | "
-             "shared memory (max, bytes) | budget |", "|---|---|---|---|---|---|---|---|"]
+             "shared memory (max, bytes) | programs per SM (min) | budget |", "|---|---|---|---|---|---|---|---|---|"]
     for kernel, hd, arch in keys:
         sel = [r for r in rows if (r["kernel"], r["head_dim"], r["arch"]) == (kernel, hd, arch)]
         r0 = sel[0]
         tile = f"{r0['block_m']} x {r0['block_n']}" if r0["block_n"] else f"{r0['block_m']} rows"
         lines.append(f"| {kernel} | {hd} | {arch} | {tile}, {r0['warps']} | "
                      f"{max(r['registers'] for r in sel)} | {max(r['spill_bytes'] for r in sel)} | "
-                     f"{max(r['shared_bytes'] for r in sel)} | {BUDGET[kernel]} |")
+                     f"{max(r['shared_bytes'] for r in sel)} | {min(programs_per_sm(r) for r in sel)} | "
+                     f"{BUDGET[kernel]} |")
     return "\n".join(lines) + "\n"
 
 

@@ -24,7 +24,6 @@ Inputs are bf16, fp16 or fp32 with head dims up to 128 (padded in registers to a
 >= 16, the smallest tl.dot size); accumulation is always fp32. The PyTorch reference is
 model.window_attention(..., backend="naive"); tests/test_kernels.py compares the two.
 """
-import math
 import os
 
 import torch
