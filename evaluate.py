@@ -247,6 +247,28 @@ def _cases(cfg, meta, spec):
     return ids
 
 
+def _checkpoint(load, cfg, dev, *args):
+    """load(cfg.ckpt, dev, *args) (an inference loader); a bad file stops with one line (torch's
+    unpickling errors span paragraphs)."""
+    try:
+        return load(cfg.ckpt, dev, *args)
+    except (ValueError, OSError) as e:
+        raise SystemExit(" ".join(str(e).split())[:400]) from None
+
+
+def _data(cfg, want, meta, stage):
+    """The data set of --data with the channels `want`, checked against the contract of the
+    checkpoint made by `stage`."""
+    try:
+        spec = data.resolve(cfg.data, want)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"{' '.join(str(e).split())} (the checkpoint needs {','.join(meta['modalities'])})") from None
+    problems = data.compare_contract(meta["contract"], data.contract(spec))
+    if problems:
+        raise SystemExit(f"{cfg.ckpt}: the data differ from the {stage} data: {'; '.join(problems)}")
+    return spec
+
+
 def _device(cfg):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" \
         else torch.device(cfg.device)
@@ -256,29 +278,16 @@ def identify(cfg):
     """--task identify: person identification from X_h' of a stage-1 checkpoint on its held-out
     persons (metrics.person_identification), a table, results.json and the PCA figure."""
     dev = _device(cfg)
-    try:
-        net, meta = inference.load_pretrained(cfg.ckpt, dev, cfg.untrained)
-    except (ValueError, OSError) as e:
-        raise SystemExit(" ".join(str(e).split())[:400]) from None
+    net, meta = _checkpoint(inference.load_pretrained, cfg, dev, cfg.untrained)
     names = meta["modalities"]
-    try:
-        spec = data.resolve(cfg.data, names).without_labels()
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"{' '.join(str(e).split())} (the checkpoint needs {','.join(names)})") from None
-    problems = data.compare_contract(meta["contract"], data.contract(spec))
-    if problems:
-        raise SystemExit(f"{cfg.ckpt}: the data differ from the pre-training data: {'; '.join(problems)}")
+    spec = _data(cfg, names, meta, "pre-training").without_labels()
     ids = _cases(cfg, meta, spec)
     if len(ids) < 2 or len(names) < 2:
         raise SystemExit(f"--task identify needs at least 2 persons and 2 modalities: {len(ids)} {cfg.split} "
                          f"person(s), modalities {','.join(names)}")
     cache = Path(cfg.cache) if cfg.cache else None
-    feats = []
-    with torch.no_grad():
-        for cid in tqdm(ids, desc="identify", unit="person", dynamic_ncols=True):
-            vol = _load_volume(spec, cid, cache)
-            feats.append(torch.stack(inference.person_features(net, vol.image, names, tuple(meta["roi"]), dev)))
-    feats = torch.stack(feats)  # (persons, modalities, d)
+    images = (_load_volume(spec, c, cache).image for c in tqdm(ids, desc="identify", unit="person", dynamic_ncols=True))
+    feats = inference.feature_table(net, images, names, tuple(meta["roi"]), dev)  # (persons, modalities, d)
     result = metrics.person_identification(feats, [report.display_name(m) for m in names])
     config = {**options(cfg), "ckpt_step": meta["step"], "preset": meta["preset"], "arch": meta["arch"],
               "data_root": str(spec.root), "device": str(dev)}
@@ -289,7 +298,7 @@ def identify(cfg):
         if cfg.figures:
             report.figure_embedding(stage / "figures" / "embedding.png", feats.flatten(0, 1),
                                     [report.display_name(m) for _ in ids for m in names], [c for c in ids for _ in names])
-        write_json(stage / "results.json", {"meta": info, "summary": {k: v for k, v in result.items()}})
+        write_json(stage / "results.json", {"meta": info, "summary": result})
         text = (stage / "table_identification.md").read_text()
     print(f"\nperson identification from X_h' ({len(ids)} {cfg.split} persons, step {meta['step']})\n\n{text}"
           f"\nmean accuracy {result['accuracy']:.3f} (chance {result['chance']:.3f}); cosine same person "
@@ -305,23 +314,14 @@ def main(argv=None):
     if cfg.task == "identify":
         return identify(cfg)
     dev = _device(cfg)
-    try:
-        net, meta = inference.load_tuned(cfg.ckpt, dev)
-    except (ValueError, OSError) as e:  # one line: torch's unpickling errors span paragraphs
-        raise SystemExit(" ".join(str(e).split())[:400]) from None
+    net, meta = _checkpoint(inference.load_tuned, cfg, dev)
     task = cfg.task or meta["task"]
     if task != meta["task"]:
         raise SystemExit(f"--task {task}: {cfg.ckpt} was tuned for {meta['task']}")
     if cfg.policy is None:
         cfg.policy = "autopet" if meta["label_kind"] == "autopet" else "brats"
     want = [m for m in cfg.modalities.split(",") if m.strip()] or meta["modalities"]
-    try:
-        spec = data.resolve(cfg.data, want)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"{' '.join(str(e).split())} (the checkpoint needs {','.join(meta['modalities'])})") from None
-    problems = data.compare_contract(meta["contract"], data.contract(spec))
-    if problems:
-        raise SystemExit(f"{cfg.ckpt}: the data differ from the tuning data: {'; '.join(problems)}")
+    spec = _data(cfg, want, meta, "tuning")
     regions = dict(spec.regions)
     if task == "seg" and list(regions) != list(meta["regions"]):
         raise SystemExit(f"{spec.root}: the data's regions {list(regions)} differ from the checkpoint's "

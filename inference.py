@@ -14,8 +14,8 @@
                 whole-volume outputs of a tuned network from subsets of modalities
     to_source_grid
                 outputs on the preprocessed grid -> the case's source grid (data.restore)
-    person_features, embed
-                X_h' of each modality of a person (central roi crop)
+    person_features, feature_table, embed
+                X_h' of each modality of a person (central roi crop), of many persons
 """
 import itertools
 
@@ -53,9 +53,9 @@ def load_pretrained(path, device="cpu", untrained=False):
     if ck.get("kind") != "pretrain":
         raise ValueError(f"{path}: not a train_pretrain checkpoint (kind {ck.get('kind')!r})")
     seed = ck["config"]["seed"]
-    if untrained:
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # train_pretrain seeds the same way before building its network
-    net = build_model(ck["arch"])
+        net = build_model(ck["arch"])
     if not untrained:
         net.load_state_dict(ck["model"])
     meta = {"modalities": ck["modalities"], "roi": ck["arch"]["roi"], "arch": ck["arch"], "contract": ck["contract"],
@@ -274,6 +274,12 @@ def person_features(net, image, names, roi, device="cpu", inputs=None):
             xh, _ = encode(net, single(x, names.index(m)))
         feats.append(rearrange(xh.float(), "1 c d h w -> (c d h w)").cpu())
     return feats
+
+
+def feature_table(net, images, names, roi, device="cpu"):
+    """person_features of every modality of each image (|M|, D, H, W) of `images` (an iterable,
+    one per person): a (persons, modalities, d) tensor for metrics.person_identification."""
+    return torch.stack([torch.stack(person_features(net, im, names, roi, device)) for im in images])
 
 
 def embed(net, vol, meta, device="cpu"):

@@ -55,11 +55,15 @@ def nce_logits(anchor, positive, negative, others=None, offset=0, tau=0.1):
     return torch.cat(logits, 1) / tau
 
 
+def nce_loss(logits):
+    """L_contr from the logits of nce_logits: cross-entropy with the positive view (column 0)."""
+    return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
+
+
 def info_nce(anchor, positive, negative, others=None, offset=0, tau=0.1):
     """L_contr = -log( e^{s+/tau} / (e^{s+/tau} + e^{s-/tau} + sum_others e^{s/tau}) ) over the
     logits of nce_logits; defined at batch size 1 (the negative view is always there)."""
-    logits = nce_logits(anchor, positive, negative, others, offset, tau)
-    return F.cross_entropy(logits, torch.zeros(anchor.shape[0], dtype=torch.long, device=anchor.device))
+    return nce_loss(nce_logits(anchor, positive, negative, others, offset, tau))
 
 
 def accuracy(logits, target):

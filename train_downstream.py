@@ -229,7 +229,8 @@ def load_stage1(net, ck, task, targets, new_decoder=False, log=print):
             del sd[k]
         elif k.startswith("out."):  # transfer: the decoder already predicts these modalities
             sd[k] = sd[k][[names.index(t) for t in targets]]
-    if isinstance(net, M.PersonalizedSwinUNETR) and net.use_prior and not any(k.startswith(M.PRIOR_BRANCH) for k in sd):
+    personalized = isinstance(net, M.PersonalizedSwinUNETR)
+    if personalized and net.use_prior and not any(k.startswith(M.PRIOR_BRANCH) for k in sd):
         log("[ours] the checkpoint has no prior: O, Attn, T and Fuse start from random weights")
     report = M.load_mapped(net, sd, "ours", log=log)
     log(f"[ours] loaded {len(report['matched'])} stage-1 tensors; skipped {len(skipped)}: {', '.join(skipped) or '-'}; "

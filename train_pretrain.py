@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
@@ -92,7 +91,7 @@ def modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, n_classes):
         e = net.embed(z)
         others, offset = losses.gather_with_grad(e)
         logits = losses.nce_logits(e, e_pos, e_neg, others, offset, cfg.tau)
-        terms["contr"] = F.cross_entropy(logits, torch.zeros(b, dtype=torch.long, device=x.device))
+        terms["contr"] = losses.nce_loss(logits)
         diag["contr_acc"] = losses.accuracy(logits, 0).item()
     if use["equ"]:
         logits = net.equivariance_logits(z)  # on z, before the prior
@@ -113,11 +112,9 @@ def modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, n_classes):
 
 def identification(net, vols, names, roi, device):
     """Person identification from X_h' (metrics.person_identification) on the volumes `vols`
-    (data.Volume) by the network in eval mode, without gradient; the network is put back in
-    training mode."""
+    (data.Volume) by the network in eval mode; the network is put back in training mode."""
     net.eval()
-    with torch.no_grad():
-        feats = torch.stack([torch.stack(inference.person_features(net, v.image, names, roi, device)) for v in vols])
+    feats = inference.feature_table(net, (v.image for v in vols), names, roi, device)
     net.train()
     return metrics.person_identification(feats)
 

@@ -73,10 +73,10 @@ def kernel_usage(kernel, arch, dtype, hd, bias, region):
     from kernels import window_attention as W
 
     fn = W.KERNELS[kernel]
-    consts = W.launch_meta(kernel, hd, "fp32" if dtype == "fp32" else dtype, bias, region)
+    consts = W.launch_meta(kernel, hd, dtype == "fp32", bias, region)
     warps = consts.pop("num_warps")
-    consts.update(SHARED_KV=not bias, ATOMIC=False)  # the prior attention shares keys over the batch
-    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+    extra = {"SHARED_KV": not bias, "ATOMIC": False}  # the prior attention shares keys over the batch
+    consts.update({k: v for k, v in extra.items() if k in fn.arg_names})
     src = ASTSource(fn=fn, signature=_signature(fn, dtype, consts), constexprs=consts)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,14 +106,10 @@ def _one(args):
 
 
 def table(jobs=2):
-    """kernel_usage of every configuration, compiled in `jobs` processes."""
-    env_interp = os.environ.pop("TRITON_INTERPRET", None)  # the compiler needs real JIT functions
-    try:
-        with ProcessPoolExecutor(jobs) as pool:
-            return list(pool.map(_one, configurations(), chunksize=8))
-    finally:
-        if env_interp is not None:
-            os.environ["TRITON_INTERPRET"] = env_interp
+    """kernel_usage of every configuration, compiled in `jobs` processes (run without
+    TRITON_INTERPRET: the compiler needs the real JIT functions)."""
+    with ProcessPoolExecutor(jobs) as pool:
+        return list(pool.map(_one, configurations(), chunksize=8))
 
 
 # per SM on sm_80 / sm_90: 64K 32-bit registers, 64 resident warps, 32 resident programs and the

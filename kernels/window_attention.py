@@ -264,17 +264,16 @@ def head_pad(d):
 
 
 def launch_meta(kernel, d, fp32, bias, region):
-    """Compile-time arguments and warps of one kernel for head dim d (CONFIGS)."""
+    """The compile-time arguments of one kernel (those it takes) and its warps for head dim d
+    (CONFIGS)."""
     bm, bn, warps = CONFIGS[kernel][head_pad(d)]
-    return dict(HD=d, HD_PAD=head_pad(d), HAS_BIAS=bias, HAS_REGION=region, BLOCK_M=bm, BLOCK_N=bn,
-                PREC="ieee" if fp32 in (True, "fp32") else "tf32", num_warps=warps)
+    meta = dict(HD=d, HD_PAD=head_pad(d), HAS_BIAS=bias, HAS_REGION=region, BLOCK_M=bm, BLOCK_N=bn,
+                PREC="ieee" if fp32 else "tf32")
+    return {**{k: v for k, v in meta.items() if k in KERNELS[kernel].arg_names}, "num_warps": warps}
 
 
-def _meta(kernel, q, bias, region, drop=()):
-    meta = launch_meta(kernel, q.shape[-1], q.dtype == torch.float32, bias is not None, region is not None)
-    for k in drop:
-        meta.pop(k)
-    return meta
+def _meta(kernel, q, bias, region):
+    return launch_meta(kernel, q.shape[-1], q.dtype == torch.float32, bias is not None, region is not None)
 
 
 def _s3(t):
@@ -314,7 +313,7 @@ def attention_backward(q, k, v, out, dout, lse, dq, dk, dv, bias=None, region=No
     bias_arg = dummy if bias is None else bias
     region_arg = dummy if region is None else region
     qk_scale, sm_scale = d**-0.5 * LOG2E, d**-0.5
-    meta = _meta("delta", q, bias, region, drop=("HAS_BIAS", "HAS_REGION", "BLOCK_N", "PREC"))
+    meta = _meta("delta", q, bias, region)
     _attn_bwd_delta[(triton.cdiv(n, meta["BLOCK_M"]), b * h)](
         out, dout, delta, *_s3(out), *_s3(dout), h, n, **meta)
     strides = (*_s3(q), *_s3(k), *_s3(v), *_s3(dout))
@@ -328,7 +327,7 @@ def attention_backward(q, k, v, out, dout, lse, dq, dk, dv, bias=None, region=No
         h, n, nw, qk_scale, sm_scale, **meta)
     if bias is None or not need_dbias:
         return None
-    meta = _meta("dbias", q, bias, region, drop=("HAS_BIAS",))
+    meta = _meta("dbias", q, bias, region)
     g = bias_groups(b, h, n, meta["BLOCK_M"], meta["BLOCK_N"])
     if deterministic:
         dbias = torch.empty(g, h, n, n, device=q.device, dtype=torch.float32)
