@@ -86,6 +86,25 @@ def pad_value(modality):
     return -1.0 if modality == "ct" else 0.0
 
 
+def empty_value(modality):
+    """Value of empty space in the modality's own unit: air (-1000 HU) for CT, 0 otherwise."""
+    return CT_WINDOW[0] if modality == "ct" else 0.0
+
+
+def denormalise(a, modality):
+    """Normalised values -> the modality's unit, the inverse of the normalisation on its range:
+    CT clipped to [-1, 1] and mapped back to HU in the window, PET times the SUV scale
+    (negatives set to 0), MRI unchanged (z-scores: MRI has no absolute unit). float32."""
+    a = np.asarray(a, dtype=np.float32)
+    norm = normalisation(modality)
+    if norm["kind"] == "ct_window":
+        lo, hi = norm["low"], norm["high"]
+        return ((np.clip(a, -1.0, 1.0) + 1.0) * np.float32((hi - lo) / 2.0) + np.float32(lo)).astype(np.float32)
+    if norm["kind"] == "suv_scale":
+        return (np.maximum(a, 0) * np.float32(norm["scale"])).astype(np.float32)
+    return a.copy()
+
+
 # ---------------------------------------------------------------------------------------------
 # Layouts
 
@@ -126,7 +145,8 @@ def _nii(folder, stem):
     return folder / (stem + NII[0])
 
 
-def _strip_nii(name):
+def strip_nii(name):
+    """File name without .nii.gz / .nii, or None for another ending."""
     for ext in NII:
         if name.endswith(ext):
             return name[: -len(ext)]
@@ -145,7 +165,7 @@ def _find_brats(root, files, sep):
         for folder in [d] + _subdirs(d):
             prefix = None
             for f in sorted(folder.iterdir()):
-                stem = _strip_nii(f.name)
+                stem = strip_nii(f.name)
                 for s in suffixes:
                     if stem is not None and stem.endswith(sep + s) and len(stem) > len(sep + s):
                         prefix = stem[: -len(sep + s)]
@@ -212,7 +232,7 @@ def _labels_from_json(labels, where):
 
 def _resolve_nnunet(root):
     path = root / "dataset.json"
-    meta = _read_json(path)
+    meta = read_json(path)
     names = meta.get("channel_names") or meta.get("modality")
     if not isinstance(names, dict) or not names:
         raise ValueError(f"{path}: no 'channel_names' (nnU-Net v2) or 'modality' (v1) entry")
@@ -239,7 +259,7 @@ def _resolve_nnunet(root):
 
 
 def _resolve_datalist(path):
-    meta = _read_json(path)
+    meta = read_json(path)
     base = Path(meta.get("basedir", path.parent))
     if not base.is_absolute():
         base = path.parent / base
@@ -258,7 +278,7 @@ def _resolve_datalist(path):
     if bad:
         raise ValueError(f"{path}: entries have different numbers of images ({n} first, then e.g. {bad[0]})")
     # modality names: the file's 'modality' table, else the suffix of the first entry's file names
-    suffixes = [re.split(r"[_\-]", _strip_nii(p.name) or p.stem)[-1] for p in entries[0][0]]
+    suffixes = [re.split(r"[_\-]", strip_nii(p.name) or p.stem)[-1] for p in entries[0][0]]
     if isinstance(meta.get("modality"), dict) and len(meta["modality"]) == n:
         channels = [_modality_name(meta["modality"][k]) for k in sorted(meta["modality"], key=int)]
     else:
@@ -267,7 +287,7 @@ def _resolve_datalist(path):
         channels = [f"ch{k}" for k in range(n)]
     cases, seen = [], set()
     for imgs, label in entries:
-        stem = _strip_nii(imgs[0].name) or imgs[0].stem
+        stem = strip_nii(imgs[0].name) or imgs[0].stem
         suffix = suffixes[0].lower()
         if suffix in ALIASES and stem.lower().endswith(suffix) and len(stem) > len(suffix) + 1:
             stem = stem[: -len(suffix) - 1]  # case_00_flair -> case_00
@@ -286,7 +306,7 @@ def _resolve_datalist(path):
     return DatasetSpec(path.parent, "datalist", channels, cases, kind, values, dict(regions))
 
 
-def _read_json(path):
+def read_json(path):
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -391,10 +411,11 @@ def _read_checked(case, spec, first_only):
         if ref is None:
             ref = (path, shape, aff)
         elif shape != ref[1]:
-            fail(f"{path}: shape {tuple(shape)} differs from {ref[0].name} {tuple(ref[1])}")
+            fail(f"{path}: shape {tuple(shape)} differs from {tuple(ref[1])} of {ref[0]} (one grid per case)")
             continue
         elif not np.allclose(aff, ref[2], atol=1e-3):
-            fail(f"{path}: affine differs from {ref[0].name}'s (max difference {np.abs(aff - ref[2]).max():.3g})")
+            fail(f"{path}: affine differs from {ref[0]}'s (max difference {np.abs(aff - ref[2]).max():.3g}; one grid "
+                 "per case)")
             continue
         imgs[name] = (path, img)
     if problems or len(imgs) < len(files):
@@ -827,7 +848,7 @@ def make_split(spec, seed=0, val=0.2, test=0.2, path=None):
     every script and rank uses the same split."""
     ids = sorted(c.id for c in spec.cases)
     if path is not None and Path(path).exists():
-        saved = _read_json(path)
+        saved = read_json(path)
         if any(k not in saved for k in ("train", "val", "test")):
             raise ValueError(f"{path}: a split file needs 'train', 'val' and 'test' lists")
         unknown = sorted(set(itertools.chain(saved["train"], saved["val"], saved["test"])) - set(ids))

@@ -11,7 +11,8 @@
     sliding_window_inference
                 whole-volume inference of any function on windows, Gaussian blending
     predict_subsets, predict
-                whole-volume outputs of a tuned network from subsets of modalities
+                whole-volume outputs of a tuned network from subsets of modalities (all |M|
+                channels, or only those a person has)
     to_source_grid
                 outputs on the preprocessed grid -> the case's source grid (data.restore)
     person_features, feature_table, embed
@@ -32,15 +33,15 @@ from model import PersonalizedSwinUNETR, build_model
 
 def load_tuned(path, device="cpu"):
     """A tuned model (OUT/best.pt or OUT/last.pt of train_downstream.py) in eval mode and its
-    meta: task, modalities (channel order), inputs, targets or regions, roi, label kind, arch,
-    contract, split, step, val. Raises FileNotFoundError / ValueError naming the file."""
+    meta: task, modalities (channel order), inputs, targets or regions (and their label values),
+    roi, label kind, arch, contract, split, step, val, commit of the code that trained it. Raises FileNotFoundError / ValueError naming the file."""
     ck = read_checkpoint(path)
     if ck.get("kind") != "downstream":
         raise ValueError(f"{path}: not a train_downstream checkpoint (kind {ck.get('kind')!r})")
     net = build_model(ck["arch"])
     net.load_state_dict(ck["model"])
     meta = {**ck["task"], "arch": ck["arch"], "contract": ck["contract"], "split": ck["split"],
-            "step": ck["step"], "val": ck.get("val")}
+            "step": ck["step"], "val": ck.get("val"), "commit": ck.get("commit", "unknown")}
     return net.to(device).eval(), meta
 
 
@@ -148,13 +149,14 @@ def importance_map(roi, blend="gaussian", sigma_scale=0.125, device=None):
 
 @torch.no_grad()
 def sliding_window_inference(fn, image, roi, overlap=0.5, sw_batch_size=4, blend="gaussian",
-                             sigma_scale=0.125, out_channels=None, device=None, stitch_device=None):
+                             sigma_scale=0.125, out_channels=None, device=None, stitch_device=None, progress=None):
     """Whole-volume inference: fn maps (n, C, *roi) -> (n, K, *roi); image is (C, D, H, W) or
     (1, C, D, H, W) of any size (zero-padded symmetrically where smaller than roi, cropped
     back). Windows run in batches of sw_batch_size on `device` (default: the image's); outputs
     are blended with the importance map and stitched on `stitch_device` (default: the image's;
     "cpu" keeps the full-size accumulators off the GPU). Accumulation is float64, so an identity
-    fn gives back a float32 input exactly. Returns the output in fn's dtype, shaped like image."""
+    fn gives back a float32 input exactly. progress: a tqdm bar, its total raised by the number
+    of windows and advanced per batch. Returns the output in fn's dtype, shaped like image."""
     x = as_tensor(image, "sliding_window_inference image")
     batched = x.ndim == 5
     if batched:
@@ -176,6 +178,9 @@ def sliding_window_inference(fn, image, roi, overlap=0.5, sw_batch_size=4, blend
     weight = importance_map(roi, blend, sigma_scale, stitch)
     windows = list(itertools.product(*[_window_starts(s, r, overlap) for s, r in zip(full, roi)]))
     acc, norm, out_dtype = None, torch.zeros(full, dtype=torch.float64, device=stitch), None
+    if progress is not None:
+        progress.total = (progress.total or 0) + len(windows)
+        progress.refresh()
     for i in range(0, len(windows), sw_batch_size):
         batch = windows[i:i + sw_batch_size]
         xb = torch.stack([x[:, a:a + roi[0], b:b + roi[1], c:c + roi[2]] for a, b, c in batch]).to(device)
@@ -193,6 +198,8 @@ def sliding_window_inference(fn, image, roi, overlap=0.5, sw_batch_size=4, blend
         for j, (a, b, c) in enumerate(batch):
             acc[:, a:a + roi[0], b:b + roi[1], c:c + roi[2]] += yb[j]
             norm[a:a + roi[0], b:b + roi[1], c:c + roi[2]] += weight
+        if progress is not None:
+            progress.update(len(batch))
     out = (acc / norm)[(slice(None), *crop)]
     out = out.to(out_dtype)
     return out[None] if batched else out
@@ -211,10 +218,11 @@ def subset_indices(subset, names):
 
 @torch.no_grad()
 def predict_subsets(model, image, subsets, meta, roi=None, overlap=0.5, sw_batch_size=4, blend="gaussian",
-                    device=None, amp=True, stitch_device=None):
+                    device=None, amp=True, stitch_device=None, progress=None):
     """Whole-volume outputs of a tuned model from each subset of modalities (names or channel
-    indices) of image (|M|, D, H, W), normalised as data.load_case gives it; channels outside
-    the subsets are never read. One pass of sliding windows of the training roi with Gaussian
+    indices) of image (|M|, D, H, W), normalised as data.load_case gives it, or a dict modality
+    -> (D, H, W) holding at least the modalities of the subsets (a person scanned with some of
+    them); channels outside the subsets are never read. One pass of sliding windows of the training roi with Gaussian
     blending (each modality encoded once per window); axes shorter than the roi are padded with
     each modality's empty-space value (CT: air), as training crops are. Returns a list of float32
     (K, D, H, W): seg logits per region (> 0 is inside) or the target modalities."""
@@ -222,6 +230,8 @@ def predict_subsets(model, image, subsets, meta, roi=None, overlap=0.5, sw_batch
     idx = [subset_indices(s, names) for s in subsets]
     if not idx:
         raise ValueError("predict: no subsets of modalities given")
+    if isinstance(image, dict):
+        image = _stack(image, names, {names[i] for s in idx for i in s})
     x = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image, dtype=np.float32))
     if x.ndim != 4 or x.shape[0] != len(names):
         raise ValueError(f"predict: image must be ({len(names)}, D, H, W) for the modalities {names}, "
@@ -235,16 +245,33 @@ def predict_subsets(model, image, subsets, meta, roi=None, overlap=0.5, sw_batch
             return torch.cat(fused_outputs(model, xb, idx), 1).float()
 
     out = sliding_window_inference(fn, x, roi, overlap, sw_batch_size, blend, device=dev,
-                                   stitch_device=stitch_device)
+                                   stitch_device=stitch_device, progress=progress)
     out = out[(slice(None), *crop)]
     return list(out.chunk(len(idx)))
 
 
+def _stack(volumes, names, needed):
+    """{modality: (D, H, W)} -> (|M|, D, H, W) in the channel order `names`; a modality not given
+    (never read) holds its empty-space value."""
+    missing = sorted(needed - set(volumes))
+    unknown = sorted(set(volumes) - set(names))
+    if missing or unknown or not volumes:
+        raise ValueError(f"predict: the subsets need {sorted(needed)}, given {sorted(volumes)} "
+                         f"(the network's modalities: {names})")
+    vols = {m: torch.as_tensor(np.asarray(v, dtype=np.float32)) if not isinstance(v, torch.Tensor) else v.float()
+            for m, v in volumes.items()}
+    shapes = {tuple(v.shape) for v in vols.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+        raise ValueError(f"predict: the modalities must be (D, H, W) volumes of one shape, got {sorted(shapes)}")
+    ref = next(iter(vols.values()))
+    return torch.stack([vols[m] if m in vols else torch.full_like(ref, data.pad_value(m)) for m in names])
+
+
 def predict(model, image, subset, meta, roi=None, overlap=0.5, sw_batch_size=4, blend="gaussian", device=None,
-            amp=True, stitch_device=None):
+            amp=True, stitch_device=None, progress=None):
     """predict_subsets for one subset: (K, D, H, W) float32."""
     return predict_subsets(model, image, [subset], meta, roi, overlap, sw_batch_size, blend, device, amp,
-                           stitch_device)[0]
+                           stitch_device, progress)[0]
 
 
 def to_source_grid(outputs, record, names=None):

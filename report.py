@@ -4,7 +4,7 @@
              missing_modality_table (Table 11), autopet_table (Table 8), identification_table,
              write_table, markdown
     figures  figure_transfer (Figures 8, 10-12), figure_segmentation, figure_embedding (PCA of
-             X_h', Figure 9)
+             X_h', Figure 9), figure_prediction (predict.py's preview)
 
 Figures draw on matplotlib's Agg canvas directly: no pyplot, no global backend change.
 """
@@ -366,3 +366,33 @@ def figure_embedding(path, feats, modality, person, dpi=100):
     return _save(fig, path)
 
 
+
+
+def figure_prediction(path, volumes, label=None, dpi=100, alpha=0.45):
+    """predict.py's preview: one row per volume of `volumes` ({title: (D, H, W)}, inputs then
+    generated modalities), columns axial, coronal and sagittal mid-slices; with a label map a
+    last row draws it over the first volume. Every volume on one (RAS) grid."""
+    from matplotlib.colors import ListedColormap
+    vols = {k: _volume(v, f"figure_prediction {k}") for k, v in volumes.items()}
+    shapes = {v.shape for v in vols.values()} | ({_volume(label, "figure_prediction label").shape}
+                                                  if label is not None else set())
+    if not vols or len(shapes) != 1:
+        raise ValueError(f"figure_prediction: volumes (and label) must share one shape, got {sorted(shapes)}")
+    rows = list(vols.items()) + ([(f"segmentation on {next(iter(vols))}", next(iter(vols.values())))]
+                                 if label is not None else [])
+    fig, axes = _figure(len(rows), len(VIEWS), panel=2.0, dpi=dpi)
+    cmap = ListedColormap([SEG_COLOURS.get(v, (0.2, 0.4, 1.0)) for v in range(1, 5)])
+    for i, (title, vol) in enumerate(rows):
+        lo, hi = np.percentile(vol, [1, 99])
+        for v, s in enumerate(_mid_slices(vol)):
+            ax = axes[i, v]
+            ax.imshow(s, cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-6), origin="lower")
+            if label is not None and i == len(rows) - 1:
+                lab = _mid_slices(_volume(label, "label"))[v]
+                ax.imshow(np.ma.masked_equal(np.clip(lab, 0, 4), 0), cmap=cmap, vmin=0.5, vmax=4.5, alpha=alpha,
+                          origin="lower", interpolation="nearest")
+            if i == 0:
+                ax.set_title(VIEWS[v], fontsize=8)
+            if v == 0:
+                ax.set_ylabel(title, fontsize=7)
+    return _save(fig, path)

@@ -34,7 +34,7 @@ import losses
 import metrics
 import model as M
 import runtime as R
-from files import save_checkpoint, write_json
+from files import git_commit, save_checkpoint, write_json
 from inference import encode, fuse, predict, predict_subsets, single
 from model import build_model
 
@@ -385,6 +385,8 @@ def main(argv=None):
     roi = tuple(arch["roi"])
     task = {"task": cfg.task, "modalities": names, "inputs": inputs, "targets": targets,
             "regions": list(spec.regions) if cfg.task == "seg" else [], "label_kind": spec.label_kind,
+            "region_values": ({k: None if v is None else [int(x) for x in v] for k, v in spec.regions.items()}
+                              if cfg.task == "seg" else {}),
             "roi": list(roi), "init": cfg.init, "new_decoder": cfg.new_decoder}
 
     net = build_model(arch).to(d.device)
@@ -448,7 +450,7 @@ def main(argv=None):
                 save_checkpoint(out / "best.pt", {
                     "model": net.state_dict(), "step": step, "arch": arch, "task": task,
                     "contract": data.contract(spec), "modalities": names, "split": split, "kind": "downstream",
-                    "config": asdict(cfg), "val": summary})
+                    "config": asdict(cfg), "val": summary, "commit": git_commit()})
         R.barrier(d)
         jlog.write(step=step, **{f"val_{k}": v for k, v in summary.items()}, best=improved)
         log(f"step {step}: val {', '.join(f'{k} {v:.4f}' for k, v in summary.items())}{' (best)' if improved else ''}")
@@ -457,7 +459,7 @@ def main(argv=None):
     def save_last(step, summary):
         R.save_state(out / "last.pt", net, optim, sched, step, cfg, d, arch=arch, task=task,
                      contract=data.contract(spec), modalities=names, split=split, kind="downstream", best=best,
-                     val=summary)
+                     val=summary, commit=git_commit())
 
     net.train()
     step, summary = start, {}
