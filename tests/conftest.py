@@ -54,6 +54,44 @@ def write_brats(root, n=5, shape=(36, 40, 34), seed=0, convention="brats"):
     return root
 
 
+def make_oblique(case_dir, angle=20.0):
+    """Rewrites a case with its axes permuted (x, y, z) -> (z, x, y) and its grid rotated in
+    world space: the same voxels on an oblique, non-RAS grid."""
+    a, b = np.deg2rad(angle), np.deg2rad(angle / 2)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    for f in sorted(case_dir.iterdir()):
+        img = nib.load(str(f))
+        arr = np.asarray(img.dataobj)
+        perm = np.zeros((4, 4))  # voxel (k, i, j) of the new array -> (i, j, k) of the old one
+        perm[0, 1] = perm[1, 2] = perm[2, 0] = perm[3, 3] = 1
+        rot = np.eye(4)
+        rot[:3, :3] = rx @ rz
+        affine = rot @ img.affine @ perm
+        affine[:3, 3] += [3.5, -7.25, 11.0]
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(arr.transpose(2, 0, 1)), affine), str(f))
+
+
+def write_autopet(root, shape=(30, 28, 60), seed=0):
+    """Tiny AutoPET-layout cases (CT in HU, PET in SUV, 0/1 lesion), patient 1 without a lesion."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+    centre = np.array(shape) / 2
+    for c in range(3):
+        d = root / f"pat{c}" / "study_0"
+        d.mkdir(parents=True)
+        body = (((grid - centre) / (np.array(shape) * 0.4)) ** 2).sum(-1) < 1
+        lesion = np.zeros(shape, np.uint8)
+        if c != 1:
+            lesion[np.linalg.norm(grid - centre - rng.uniform(-3, 3, 3), axis=-1) < 4] = 1
+        ct = np.where(body, 40 + rng.normal(0, 20, shape), -1000)
+        pet = body * (1 + rng.random(shape)) + 8 * lesion
+        affine = np.diag([2.0, 2.0, 3.0, 1.0])
+        for name, a in (("CTres", ct.astype(np.float32)), ("SUV", pet.astype(np.float32)), ("SEG", lesion)):
+            nib.save(nib.Nifti1Image(a, affine), str(d / f"{name}.nii.gz"))
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_brats(tmp_path_factory):
     return write_brats(tmp_path_factory.mktemp("brats"))
