@@ -1,6 +1,6 @@
 """Benchmarks: our code and its peer (MONAI, scikit-image, PyTorch SDPA) in the same run.
 
-    python bench.py model | data | metrics | pretrain | kernels [--quick] [--static]
+    python bench.py model | data | metrics | pretrain | downstream | predict | kernels [--quick] [--static]
 
 Every benchmark prints a table with both sides and their ratio (ours / peer). Times are the
 median of several runs after warm-up; peak memory is measured in a fresh subprocess per side
@@ -11,6 +11,7 @@ import argparse
 import multiprocessing as mp
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -49,19 +50,29 @@ def _rss_kib(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def _peak_child(conn, fn, args):
-    # Linux keeps ru_maxrss across exec, so a child would inherit the parent's peak; read the
-    # process's own high-water mark (VmHWM) after resetting it instead.
+def _reset_peak():
+    """Resets this process's memory high-water mark; returns the resident size it starts from.
+    Linux keeps ru_maxrss across exec, so a child would inherit the parent's peak; the
+    process's own high-water mark (VmHWM) is read after resetting it instead."""
     base = _rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    fn(*args)
+    return base
+
+
+def _peak_since(base):
+    """Peak memory (MiB) added since _reset_peak returned base (CUDA: peak allocated)."""
     if torch.cuda.is_available():
-        conn.send(torch.cuda.max_memory_allocated() / 2**20)
-    else:
-        conn.send((_rss_kib("VmHWM") - base) / 1024)
+        return torch.cuda.max_memory_allocated() / 2**20
+    return (_rss_kib("VmHWM") - base) / 1024
+
+
+def _peak_child(conn, fn, args):
+    base = _reset_peak()
+    fn(*args)
+    conn.send(_peak_since(base))
 
 
 def peak_memory_mb(fn, *args):
@@ -685,6 +696,140 @@ def bench_downstream(args):
     print_table(f"15-subset whole-volume inference, F={fs}, volume {tuple(image.shape[1:])}, roi {roi}",
                 [{"one pass s": t_one, "15 passes s": t_sep, "speedup": t_sep / t_one, "max |diff|": diff}],
                 ["one pass s", "15 passes s", "speedup", "max |diff|"])
+
+
+# predict benchmark: predict.py on one BraTS-sized case against MONAI's sliding_window_inference
+BRATS_GRID = (240, 240, 155)
+
+
+def _brats_sized_case(folder):
+    """One demo person at 1 mm (the MNI152 anatomy of demo_data) on a 240 x 240 x 155 grid, as
+    BraTS ships its cases: the T1 file's path."""
+    import nibabel as nib
+    import numpy as np
+
+    import demo_data
+
+    demo_data.build(folder / "demo", n_persons=1, seed=0, spacing=1.0, verbose=False)
+    src = folder / "demo" / "brats" / "demo_000" / "demo_000_t1.nii.gz"
+    img = nib.load(str(src))
+    a = np.asarray(img.dataobj, dtype=np.float32)
+    start = []
+    for axis, n in enumerate(BRATS_GRID):  # centre the grid on the brain, pad or crop
+        hit = np.flatnonzero(a.any(axis=tuple(k for k in range(3) if k != axis)))
+        start.append(int((hit[0] + hit[-1] + 1) // 2 - n // 2))
+    out = np.zeros(BRATS_GRID, np.float32)
+    src_sl, dst_sl = [], []
+    for s, n, m in zip(start, BRATS_GRID, a.shape):
+        lo, hi = max(s, 0), min(s + n, m)
+        src_sl.append(slice(lo, hi))
+        dst_sl.append(slice(lo - s, hi - s))
+    out[tuple(dst_sl)] = a[tuple(src_sl)]
+    affine = img.affine.copy()
+    affine[:3, 3] = img.affine[:3, :3] @ np.array(start, float) + img.affine[:3, 3]
+    path = folder / "case_t1.nii.gz"
+    nib.save(nib.Nifti1Image(out, affine), str(path))
+    return path
+
+
+def _predict_nets(fs, seed=0):
+    """A transfer (4 -> 4 channels) and a segmentation (4 -> 3) MONAI SwinUNETR, the same seeds
+    every call, so that both sides run the same weights."""
+    from monai.networks.nets import SwinUNETR as MonaiSwinUNETR
+
+    torch.manual_seed(seed)
+    return [MonaiSwinUNETR(in_channels=4, out_channels=k, feature_size=fs).eval() for k in (4, 3)]
+
+
+def _predict_child(conn, which, t1, out, fs, roi, overlap, sw_batch_size):
+    """One side in a fresh process: (seconds, peak MiB added by the prediction).
+    Both sides read the T1 file and write the other three modalities and a label map."""
+    import nibabel as nib
+    import numpy as np
+
+    nets = _predict_nets(fs)
+    if which == "ours":
+        import model
+        import predict as P
+        from metrics import LABELS
+
+        mods = ["t1", "t1ce", "t2", "flair"]
+        ours = []
+        for k, peer in zip((4, 3), nets):
+            net = model.SwinUNETR(4, k, feature_size=fs, attn_backend="sdpa").eval()
+            net.load_state_dict(peer.state_dict())
+            ours.append(net)
+        nets = None
+        base = {"modalities": mods, "inputs": mods, "roi": list(roi), "contract": {"spacing": [1.0] * 3},
+                "step": 0, "commit": "bench", "label_kind": "brats"}
+        networks = [P.Network("transfer", Path("bench"), ours[0], {**base, "task": "transfer", "targets": mods}),
+                    P.Network("seg", Path("bench"), ours[1], {**base, "task": "seg", "targets": [],
+                                                               "regions": ["tc", "wt", "et"]},
+                              dict(LABELS["brats"][1]))]
+        cfg = P.parse_args(["--seg-ckpt", "bench", "--input", f"t1={t1}", "--out", str(out), "--device", "cpu",
+                            "--overlap", str(overlap), "--sw-batch-size", str(sw_batch_size), "--quiet"])
+        case = P.case_from_inputs(cfg.input, mods)
+    base_rss = _reset_peak()
+    t0 = time.perf_counter()
+    if which == "ours":
+        P.predict_case(case, networks, cfg, Path(out))
+    else:
+        from monai.inferers import sliding_window_inference
+        from monai.transforms import NormalizeIntensity
+
+        img = nib.load(str(t1))
+        x = NormalizeIntensity(nonzero=True)(torch.from_numpy(np.asarray(img.dataobj, dtype=np.float32)))
+        x = x[None, None].repeat(1, 4, 1, 1, 1)
+        with torch.no_grad():
+            y, s = (sliding_window_inference(x, roi, sw_batch_size, net, overlap, mode="gaussian")[0] for net in nets)
+        for k, m in enumerate(("t1ce", "t2", "flair"), 1):
+            nib.save(nib.Nifti1Image(y[k].numpy(), img.affine), str(Path(out) / f"{m}.nii.gz"))
+        tc, wt, et = (s > 0).numpy()
+        label = np.where(wt, 2, 0).astype(np.uint8)
+        label[tc], label[et] = 1, 4
+        nib.save(nib.Nifti1Image(label, img.affine), str(Path(out) / "seg.nii.gz"))
+    conn.send((time.perf_counter() - t0, _peak_since(base_rss)))
+
+
+def bench_predict(args):
+    """predict.py on one BraTS-sized case (240 x 240 x 155, 1 mm), T1 -> T1ce, T2, FLAIR and a
+    segmentation, against MONAI's sliding_window_inference on MONAI's SwinUNETR with the same
+    weights, roi, overlap, window batch and Gaussian blending (the plain network, the part both
+    can do). Each side runs once in a fresh process; time and peak memory include reading the
+    input and writing the outputs."""
+    import tempfile
+
+    import numpy as np
+
+    import data
+    from inference import _window_starts
+
+    fs, roi = (12, (64, 64, 64)) if args.quick else (48, (96, 96, 96))
+    overlap, sw = 0.5, 1
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t1 = _brats_sized_case(tmp)
+        res = {}
+        for which in ("ours", "monai"):
+            out = tmp / which
+            out.mkdir()
+            ctx = mp.get_context("spawn")
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_predict_child, args=(child, which, t1, out, fs, roi, overlap, sw))
+            p.start()
+            res[which] = parent.recv()
+            p.join()
+        case = data.Case("case", {"t1": t1})
+        vol = data.load_case(case, data.DatasetSpec(tmp, "x", ["t1"], [case], None), use_cache=False)
+        crop = vol.record["shape_out"]
+    count = lambda shape: int(np.prod([len(_window_starts(n, r, overlap)) for n, r in zip(shape, roi)]))
+    rows = [{"side": w, "grid": "x".join(map(str, g)), "windows": 2 * count(g), "s": res[w][0], "peak MiB": res[w][1]}
+            for w, g in (("ours", crop), ("monai", BRATS_GRID))]
+    rows.append({"side": "ours / monai", "grid": "", "windows": rows[0]["windows"] / rows[1]["windows"],
+                 "s": rows[0]["s"] / rows[1]["s"], "peak MiB": rows[0]["peak MiB"] / rows[1]["peak MiB"]})
+    print_table(f"predict: T1 -> T1ce, T2, FLAIR + segmentation, {'x'.join(map(str, BRATS_GRID))} at 1 mm, "
+                f"SwinUNETR F={fs}, roi {roi}, overlap {overlap}, sw_batch_size {sw}, CPU (ours: the brain crop "
+                "of predict.py)", rows, ["side", "grid", "windows", "s", "peak MiB"])
 
 
 # ---- end of benchmarks ----
