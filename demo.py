@@ -9,7 +9,9 @@
    (any -> all) from the pre-trained weights,
 4. evaluates both on the held-out test persons: prints the transfer and segmentation tables
    (segmentation from all four modalities; --seg-subsets all scores each of the 15 subsets),
-   writes NIfTI predictions and PNG figures under OUT/eval-*.
+   writes NIfTI predictions and PNG figures under OUT/eval-*,
+5. predicts, as a new user would with predict.py, the other three modalities and a segmentation
+   of one held-out person from its T1 alone: NIfTI files on the T1's grid in OUT/predict/<person>/.
 
 A second run reuses the data, the cache and every finished stage (each stage resumes from its
 OUT/*/last.pt). The configuration below is sized for 2 CPU cores (small feature size and roi);
@@ -66,30 +68,35 @@ def main(argv=None):
     out = Path(args.out)
     times = {}
 
-    t = stage("1/5 demo data")
+    t = stage("1/6 demo data")
     root = data.ensure_demo(seed=args.seed)
     print(f"demo data in {root}", file=sys.stderr)
     times["data"] = time.perf_counter() - t
 
-    t = stage("2/5 pre-training (full preset)")
+    t = stage("2/6 pre-training (full preset)")
     ckpt = pretrain("demo", out / "pretrain", args.pretrain_steps, "full", args.seed)
     times["pretrain"] = time.perf_counter() - t
 
-    t = stage("3/5 segmentation tuning from the pre-trained weights")
+    t = stage("3/6 segmentation tuning from the pre-trained weights")
     tune("demo", out / "seg", "seg", f"ours:{ckpt}", args.seg_steps, args.seed)
     times["seg"] = time.perf_counter() - t
 
-    t = stage("4/5 transfer tuning (any modality -> all) from the pre-trained weights")
+    t = stage("4/6 transfer tuning (any modality -> all) from the pre-trained weights")
     tune("demo", out / "transfer", "transfer", f"ours:{ckpt}", args.transfer_steps, args.seed)
     times["transfer"] = time.perf_counter() - t
 
-    t = stage("5/5 evaluation on the test persons")
+    t = stage("5/6 evaluation on the test persons")
     results = {}
     for task in ("transfer", "seg"):
         extra = ["--subsets", args.seg_subsets] if task == "seg" else []
         results[task] = evaluate_once(out / task, out / f"eval-{task}", task, args.eval_overlap, extra=extra)
     times["evaluate"] = time.perf_counter() - t
+
+    t = stage("6/6 prediction for a held-out person from T1 alone (predict.py)")
+    where = predict_once(out, out / "predict")
+    times["predict"] = time.perf_counter() - t
     print("\n" + headline(results), file=sys.stderr)
+    print(f"predicted from T1 alone: {where}", file=sys.stderr)
     print("\nstage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
           + f"; total {sum(times.values()):.0f}", file=sys.stderr)
     return results
@@ -113,6 +120,28 @@ def evaluate_once(run, dest, task, overlap, data_name="demo", extra=()):
             return old
     evaluate.main(argv)
     return json.loads(results.read_text())
+
+
+def predict_once(run, dest):
+    """predict.py on the first test person of the transfer run, from its T1 alone, with both
+    tuned checkpoints (again only when a checkpoint is newer than the outputs). Returns the
+    person's output folder."""
+    import predict
+
+    ckpts = [d / "best.pt" if (d / "best.pt").exists() else d / "last.pt" for d in (run / "transfer", run / "seg")]
+    person = json.loads((run / "transfer" / "split.json").read_text())["test"][0]
+    spec = data.resolve("demo")
+    t1 = spec.case(person).images["t1"]
+    out = dest / person
+    newer = (out / "report.json").exists() and any(c.stat().st_mtime > (out / "report.json").stat().st_mtime
+                                                    for c in ckpts)
+    code = predict.main(["--ckpt", str(ckpts[0]), "--seg-ckpt", str(ckpts[1]), "--input", f"t1={t1}",
+                         "--out", str(out), "--preview", *(["--overwrite"] if newer else [])])
+    if code:
+        raise SystemExit(f"predict.py failed on {t1}")
+    for f in sorted(out.iterdir()):
+        print(f"  {f}", file=sys.stderr)
+    return out
 
 
 def _same_options(have, want):

@@ -386,6 +386,20 @@ class ConvOnly(nn.Module):
             return F.linear(x.permute(0, 2, 3, 4, 1), c.weight.flatten(1), c.bias).permute(0, 4, 1, 2, 3)
         return c(x)
 
+    def pair(self, a, b):
+        """self(torch.cat([a, b], 1)) without storing the concatenation: each part convolved
+        with its share of the kernel's input channels, the two summed (equal up to the order of
+        the sums). For inference, where the concatenated copy would be the largest tensor."""
+        c, k = self.conv, a.shape[1]
+        if a.device.type == "cpu":
+            a, b = (t.contiguous(memory_format=torch.channels_last_3d) for t in (a, b))
+        if c.kernel_size == (1, 1, 1) and a.device.type == "cpu":
+            w = c.weight.flatten(1)
+            y = F.linear(a.permute(0, 2, 3, 4, 1), w[:, :k], c.bias)
+            return y.add_(F.linear(b.permute(0, 2, 3, 4, 1), w[:, k:])).permute(0, 4, 1, 2, 3)
+        y = F.conv3d(a, c.weight[:, :k], c.bias, padding=c.padding)
+        return y.add_(F.conv3d(b, c.weight[:, k:], None, padding=c.padding))
+
 
 class _InstanceNormCL(torch.autograd.Function):
     """Instance norm without affine of one channels-last sample (1, C, D, H, W), kept
@@ -438,6 +452,13 @@ class ResBlock(nn.Module):
         res = inorm(self.conv3(x)) if self.conv3 is not None else x
         return F.leaky_relu(out + res, 0.01, inplace=True)
 
+    def pair(self, a, b):
+        """self(torch.cat([a, b], 1)) for inference (no gradient) with ConvOnly.pair: the
+        concatenation is never stored, the residual is added in place."""
+        out = inorm(self.conv2(F.leaky_relu(inorm(self.conv1.pair(a, b)), 0.01, inplace=True)))
+        out += inorm(self.conv3.pair(a, b))
+        return F.leaky_relu(out, 0.01, inplace=True)
+
     def forward(self, x):
         if self.use_checkpoint and x.requires_grad:
             return checkpoint(self._forward, x, use_reentrant=False)
@@ -460,6 +481,8 @@ class UpBlock(nn.Module):
         self.conv_block = ResBlock(2 * cout, cout, use_checkpoint)
 
     def forward(self, x, skip):
+        if not torch.is_grad_enabled():  # inference: at full resolution the copy is the peak
+            return self.conv_block.pair(self.transp_conv(x), skip)
         return self.conv_block(torch.cat([self.transp_conv(x), skip], 1))
 
 

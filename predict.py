@@ -251,15 +251,17 @@ def run_network(network, vol, cfg, bar):
     if not used:
         raise CaseError(f"{vol.record['source']}: none of the inputs {', '.join(given)} is an input of "
                         f"{network.path} ({', '.join(meta['inputs'])})")
-    image = torch.from_numpy(np.array(vol.image, dtype=np.float32))
+    stitch = torch.device(cfg.stitch_device or cfg.dev)  # where the whole volume and its outputs live
+    image = torch.from_numpy(np.array(vol.image, dtype=np.float32)).to(stitch)
     shape = model_shape(vol.record, meta, cfg.resample)
     if shape is not None:
         image = resample(image, shape)
     out = inference.predict(network.net, {m: image[given.index(m)] for m in used}, used, meta,
                             overlap=cfg.overlap, sw_batch_size=cfg.sw_batch_size, device=cfg.dev,
-                            stitch_device=cfg.stitch_device or None, progress=bar).float().cpu()
+                            stitch_device=stitch, progress=bar)
     if shape is not None:
         out = resample(out, vol.record["shape_out"])
+    out = out.float().cpu()
     spacing = {"case_mm": vol.record["spacing"], "checkpoint_mm": meta["contract"].get("spacing"),
                "resampled": shape is not None, "model_shape": shape or vol.record["shape_out"]}
     return used, out, spacing
@@ -293,7 +295,8 @@ def predict_case(case, networks, cfg, stage):
                 y = out[k].numpy()
                 if data.normalisation(m)["kind"] == "zscore_nonzero":
                     y = y * fg  # MRI background is 0, as in the normalised training data
-                previews[f"{m} (generated)"] = y
+                if cfg.preview:
+                    previews[f"{m} (generated)"] = y
                 y = data.denormalise(y, m)
                 name = output_name(case, m, names[0])
                 data.write_nifti(data.restore(y, rec, data.empty_value(m)), rec, stage / name, grid="original")
@@ -311,6 +314,7 @@ def predict_case(case, networks, cfg, stage):
                                  stage / "seg_probabilities.nii.gz", grid="original")
                 outputs["seg_probabilities.nii.gz"] = {"kind": "probabilities", "channels": list(network.regions),
                                                        "dtype": "float32"}
+        del out  # the next network's windows need the memory
         times["write"] = times.get("write", 0.0) + time.perf_counter() - t
     if cfg.preview:
         t = time.perf_counter()

@@ -218,6 +218,23 @@ def test_brats2023_folder_gets_its_own_file_names(setup, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "o" / "Case_000").iterdir()) == ["Case_000-t2f.nii.gz", "report.json"]
 
 
+def test_nnunet_images_ts_folder_numbers_the_outputs_by_channel(setup, tmp_path, capsys):
+    """A folder of <id>_000k files: channel k is the checkpoint's k-th modality (t1, t1ce, t2,
+    flair), the generated ones get the numbers of the missing channels."""
+    _, root, _, ckpts = setup
+    scans = tmp_path / "imagesTs"
+    scans.mkdir()
+    for k, m in ((0, "t1"), (2, "t2")):
+        shutil.copy(root / "Case_001" / f"Case_001_{m}.nii.gz", scans / f"p7_{k:04d}.nii.gz")
+    code, err = call(["--ckpt", str(ckpts["transfer"]), "--seg-ckpt", str(ckpts["seg"]), "--input-dir", str(scans),
+                      "--out", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "o" / "p7").iterdir()) == [
+        "p7_0001.nii.gz", "p7_0003.nii.gz", "report.json", "seg.nii.gz"]
+    report = json.loads((tmp_path / "o" / "p7" / "report.json").read_text())
+    assert report["checkpoints"]["transfer"]["inputs_used"] == ["t1", "t2"]
+
+
 def _bad_inputs(tmp, root, ckpts):
     """(name, argv, the file the message must name, words it must hold) for each bad input."""
     case = root / "Case_000"
