@@ -3,7 +3,7 @@ NIfTI predictions on the input's grid and figures (METHOD.md, "Evaluation protoc
 
     python evaluate.py --ckpt runs/seg/best.pt --data demo --task seg --out runs/eval-seg
     python evaluate.py --ckpt runs/transfer/best.pt --data demo --task transfer --out runs/eval-transfer \
-        --protocol reference,strict,brasyn
+        --protocol reference,strict,percentile
 
 transfer: every single input modality -> every target, scored on the original grid under each
 protocol, beside the identity baseline (the normalised source itself as the prediction).
@@ -36,7 +36,7 @@ import runtime as R
 from files import git_commit, staging, write_json
 
 USAGE = """python evaluate.py --ckpt RUN/best.pt --data PATH|demo|demo-petct --task transfer|seg|identify --out DIR
-       [--split test|val|all] [--overlap 0.5] [--sw-batch-size 4] [--protocol reference,strict[,brasyn]]
+       [--split test|val|all] [--overlap 0.5] [--sw-batch-size 4] [--protocol reference,strict[,percentile]]
        [--policy brats|monai|autopet] [--subsets all|given] [--save-nifti | --no-save-nifti] [--figures N]
        [--hd95] [--untrained] [--modalities a,b] [--cache DIR] [--device auto] [--seed 0]"""
 
@@ -50,7 +50,6 @@ figures/ (the first N cases, and the PCA of X_h' of every evaluated person; none
 embedding.png. Everything is
 written in a hidden folder beside DIR and moved into DIR only when the whole run succeeded."""
 
-PROTOCOLS = ("reference", "strict", "brasyn")
 
 
 @dataclass
@@ -65,7 +64,7 @@ class Config:
                        choices=("test", "val", "all"))
     overlap: float = R.opt(0.5, "sliding-window overlap (the reference used 0.75)")
     sw_batch_size: int = R.opt(4, "windows per forward")
-    protocol: str = R.opt("reference,strict", "transfer protocols: reference, strict, brasyn")
+    protocol: str = R.opt("reference,strict", "transfer protocols: reference, strict, percentile (metrics.transfer_metrics)")
     policy: str = R.opt(None, "empty-mask policy of Dice/HD95 (default: autopet for AutoPET labels, else brats)",
                         choices=sorted(metrics.EMPTY_POLICIES))
     subsets: str = R.opt("all", "seg: every non-empty subset of the input modalities, or only all of them together",
@@ -88,8 +87,8 @@ def parse_args(argv=None):
     """The command line as a checked Config."""
     cfg = R.parse_config(Config, argv, __doc__.split("\n\n")[0], USAGE[len("python "):], OUTPUTS)
     prots = cfg.protocols
-    if not prots or any(p not in PROTOCOLS for p in prots) or len(set(prots)) != len(prots):
-        raise SystemExit(f"--protocol {','.join(prots)}: choose distinct protocols among {', '.join(PROTOCOLS)}")
+    if not prots or any(p not in metrics.PROTOCOLS for p in prots) or len(set(prots)) != len(prots):
+        raise SystemExit(f"--protocol {','.join(prots)}: choose distinct protocols among {', '.join(metrics.PROTOCOLS)}")
     if not 0 <= cfg.overlap < 1 or cfg.sw_batch_size < 1 or cfg.figures < 0:
         raise SystemExit("--overlap must be in [0, 1), --sw-batch-size >= 1 and --figures >= 0")
     return cfg

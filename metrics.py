@@ -3,7 +3,8 @@ the tensors live (CPU or GPU). Imports no project module and none of scipy, scik
 MONAI (the tests compare against them).
 
     image similarity  psnr, nmse, ssim3d (3-D SSIM with scikit-image's defaults)
-    transfer          transfer_metrics(protocol="reference" | "strict" | "brasyn"), transfer_case
+    transfer          transfer_metrics(protocol="reference" | "strict" | "percentile", kind per
+                      modality: modality_kind), transfer_case
                       (all targets of one source, with the identity baseline)
     overlap, distance dice, confusion_rates, hd95; EMPTY_POLICIES "brats", "monai", "autopet":
                       summaries name the policy and count the empty cases (tools disagree on them)
@@ -286,26 +287,42 @@ def _clip_scale(x, what, p_lo=0.5, p_hi=99.5):
     return (x.double().clamp(lo, hi) - lo) / (hi - lo)
 
 
-def transfer_metrics(pred, gt, fg, protocol="reference", tumour=None, ssim_dtype=torch.float32):
-    """PSNR, NMSE and 3-D SSIM of one generated modality (D, H, W) against its ground truth.
+PROTOCOLS = ("reference", "strict", "percentile")
 
-    reference  the paper's numbers: the prediction is z-scored over the foreground (the voxels
-               the data layer normalised the truth over), background voxels are replaced by the
-               truth, data_range = max(ptp(pred), ptp(gt)); metrics over the whole volume.
+
+def modality_kind(name):
+    """How a modality's truth is normalised (data.py): "ct" ([-1000, 1000] HU -> [-1, 1]), "pet"
+    (SUV / 10) or "mri" (z-scores over the voxels it is nonzero in)."""
+    return name if name in ("ct", "pet") else "mri"
+
+
+def transfer_metrics(pred, gt, fg, protocol="reference", tumour=None, ssim_dtype=torch.float32, kind="mri"):
+    """PSNR, NMSE and 3-D SSIM of one generated modality (D, H, W) against its ground truth, both
+    in the data layer's normalised unit. kind (modality_kind): what that unit is; a prediction
+    equal to the truth scores PSNR inf (MRI under "reference": above 250 dB, the z-scoring is
+    recomputed), NMSE 0 and SSIM 1 in every protocol for every kind.
+
+    reference  the paper's numbers: an MRI prediction is z-scored over the voxels the data layer
+               normalised the truth over (foreground voxels where the truth is nonzero), since
+               MRI has no absolute unit; CT and PET predictions are kept in their unit (the truth
+               is not z-scored either). Background voxels are replaced by the truth,
+               data_range = max(ptp(pred), ptp(gt)); metrics over the whole volume.
     strict     the raw prediction, no pasting; PSNR and NMSE over foreground voxels, SSIM map
                averaged over foreground voxels, data_range from the foreground.
-    brasyn     BraSyn challenge style: each image clipped to its own 0.5-99.5 percentiles over
-               the whole volume and scaled to [0, 1]; PSNR (range 1), NMSE and SSIM over the
-               volume, plus SSIM inside the tumour (both images multiplied by the tumour mask,
-               map averaged over it) and outside. Differences from the BraSyn script, which
-               reads raw MR intensities: it also raises a negative lower percentile to 0 (that
-               would erase half of a z-scored volume, so it is not done here) and uses
-               torchmetrics' Gaussian window, where every protocol here shares the 7^3 window.
-    Returns a dict with the metrics, the protocol and the data range used."""
+    percentile each image clipped to its own 0.5-99.5 percentiles over the whole volume and
+               scaled to [0, 1]; PSNR (range 1), NMSE and SSIM over the volume, plus SSIM inside
+               the tumour (both images multiplied by the tumour mask, map averaged over it) and
+               outside. Modelled on the BraSyn evaluation but not that computation (BraSyn reads
+               raw MR intensities, raises a negative lower percentile to 0 and uses a Gaussian
+               window; every protocol here shares the 7^3 window), so its numbers are not
+               BraSyn leaderboard numbers.
+    Returns a dict with the metrics, the protocol, the kind and the data range used."""
     p, g = _pair(pred, gt, "transfer_metrics")
     if p.ndim != 3:
         raise ValueError(f"transfer_metrics: expected (D, H, W) volumes, got shape {tuple(p.shape)}")
-    out = {"protocol": protocol}
+    if kind not in ("mri", "ct", "pet"):
+        raise ValueError(f"transfer_metrics: kind must be 'mri', 'ct' or 'pet', got {kind!r}")
+    out = {"protocol": protocol, "kind": kind}
     if protocol in ("reference", "strict"):
         if fg is None:
             raise ValueError(f"transfer_metrics: protocol {protocol!r} needs the foreground mask fg")
@@ -316,12 +333,15 @@ def transfer_metrics(pred, gt, fg, protocol="reference", tumour=None, ssim_dtype
             raise ValueError("transfer_metrics: the foreground mask is empty")
         p, g = p.double(), g.double()
         if protocol == "reference":
-            v = p[m]
-            sd = v.std(unbiased=False).item()
-            if sd == 0:
-                raise ValueError("transfer_metrics: the prediction is constant over the foreground; "
-                                 "cannot z-score it")
-            p = torch.where(m, (p - v.mean()) / sd, g)
+            if kind == "mri":
+                z = m & (g != 0)
+                v = p[z if bool(z.any()) else m]
+                sd = v.std(unbiased=False).item()
+                if sd == 0:
+                    raise ValueError("transfer_metrics: the prediction is constant over the foreground; "
+                                     "cannot z-score it")
+                p = (p - v.mean()) / sd
+            p = torch.where(m, p, g)
             rng = max(_ptp(p), _ptp(g))
             out.update(psnr=psnr(p, g, rng), nmse=nmse(p, g), ssim=ssim3d(p, g, rng, dtype=ssim_dtype))
         else:
@@ -331,7 +351,7 @@ def transfer_metrics(pred, gt, fg, protocol="reference", tumour=None, ssim_dtype
                 raise ValueError("transfer_metrics: prediction and truth are constant over the foreground")
             out.update(psnr=psnr(pv, gv, rng), nmse=nmse(pv, gv), ssim=ssim3d(p, g, rng, mask=m, dtype=ssim_dtype))
         out["data_range"] = rng
-    elif protocol == "brasyn":
+    elif protocol == "percentile":
         p, g = _clip_scale(p, "the prediction"), _clip_scale(g, "the ground truth")
         out.update(psnr=psnr(p, g, 1.0), nmse=nmse(p, g), ssim=ssim3d(p, g, 1.0, dtype=ssim_dtype), data_range=1.0)
         out["ssim_tumour"] = out["ssim_non_tumour"] = math.nan
@@ -344,7 +364,7 @@ def transfer_metrics(pred, gt, fg, protocol="reference", tumour=None, ssim_dtype
             if not bool(t.all()):
                 out["ssim_non_tumour"] = ssim3d(p * ~t, g * ~t, 1.0, mask=~t, dtype=ssim_dtype)
     else:
-        raise ValueError(f"transfer_metrics: protocol must be 'reference', 'strict' or 'brasyn', got {protocol!r}")
+        raise ValueError(f"transfer_metrics: protocol must be one of {PROTOCOLS}, got {protocol!r}")
     return out
 
 
@@ -361,9 +381,9 @@ def transfer_case(case, source, preds, truths, fg, names, protocol="reference", 
     rows = []
     for p, g, t in zip(preds, truths, names):
         for prot in protocols:
-            m = transfer_metrics(p, g, fg, prot, tumour, ssim_dtype)
+            m = transfer_metrics(p, g, fg, prot, tumour, ssim_dtype, modality_kind(t))
             if identity is not None:
-                base = transfer_metrics(identity, g, fg, prot, tumour, ssim_dtype)
+                base = transfer_metrics(identity, g, fg, prot, tumour, ssim_dtype, modality_kind(t))
                 m.update({f"identity_{k}": base[k] for k in ("psnr", "nmse", "ssim")})
             rows.append({"case": case, "source": source, "target": t, **m})
     return rows

@@ -144,8 +144,11 @@ def step_randomness(seed, step, first, b, n_inputs):
 
 
 def score_case(net, vol, meta, overlap, sw_batch_size, amp):
-    """Validation numbers of one case. seg: Dice per region from all inputs (BraTS policy: empty
-    truth and prediction score 1; AutoPET: a true negative has no Dice) and their mean. transfer:
+    """Validation numbers of one case. seg: Dice per region from all inputs and their mean, by
+    the convention evaluate.py reports: the region masks made into a label map in the dataset's
+    convention and scored by the regions of that map (which nests ET in TC in WT), empty masks
+    under the same policy (BraTS: empty truth and prediction score 1; AutoPET: a true negative
+    has no Dice). transfer:
     strict PSNR / NMSE / SSIM from each single input to every other target, their means, and the
     identity baseline (the z-scored source itself as the prediction)."""
     dev = next(net.parameters()).device
@@ -155,8 +158,10 @@ def score_case(net, vol, meta, overlap, sw_batch_size, amp):
         logits = predict(net, image, meta["inputs"], meta, overlap=overlap, sw_batch_size=sw_batch_size, amp=amp)
         truth = torch.from_numpy(vol.regions).to(dev) > 0.5
         policy = "autopet" if meta["label_kind"] == "autopet" else "brats"
-        regions = meta["regions"]
-        row = metrics.region_metrics({r: logits[k] > 0 for k, r in enumerate(regions)},
+        regions, values = meta["regions"], vol.region_values
+        label = data.regions_to_label((logits > 0).cpu().numpy(), values)
+        masks = torch.from_numpy(data.label_to_regions(label, values)).to(dev) > 0.5
+        row = metrics.region_metrics({r: masks[k] for k, r in enumerate(regions)},
                                      {r: truth[k] for k, r in enumerate(regions)}, policy)
         out = {f"dice_{r}": row[r] for r in regions}
         out["dice"] = metrics.nanmean(out.values())

@@ -16,6 +16,7 @@ import torch
 
 import data
 import inference
+import metrics
 import model as M
 import runtime as R
 import sampling
@@ -329,3 +330,32 @@ def test_modality_order_mismatch_stops_with_clear_message(tiny_brats, stage1, tm
         T.main(["--data", str(tiny_brats), "--out", str(out), "--init", f"ours:{stage1[0]}", "--roi", "64",
                 "--max-steps", "1"])
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_validation_ranks_checkpoints_by_the_label_map_the_test_reports(monkeypatch):
+    """Two predictions that the region channels and the label map rank differently: A marks ET
+    outside the tumour (channels: WT 1, TC 1, ET 0.67; the label map paints it 4, which counts
+    for WT and TC too), B leaves TC empty under an ET that the label map counts for TC
+    (channels: 1, 0, 1; label map: 1, 1, 1). Validation must prefer B, as the test's numbers do."""
+    shape = (10, 10, 10)
+    label = np.zeros(shape, np.uint8)
+    label[2:6, 2:6, 2:6] = 2
+    label[3:5, 3:5, 3:5] = 4
+    values = dict(metrics.LABELS["brats"][1])  # tc, wt, et
+    wt, et = label > 0, label == 4
+    extra = np.zeros(shape, bool)
+    extra[7:9, 7:9, 7:9] = True
+    preds = {"A": (et, wt, et | extra), "B": (np.zeros(shape, bool), wt, et)}
+    vol = data.Volume("c", np.zeros((1, *shape), np.float32), np.ones(shape, bool), label, {}, values)
+    meta = {"task": "seg", "modalities": ["t1"], "inputs": ["t1"], "regions": list(values), "label_kind": "brats"}
+    scores = {}
+    for name, (tc, w, e) in preds.items():
+        logits = torch.from_numpy(np.stack([tc, w, e]).astype(np.float32) * 10 - 5)
+        monkeypatch.setattr(T, "predict", lambda *a, logits=logits, **k: logits)
+        scores[name] = T.score_case(torch.nn.Linear(1, 1), vol, meta, 0.5, 1, False)
+        lab = data.regions_to_label(logits.numpy() > 0, values)
+        reported = metrics.brats_seg_metrics(metrics.brats_regions(lab), metrics.brats_regions(label))
+        assert scores[name]["dice"] == pytest.approx(np.mean([reported[r] for r in ("WT", "TC", "ET")]))
+    assert scores["A"]["dice"] == pytest.approx((128 / 136 + 16 / 24 + 16 / 24) / 3)
+    assert scores["B"]["dice"] == pytest.approx(1.0)
+    assert scores["B"]["dice"] > scores["A"]["dice"]

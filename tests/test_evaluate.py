@@ -135,15 +135,15 @@ def test_transfer_tables_and_metrics_recomputed_from_written_nifti(setup, tmp_pa
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
     root, cache, ckpts = setup
     out = tmp_path / "transfer"
-    run(setup, "transfer", out, "--protocol", "reference,strict,brasyn", "--figures", "0")
+    run(setup, "transfer", out, "--protocol", "reference,strict,percentile", "--figures", "0")
     net, meta = inference.load_tuned(ckpts["transfer"])
     test_ids = meta["split"]["test"]
     results = json.loads((out / "results.json").read_text())
     assert sorted(results["cases"]) == sorted(test_ids)
-    assert results["meta"]["protocol"] == ["reference", "strict", "brasyn"]
+    assert results["meta"]["protocol"] == ["reference", "strict", "percentile"]
     assert not (out / "figures").exists()
 
-    for protocol in ("reference", "strict", "brasyn"):
+    for protocol in ("reference", "strict", "percentile"):
         t10 = json.loads((out / f"table10_transfer_{protocol}.json").read_text())
         assert [(r["source"], r["stat"]) for r in t10["rows"]] == [("T1", "mean"), ("T1", "std"), ("T2", "mean"),
                                                                    ("T2", "std")]
@@ -188,8 +188,8 @@ def test_transfer_tables_and_metrics_recomputed_from_written_nifti(setup, tmp_pa
                 lo, hi = np.percentile(x, [0.5, 99.5])
                 return (np.clip(x, lo, hi) - lo) / (hi - lo)
             pb, gb = clip_scale(p), clip_scale(g)
-            assert got["brasyn"]["psnr"] == pytest.approx(peak_signal_noise_ratio(gb, pb, data_range=1.0), abs=1e-4)
-            assert got["brasyn"]["ssim"] == pytest.approx(structural_similarity(gb, pb, data_range=1.0), abs=1e-4)
+            assert got["percentile"]["psnr"] == pytest.approx(peak_signal_noise_ratio(gb, pb, data_range=1.0), abs=1e-4)
+            assert got["percentile"]["ssim"] == pytest.approx(structural_similarity(gb, pb, data_range=1.0), abs=1e-4)
 
     t10 = json.loads((out / "table10_transfer_reference.json").read_text())
     by_hand = np.mean([r["psnr"] for cid in test_ids for r in results["cases"][cid]

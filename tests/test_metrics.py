@@ -136,7 +136,7 @@ def test_transfer_protocols_match_a_direct_computation():
     _, smap = structural_similarity(pred, gt, data_range=r, full=True)
     assert out["ssim"] == pytest.approx(_crop_mean(smap, fg), abs=1e-5)
 
-    out = metrics.transfer_metrics(pred, gt, None, "brasyn", tumour=tumour)
+    out = metrics.transfer_metrics(pred, gt, None, "percentile", tumour=tumour)
 
     def clip_scale(a):
         lo, hi = np.percentile(a, [0.5, 99.5])
@@ -402,3 +402,45 @@ def test_person_identification_against_brute_force():
     assert metrics.person_identification(torch.ones(4, 2, 5))["accuracy"] == 0.0
     with pytest.raises(ValueError):
         metrics.person_identification(torch.ones(1, 2, 5))
+
+
+def _truths(shape=(24, 22, 20), seed=4):
+    """Truth of each modality kind in the data layer's unit, with its foreground: MRI z-scored over
+    its nonzero (brain) voxels, CT in [-1, 1] with air -1 outside the body, PET SUV / 10 >= 0."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    fg = (((grid - np.array(shape) / 2) / (np.array(shape) * 0.4)) ** 2).sum(-1) < 1
+    tissue = 2 + np.sin(grid[..., 0] / 3.0) + 0.1 * rng.standard_normal(shape)
+    mri = np.where(fg, (tissue - tissue[fg].mean()) / tissue[fg].std(), 0.0)
+    ct = np.where(fg, np.clip((40 + 300 * np.cos(grid[..., 1] / 4.0)) / 1000.0, -1, 1), -1.0)
+    pet = np.where(fg, np.abs(tissue) / 10.0, 0.0)
+    return fg, {"mri": mri, "ct": ct, "pet": pet}
+
+
+@pytest.mark.parametrize("protocol", metrics.PROTOCOLS)
+@pytest.mark.parametrize("kind", ("mri", "ct", "pet"))
+def test_a_perfect_prediction_scores_perfectly_in_every_protocol_and_kind(protocol, kind):
+    fg, truths = _truths()
+    gt = truths[kind]
+    out = metrics.transfer_metrics(gt.copy(), gt, fg, protocol, tumour=fg & (np.arange(fg.shape[0]) < 12)[:, None, None],
+                                   kind=kind)
+    if protocol == "reference" and kind == "mri":  # the z-scoring is recomputed in float64
+        assert out["psnr"] > 250 and out["nmse"] < 1e-24 and out["ssim"] == pytest.approx(1, abs=1e-12)
+    else:
+        assert out["psnr"] == math.inf and out["nmse"] == 0 and out["ssim"] == pytest.approx(1, abs=1e-12)
+
+
+def test_reference_protocol_keeps_ct_and_pet_in_their_unit():
+    """CT / PET predictions are not z-scored (their truth is not): the reference numbers are
+    scikit-image's on the prediction pasted into the truth's background."""
+    fg, truths = _truths()
+    for kind in ("ct", "pet"):
+        gt = truths[kind]
+        pred = gt + 0.05 * np.sin(np.arange(gt.size).reshape(gt.shape))
+        out = metrics.transfer_metrics(pred, gt, fg, "reference", kind=kind)
+        pasted = np.where(fg, pred, gt)
+        r = ptp_range(pasted, gt)
+        assert out["psnr"] == pytest.approx(peak_signal_noise_ratio(gt, pasted, data_range=r), abs=1e-6)
+        assert out["ssim"] == pytest.approx(structural_similarity(pasted, gt, data_range=r), abs=1e-5)
+    rows = metrics.transfer_case("c", "pet", [truths["ct"]], [truths["ct"]], fg, ["ct"], "reference")
+    assert rows[0]["kind"] == "ct" and rows[0]["psnr"] == math.inf
