@@ -535,7 +535,8 @@ def _quantile(v, q):
 def hd95(pred, gt, spacing=None, empty="brats", percentile=95.0):
     """Symmetric percentile Hausdorff distance in mm, MONAI's convention: surface voxels are mask
     voxels with a 6-neighbour outside; the result is the larger of the two directed
-    `percentile`-th percentiles of exact Euclidean surface-to-surface distances."""
+    `percentile`-th percentiles of exact Euclidean surface-to-surface distances (nearest points
+    from a k-d tree on CPU, from _nearest's cell search on GPU)."""
     p, g = _mask(pred, "hd95 pred"), _mask(gt, "hd95 gt").to(as_tensor(pred).device)
     if p.shape != g.shape or p.ndim != 3:
         raise ValueError(f"hd95: expected two (D, H, W) masks of one shape, "
@@ -552,7 +553,12 @@ def hd95(pred, gt, spacing=None, empty="brats", percentile=95.0):
     scale = torch.tensor(s, dtype=torch.float64, device=p.device)
     ep = torch.nonzero(_edges(p[box])).double() * scale
     eg = torch.nonzero(_edges(g[box])).double() * scale
-    d_pg, d_gp = _nearest(ep, eg), _nearest(eg, ep)
+    if p.device.type == "cpu":  # a k-d tree over the surface points (scipy; MONAI's CPU method too)
+        from scipy.spatial import cKDTree
+        a, b = ep.numpy(), eg.numpy()
+        d_pg, d_gp = (torch.from_numpy(cKDTree(y, leafsize=32).query(x, k=1)[0]) for x, y in ((a, b), (b, a)))
+    else:
+        d_pg, d_gp = _nearest(ep, eg), _nearest(eg, ep)
     return max(_quantile(d_pg, percentile / 100.0), _quantile(d_gp, percentile / 100.0))
 
 
@@ -687,12 +693,19 @@ def _neighbour_offsets(connectivity):
 
 @_one_thread()
 def connected_components(mask, connectivity=18):
-    """Labels (D, H, W) int64, 0 = background, components numbered 1..n, and n.
-    Union-find on the voxel graph in torch: every round hooks the larger of two linked roots
-    onto the smaller, then pointer jumping flattens the trees; a few rounds suffice."""
+    """Labels (D, H, W) int64, 0 = background, components numbered 1..n in raster order of their
+    first voxel (scipy.ndimage.label's numbering), and n. On CPU connected-components-3d (the
+    library the autoPET evaluation uses); on GPU union-find on the voxel graph in torch: every
+    round hooks the larger of two linked roots onto the smaller, then pointer jumping flattens
+    the trees (numbered in the order of their smallest voxel)."""
     m = _mask(mask, "connected_components mask")
     if m.ndim != 3:
         raise ValueError(f"connected_components: expected a (D, H, W) mask, got shape {tuple(m.shape)}")
+    _neighbour_offsets(connectivity)  # checks the connectivity
+    if m.device.type == "cpu":
+        import cc3d
+        labels, n = cc3d.connected_components(m.numpy(), connectivity=connectivity, return_N=True)
+        return torch.from_numpy(labels.astype(np.int64, copy=False)), int(n)
     coords = torch.nonzero(m)  # (n, 3)
     n = coords.shape[0]
     labels = torch.zeros(m.shape, dtype=torch.int64, device=m.device)
