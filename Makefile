@@ -15,9 +15,11 @@ export TORCH_NUM_THREADS ?=
 	.venv/bin/pip install -q --no-deps nilearn==0.14.1
 	touch $@
 
-.venv/.installed-test: .venv/.installed requirements-test.txt
+.venv/.installed-test: .venv/.installed requirements-test.txt requirements-peers.txt
 	# --no-warn-conflicts: nilearn (template files only, --no-deps) would be reported as incomplete
 	.venv/bin/pip install -q --no-warn-conflicts -r requirements-test.txt
+	# the official BraTS evaluation: --no-deps, so that its pins cannot move the project's
+	.venv/bin/pip install -q --no-deps --no-warn-conflicts -r requirements-peers.txt
 	touch $@
 
 venv: .venv/.installed

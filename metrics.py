@@ -1,6 +1,7 @@
 """Metrics: every number the project reports, on torch tensors or numpy arrays, computed where
-the tensors live (CPU or GPU). Imports no project module and none of scipy, scikit-image or
-MONAI (the tests compare against them).
+the tensors live (CPU or GPU). Imports no project module; on CPU the distance and component
+metrics use scipy (k-d tree, assignment) and connected-components-3d. scikit-image, MONAI and
+panoptica / brats-evaluation are the tests' references, never imported here.
 
     image similarity  psnr, nmse, ssim3d (3-D SSIM with scikit-image's defaults)
     transfer          transfer_metrics(protocol="reference" | "strict" | "percentile", kind per
@@ -8,6 +9,8 @@ MONAI (the tests compare against them).
                       (all targets of one source, with the identity baseline)
     overlap, distance dice, confusion_rates, hd95; EMPTY_POLICIES "brats", "monai", "autopet":
                       summaries name the policy and count the empty cases (tools disagree on them)
+    lesion-wise       lesion_metrics (the BraTS 2024-2025 evaluation's rules: lesions matched
+                      one-to-one, lesion-wise and global Dice / HD95)
     labels            LABELS (every label convention: its values and its regions), brats_regions
     regions           region_metrics (Dice / HD95 of named regions), brats_seg_metrics, seg_case,
                       brats_summary
@@ -550,16 +553,78 @@ def hd95(pred, gt, spacing=None, empty="brats", percentile=95.0):
     nz = torch.nonzero(p | g)
     lo, hi = nz.min(0).values.tolist(), (nz.max(0).values + 1).tolist()
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    scale = torch.tensor(s, dtype=torch.float64, device=p.device)
-    ep = torch.nonzero(_edges(p[box])).double() * scale
-    eg = torch.nonzero(_edges(g[box])).double() * scale
-    if p.device.type == "cpu":  # a k-d tree over the surface points (scipy; MONAI's CPU method too)
+    d_pg, d_gp = _surface_distances(p[box], g[box], s)
+    return max(_quantile(d_pg, percentile / 100.0), _quantile(d_gp, percentile / 100.0))
+
+
+def _surface_distances(p, g, spacing):
+    """Distances (mm, float64) from each surface voxel of p to the nearest of g's, and back: a
+    k-d tree over the surface points on CPU (scipy; MONAI's CPU method too), _nearest on GPU."""
+    scale = torch.tensor(spacing, dtype=torch.float64, device=p.device)
+    ep = torch.nonzero(_edges(p)).double() * scale
+    eg = torch.nonzero(_edges(g)).double() * scale
+    if p.device.type == "cpu":
         from scipy.spatial import cKDTree
         a, b = ep.numpy(), eg.numpy()
-        d_pg, d_gp = (torch.from_numpy(cKDTree(y, leafsize=32).query(x, k=1)[0]) for x, y in ((a, b), (b, a)))
+        return tuple(torch.from_numpy(cKDTree(y, leafsize=32).query(x, k=1)[0]) for x, y in ((a, b), (b, a)))
+    return _nearest(ep, eg), _nearest(eg, ep)
+
+
+def _pooled_hd95(p, g, spacing):
+    """HD95 as the BraTS 2024-2025 evaluation (panoptica) computes it: the 95th percentile of
+    both directions' surface distances pooled; inf when one mask is empty."""
+    if not bool(p.any()) or not bool(g.any()):
+        return math.inf
+    nz = torch.nonzero(p | g)
+    box = tuple(slice(a, b) for a, b in zip(nz.min(0).values.tolist(), (nz.max(0).values + 1).tolist()))
+    return _quantile(torch.cat(_surface_distances(p[box], g[box], spacing)), 0.95)
+
+
+def lesion_metrics(pred, gt, spacing=None, connectivity=26):
+    """Lesion-wise numbers of one region (binary masks (D, H, W)) by the rules of the official
+    BraTS 2024-2025 evaluation (brats-evaluation's bundled configs, run by panoptica): lesions
+    are the 26-connected components of each mask; a predicted and a true lesion that overlap are
+    matched one-to-one by the assignment of largest total Dice (no volume threshold). Returns
+    n_ref, n_pred, tp, fp, fn; f1 = tp / (tp + (fp + fn) / 2); dice and hd95, the means over
+    matched pairs (HD95 of a pair: the 95th percentile of both directions' surface distances
+    pooled), with no matched pair 0 and inf when either mask has lesions and NaN when neither
+    has; global_dice and global_hd95 of the whole masks, 0 and inf when they do not overlap (NaN
+    when both are empty). panoptica computes the global HD95 in voxels whatever the spacing (the
+    lesion-wise one in mm); here both are in mm, so the two agree at 1 mm spacing."""
+    p, g = _mask(pred, "lesion_metrics pred"), _mask(gt, "lesion_metrics gt").to(as_tensor(pred).device)
+    if p.shape != g.shape or p.ndim != 3:
+        raise ValueError(f"lesion_metrics: expected two (D, H, W) masks of one shape, "
+                         f"got {tuple(p.shape)} and {tuple(g.shape)}")
+    s = _spacing(spacing, "lesion_metrics")
+    lp, n_pred = connected_components(p, connectivity)
+    lg, n_ref = connected_components(g, connectivity)
+    out = {"n_ref": n_ref, "n_pred": n_pred}
+    both = p & g
+    if n_ref and n_pred and bool(both.any()):
+        sizes_p = torch.bincount(lp[p], minlength=n_pred + 1).double()
+        sizes_g = torch.bincount(lg[g], minlength=n_ref + 1).double()
+        inter = torch.bincount(lg[both] * (n_pred + 1) + lp[both], minlength=(n_ref + 1) * (n_pred + 1))
+        inter = inter.view(n_ref + 1, n_pred + 1)[1:, 1:].double()
+        dsc = 2 * inter / (sizes_g[1:, None] + sizes_p[None, 1:])
+        from scipy.optimize import linear_sum_assignment
+        rows, cols = linear_sum_assignment((1.0 - dsc).cpu().numpy())
+        pairs = [(int(i), int(j)) for i, j in zip(rows, cols) if dsc[i, j] > 0]
     else:
-        d_pg, d_gp = _nearest(ep, eg), _nearest(eg, ep)
-    return max(_quantile(d_pg, percentile / 100.0), _quantile(d_gp, percentile / 100.0))
+        pairs = []
+    tp = len(pairs)
+    out.update(tp=tp, fp=n_pred - tp, fn=n_ref - tp)
+    out["f1"] = tp / (tp + 0.5 * (n_pred - tp) + 0.5 * (n_ref - tp)) if n_ref or n_pred else math.nan
+    if pairs:
+        out["dice"] = float(np.mean([dsc[i, j].item() for i, j in pairs]))
+        out["hd95"] = float(np.mean([_pooled_hd95(lp == j + 1, lg == i + 1, s) for i, j in pairs]))
+    else:
+        out["dice"], out["hd95"] = (0.0, math.inf) if n_ref or n_pred else (math.nan, math.nan)
+    if not bool(both.any()):  # no overlap: the values of an unmatched case
+        out["global_dice"], out["global_hd95"] = (0.0, math.inf) if n_ref or n_pred else (math.nan, math.nan)
+    else:
+        out["global_dice"] = 2 * int(both.sum()) / (int(p.sum()) + int(g.sum()))
+        out["global_hd95"] = _pooled_hd95(p, g, s)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
