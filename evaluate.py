@@ -41,7 +41,8 @@ USAGE = """python evaluate.py --ckpt RUN/best.pt --data PATH|demo|demo-petct --t
        [--hd95] [--untrained] [--modalities a,b] [--cache DIR] [--device auto] [--seed 0]"""
 
 OUTPUTS = """Outputs under DIR: table10_transfer_<protocol> and table9_transfer_<protocol> (transfer) or
-table11_missing_modality and, for AutoPET, table8_autopet (seg), each as .md, .csv and .json;
+table11_missing_modality, table_lesionwise (lesion-wise Dice / HD95 / F1 by the BraTS 2024-2025
+rules) and, for AutoPET, table8_autopet (seg), each as .md, .csv and .json;
 results.json (per-case numbers, summaries, protocol, policy, seed, commit, configuration);
 nifti/<case>/ (predictions on the input's grid, affine and header: transfer outputs in the
 data layer's normalised units, segmentations as label maps in the dataset's convention);
@@ -170,6 +171,7 @@ def _seg_case(net, vol, meta, regions, cfg, dev, stage, figures):
                                cfg.hd95)  # BraTS regions come back as WT, TC, ET
         if meta["label_kind"] == "autopet":
             row["autopet"] = metrics.autopet_case_metrics(masks[0], truth[0], spacing)
+        row["lesionwise"] = {r: metrics.lesion_metrics(m, t, spacing) for r, m, t in zip(names, masks, truth)}
         rows.append(row)
         if sub == list(meta["inputs"]):
             if cfg.save_nifti:
@@ -223,6 +225,13 @@ def _seg_tables(rows, meta, regions, cfg, stage, info):
             summary[key] = {n: metrics.nanmean(r[n] for r in sel) for n in names}
         if meta["label_kind"] == "autopet":
             summary[key]["autopet"] = metrics.autopet_summary([r["autopet"] for r in sel])
+    stem = stage / "table_lesionwise"
+    report.write_table(report.lesion_table(rows, [k for k in ("wt", "tc", "et") if k in names] if brats else names),
+                       None, stem, info)
+    written.append((f"Lesion-wise (BraTS 2024-2025 rules): Dice (%), HD95 (mm; none matched: "
+                    f"{metrics.HD_PENALTY:g}) and detection F1 (%) per subset of the inputs", stem))
+    for sub in dict.fromkeys(tuple(r["subset"]) for r in rows):
+        summary["+".join(sub)]["lesionwise"] = metrics.lesion_summary([r["lesionwise"] for r in rows if tuple(r["subset"]) == sub])
     if meta["label_kind"] == "autopet":
         ap_rows = [{**r["autopet"], "method": "+".join(report.display_name(m) for m in r["subset"])} for r in rows]
         stem = stage / "table8_autopet"

@@ -708,6 +708,25 @@ def seg_case(case, pred_regions, gt_regions, subset=None, policy="brats", spacin
     return out
 
 
+HD_PENALTY = 373.0  # mm, the official BraTS parser's value for an infinite HD95 (the SRI atlas diagonal)
+
+
+def lesion_summary(cases):
+    """Means over cases of lesion_metrics results ({region: lesion_metrics(...)} per case): F1,
+    lesion-wise and global Dice and HD95, NaN values left out and an infinite HD95 counted as
+    HD_PENALTY mm (the official BraTS parser's penalty); with the lesion counts summed."""
+    if not cases:
+        raise ValueError("lesion_summary: no cases")
+    finite = lambda v: HD_PENALTY if v == math.inf else v
+    out = {}
+    for region in cases[0]:
+        rows = [c[region] for c in cases]
+        out[region] = {k: nanmean(finite(r[k]) if "hd95" in k else r[k] for r in rows)
+                       for k in ("f1", "dice", "hd95", "global_dice", "global_hd95")}
+        out[region].update({k: sum(r[k] for r in rows) for k in ("n_ref", "n_pred", "tp", "fp", "fn")})
+    return out
+
+
 def nanmean(values):
     """Mean of the values that are not NaN (NaN when there are none)."""
     v = [float(x) for x in values if not math.isnan(float(x))]

@@ -1,7 +1,8 @@
 """The paper's tables (Markdown, CSV, JSON) and figures (PNG), from the rows metrics.py scores.
 
     tables   transfer_matrix_table (Table 10), transfer_summary_table (Table 9),
-             missing_modality_table (Table 11), autopet_table (Table 8), identification_table,
+             missing_modality_table (Table 11), autopet_table (Table 8), lesion_table (lesion-wise
+             BraTS 2024-2025 numbers), identification_table,
              write_table, markdown
     figures  figure_transfer (Figures 8, 10-12), figure_segmentation, figure_embedding (PCA of
              X_h', Figure 9), figure_prediction (predict.py's preview)
@@ -18,7 +19,7 @@ import torch
 from einops import rearrange
 
 from files import atomic, git_commit, json_text
-from metrics import REGIONS, as_tensor, autopet_summary, nanmean, std
+from metrics import REGIONS, as_tensor, autopet_summary, lesion_summary, nanmean, std
 
 # ---------------------------------------------------------------------------------------------
 # Tables
@@ -109,6 +110,25 @@ def missing_modality_table(results, modalities=None, regions=REGIONS):
     mean["n"] = sum(r["n"] for r in rows)
     mean["empty truth"] = sum(r["empty truth"] for r in rows)
     return rows + [mean]
+
+
+def lesion_table(results, regions):
+    """Lesion-wise numbers (the BraTS 2024-2025 rules, metrics.lesion_metrics): one row per
+    subset of the inputs, for each region the lesion-wise Dice (%), HD95 (mm, an infinite one
+    counted as metrics.HD_PENALTY) and detection F1 (%), means over cases. results: rows of
+    evaluate.py with "subset" and "lesionwise" ({region: lesion_metrics})."""
+    if not results:
+        raise ValueError("lesion_table: no results")
+    rows = []
+    for sub in dict.fromkeys(tuple(r["subset"]) for r in results):
+        s = lesion_summary([r["lesionwise"] for r in results if tuple(r["subset"]) == sub])
+        row = {"subset": "+".join(display_name(m) for m in sub)}
+        for k in regions:
+            name = display_name(k) if k not in ("wt", "tc", "et") else k.upper()
+            row.update({f"{name} Dice": 100 * s[k]["dice"], f"{name} HD95": s[k]["hd95"], f"{name} F1": 100 * s[k]["f1"]})
+        row["n"] = sum(tuple(r["subset"]) == sub for r in results)
+        rows.append(row)
+    return rows
 
 
 def autopet_table(results):

@@ -17,6 +17,7 @@ from skimage.measure import label as components
 import data
 import evaluate as E
 import inference
+import metrics
 import train_downstream as T
 
 TINY = ["--feature-size", "12", "--roi", "32,32,64", "--prior-heads", "2", "--workers", "0"]
@@ -125,10 +126,18 @@ def test_seg_tables_nifti_on_source_grid_and_dice_from_written_files(setup, tmp_
             d = dice_by_hand(np.isin(lab, values), np.isin(truth, values))
             assert row[region] == pytest.approx(d, abs=1e-12)
             dices[region].append(d)
+            # lesion-wise numbers of the written map (metrics.lesion_metrics is checked against panoptica)
+            spacing = nib.load(str(root / cid / f"{cid}_seg.nii.gz")).header.get_zooms()
+            want = metrics.lesion_metrics(np.isin(lab, values), np.isin(truth, values), spacing)
+            got = row["lesionwise"][region.lower()]
+            assert {k: got[k] for k in ("n_ref", "n_pred", "tp")} == {k: want[k] for k in ("n_ref", "n_pred", "tp")}
+            assert got["dice"] == pytest.approx(want["dice"], nan_ok=True)
     full = next(r for r in table["rows"] if r["subset"] == "T1+T2")
     for region, values in dices.items():
         assert full[region] == pytest.approx(100 * np.mean(values), abs=1e-9)
     assert res["tables"]["table11_missing_modality"] == out / "table11_missing_modality"
+    lesion = json.loads((out / "table_lesionwise.json").read_text())
+    assert [r["subset"] for r in lesion["rows"]] == ["T1", "T2", "T1+T2"] and "WT Dice" in lesion["rows"][0]
 
 
 def test_transfer_tables_and_metrics_recomputed_from_written_nifti(setup, tmp_path):
