@@ -6,6 +6,8 @@ Layouts, detected from --data PATH:
     brats      <root>/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz   BraTS 2018-2021, labels 0,1,2,4
                (one extra folder level such as HGG/ LGG/ is allowed)
     brats2023  <root>/<case>/<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz    BraTS 2023 GLI, labels 0,1,2,3
+               (BraTS 2024 post-treatment glioma: the same names, labels 0-4 with 4 the resection
+               cavity: labels="brats2024" / --labels brats2024)
     autopet    <root>/<patient>/<study>/{CTres,SUV,SEG}.nii.gz       labels 0,1
     nnunet     <root>/dataset.json, imagesTr/<id>_000k.nii.gz, labelsTr/<id>.nii.gz
     datalist   a MONAI-style JSON file {"training": [{"image": [...], "label": ...}], ...}
@@ -23,7 +25,7 @@ Preprocessing of a case (all steps recorded, restore() inverts them voxel-exactl
        by 10, never clipped at the top (that would erase the hottest lesions).
 Arrays are (C, x, y, z) with the spatial axes pointing to R, A, S; the code calls them (C, D, H, W).
 
-    python data.py check --data PATH [--modalities t1,t2]   # every problem, one line each
+    python data.py check --data PATH [--modalities t1,t2] [--labels brats2024]   # every problem, one line each
     python data.py prepare --data PATH                      # fill the cache before a long run
     python data.py split --data PATH --seed 0 --out split.json
     python data.py demo [--persons 32 --seed 0 --spacing 2]
@@ -332,11 +334,23 @@ def _select(spec, modalities):
     return spec
 
 
-def resolve(data, modalities=None):
-    """Dataset at `data` (a folder, a datalist JSON, "demo" or "demo-petct") -> DatasetSpec."""
+def resolve(data, modalities=None, labels=None):
+    """Dataset at `data` (a folder, a datalist JSON, "demo" or "demo-petct") -> DatasetSpec.
+    labels: a label convention of LABELS that overrides the detected one (BraTS 2024 keeps the
+    BraTS 2023 file names, so its labels 0-4 are chosen here: labels="brats2024")."""
+    spec = _resolve(data, modalities)
+    if labels:
+        if labels not in LABELS:
+            raise ValueError(f"labels {labels!r}: choose among {', '.join(LABELS)}")
+        spec.label_kind, (spec.label_values, regions) = labels, LABELS[labels]
+        spec.regions = dict(regions)
+    return spec
+
+
+def _resolve(data, modalities=None):
     if str(data) in ("demo", "demo-petct"):
         root = DEMO_DIR if (DEMO_DIR / "manifest.json").exists() else ensure_demo()
-        return resolve(root / ("brats" if str(data) == "demo" else "autopet"), modalities)
+        return _resolve(root / ("brats" if str(data) == "demo" else "autopet"), modalities)
     root = Path(data).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"{root}: no such file or folder")
@@ -449,7 +463,8 @@ def _read_checked(case, spec, first_only):
                 if spec.label_kind == "brats" and 3 in extra:
                     hint = "; 3 is ET in BraTS 2023: name the files -t1n/-t1c/-t2w/-t2f/-seg"
                 if spec.label_kind == "brats2023" and 4 in extra:
-                    hint = "; 4 is ET in BraTS 2018-2021: name the files _t1/_t1ce/_t2/_flair/_seg"
+                    hint = ("; 4 is ET in BraTS 2018-2021 (name the files _t1/_t1ce/_t2/_flair/_seg) and the "
+                            "resection cavity in BraTS 2024 (--labels brats2024)")
                 fail(f"{case.label}: label values {extra} outside the {spec.label_kind} set {list(allowed)}{hint}")
             elif present.min() < 0 or present.max() > 255:
                 fail(f"{case.label}: label values outside 0..255")
@@ -946,6 +961,8 @@ def main(argv=None):
     ap.add_argument("command", choices=["check", "prepare", "split", "demo"])
     ap.add_argument("--data", default="demo", help="dataset folder, datalist .json, demo or demo-petct")
     ap.add_argument("--modalities", default=None, help="subset in channel order, e.g. t1,t2")
+    ap.add_argument("--labels", default=None, choices=sorted(LABELS),
+                    help="label convention (default: the layout's; BraTS 2024 files look like BraTS 2023's)")
     ap.add_argument("--cache", default=None, help=f"cache folder (default {CACHE_DIR})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--val", type=float, default=0.2)
@@ -958,7 +975,7 @@ def main(argv=None):
         print(ensure_demo(args.seed, args.persons, args.spacing))
         return 0
     try:
-        spec = resolve(args.data, args.modalities)
+        spec = resolve(args.data, args.modalities, args.labels)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -966,7 +983,8 @@ def main(argv=None):
         problems = check_dataset(spec)
         for p in problems:
             print(p)
-        print(f"{spec.root}: {spec.layout}, {len(spec.cases)} cases, modalities {','.join(spec.modalities)}: "
+        print(f"{spec.root}: {spec.layout}, {len(spec.cases)} cases, modalities {','.join(spec.modalities)}, "
+              f"labels {spec.label_kind} ({', '.join(f'{k}={list(v)}' for k, v in spec.regions.items() if v)}): "
               f"{len(problems)} problem(s)", file=sys.stderr)
         return 1 if problems else 0
     if args.command == "prepare":

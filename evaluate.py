@@ -268,7 +268,8 @@ def _data(cfg, want, meta, stage):
     """The data set of --data with the channels `want`, checked against the contract of the
     checkpoint made by `stage`."""
     try:
-        spec = data.resolve(cfg.data, want)
+        labels = meta.get("label_kind") if meta.get("label_kind") in metrics.LABELS else None  # the tuning's
+        spec = data.resolve(cfg.data, want, labels)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"{' '.join(str(e).split())} (the checkpoint needs {','.join(meta['modalities'])})") from None
     problems = data.compare_contract(meta["contract"], data.contract(spec))

@@ -37,6 +37,9 @@ from einops import rearrange
 LABELS = {
     "brats": ((0, 1, 2, 4), {"tc": (1, 4), "wt": (1, 2, 4), "et": (4,)}),
     "brats2023": ((0, 1, 2, 3), {"tc": (1, 3), "wt": (1, 2, 3), "et": (3,)}),
+    # BraTS 2024 adult glioma, post-treatment: the 2023 labels and 4 = resection cavity, kept out
+    # of the tumour regions as the official evaluation groups them
+    "brats2024": ((0, 1, 2, 3, 4), {"tc": (1, 3), "wt": (1, 2, 3), "et": (3,), "rc": (4,)}),
     "autopet": ((0, 1), {"lesion": (1,)}),
 }
 REGIONS = ("WT", "TC", "ET")  # BraTS regions in the order tables report them
@@ -632,7 +635,8 @@ def lesion_metrics(pred, gt, spacing=None, connectivity=26):
 
 def brats_regions(label, convention="brats"):
     """Label map (D, H, W) -> {"WT", "TC", "ET"} boolean masks. convention "brats" (labels
-    0, 1, 2, 4), "brats2023" (0, 1, 2, 3) or "auto" (decided by whether 3 or 4 occurs).
+    0, 1, 2, 4), "brats2023" (0, 1, 2, 3), "brats2024" (0-4, 4 the resection cavity, in no
+    tumour region) or "auto" (decided by whether 3 or 4 occurs; never brats2024).
     Any other label value is an error, so a wrong convention cannot silently zero ET."""
     lab = as_tensor(label, "brats_regions label")
     values = set(torch.unique(lab).tolist())
@@ -640,8 +644,9 @@ def brats_regions(label, convention="brats"):
         if {3, 4} <= values:
             raise ValueError("brats_regions: labels 3 and 4 both occur; cannot tell the BraTS convention")
         convention = "brats2023" if 3 in values else "brats"
-    if convention not in ("brats", "brats2023"):
-        raise ValueError(f"brats_regions: convention must be 'brats', 'brats2023' or 'auto', got {convention!r}")
+    if convention not in ("brats", "brats2023", "brats2024"):
+        raise ValueError(f"brats_regions: convention must be 'brats', 'brats2023', 'brats2024' or 'auto', "
+                         f"got {convention!r}")
     values_of, regions = LABELS[convention]
     allowed = set(values_of)
     if not values <= allowed:

@@ -33,6 +33,8 @@ def opt(default, help, choices=None, required=False):
 class TrainConfig:
     """Options both training scripts share (each script's Config adds its own)."""
     data: str = opt("demo", "dataset folder, datalist JSON, 'demo' (BraTS-layout MRI) or 'demo-petct'")
+    labels: str = opt("", "label convention overriding the layout's (brats2024: BraTS 2023 file names, 4 = resection "
+                          "cavity, kept out of the tumour regions)")
     val_fraction: float = opt(0.2, "fraction of cases held out for validation (a split file in --out, or the "
                                    "stage-1 checkpoint's split when tuning on its cases, is kept)")
     test_fraction: float = opt(0.2, "fraction of cases held out for testing")

@@ -283,3 +283,40 @@ def test_modality_order_mismatch_and_corrupt_file_stop_with_one_line_and_no_outp
     msg = str(err.value)
     assert str(bad) in msg and "\n" not in msg
     assert not out.exists() and not list(tmp_path.glob(".bad.partial-*"))
+
+
+def test_brats2024_labels_through_check_training_and_evaluation(tmp_path, capsys):
+    """BraTS 2024 keeps the BraTS 2023 file names and adds 4 = resection cavity: data.py check
+    refuses label 4 under the detected BraTS 2023 convention (naming --labels brats2024) and
+    accepts it with the flag; tuning records the convention and the RC region; the evaluation
+    reads it back from the checkpoint, keeps RC out of WT / TC / ET and writes 0-4 label maps."""
+    root = write_brats(tmp_path / "b24", n=3, shape=SHAPE, seed=5, convention="brats2023")
+    for cid in ("Case_000", "Case_001"):
+        path = root / cid / f"{cid}-seg.nii.gz"
+        img = nib.load(str(path))
+        lab = np.asarray(img.dataobj).copy()
+        lab[13:17, 10:13, 36:42] = 4  # a cavity inside the brain, beside the tumour
+        nib.save(nib.Nifti1Image(lab, img.affine), str(path))
+    assert data.main(["check", "--data", str(root)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and all("--labels brats2024" in line for line in out)
+    assert data.main(["check", "--data", str(root), "--labels", "brats2024"]) == 0
+    assert "labels brats2024" in capsys.readouterr().err
+    T.main(["--data", str(root), "--out", str(tmp_path / "seg"), "--task", "seg", "--labels", "brats2024",
+            "--modalities", "t1,t2", "--max-steps", "1", "--val-fraction", "0", "--test-fraction", "0.34",
+            "--cache", str(tmp_path / "cache"), "--head-prior", "0.5", *TINY])  # bias 0: every label appears
+    net, meta = inference.load_tuned(tmp_path / "seg" / "last.pt")
+    assert meta["label_kind"] == "brats2024" and meta["regions"] == ["tc", "wt", "et", "rc"]
+    assert meta["region_values"]["wt"] == [1, 2, 3] and meta["region_values"]["rc"] == [4]
+    res = E.main(["--ckpt", str(tmp_path / "seg" / "last.pt"), "--data", str(root), "--task", "seg", "--split", "all",
+                  "--out", str(tmp_path / "eval"), "--cache", str(tmp_path / "cache"), "--device", "cpu",
+                  "--figures", "0", "--subsets", "given"])
+    for cid, rows in json.loads((tmp_path / "eval" / "results.json").read_text())["cases"].items():
+        lab = np.asarray(nib.load(str(tmp_path / "eval" / "nifti" / cid / f"{cid}_seg.nii.gz")).dataobj)
+        truth = np.asarray(nib.load(str(root / cid / f"{cid}-seg.nii.gz")).dataobj)
+        assert set(np.unique(lab).tolist()) == {0, 1, 2, 3, 4}
+        for region, values in (("wt", (1, 2, 3)), ("tc", (1, 3)), ("et", (3,)), ("rc", (4,))):
+            p, g = np.isin(lab, values), np.isin(truth, values)
+            want = 2 * (p & g).sum() / (p.sum() + g.sum()) if p.any() or g.any() else 1.0
+            assert rows[0][region] == pytest.approx(want, abs=1e-12), (cid, region)
+    assert "rc" in res["summary"]["t1+t2"]
