@@ -141,6 +141,9 @@ def predict_once(run, dest):
         raise SystemExit(f"predict.py failed on {t1}")
     for f in sorted(out.iterdir()):
         print(f"  {f}", file=sys.stderr)
+    voxels = json.loads((out / "report.json").read_text())["outputs"]["seg.nii.gz"]["voxels"]
+    print(f"  segmentation from T1 alone: {sum(voxels.values())} tumour voxels "
+          f"({', '.join(f'label {k}: {v}' for k, v in voxels.items()) or 'none'})", file=sys.stderr)
     return out
 
 

@@ -306,8 +306,10 @@ def predict_case(case, networks, cfg, stage):
             pre = data.regions_to_label((out > 0).numpy(), network.regions)
             label = pre
             data.write_nifti(data.restore(pre, rec), rec, stage / "seg.nii.gz", grid="original")
+            values, counts = np.unique(pre, return_counts=True)
             outputs["seg.nii.gz"] = {"kind": "label map", "label_kind": meta["label_kind"],
-                                     "regions": {k: v for k, v in network.regions.items()}, "dtype": "uint8"}
+                                     "regions": {k: v for k, v in network.regions.items()}, "dtype": "uint8",
+                                     "voxels": {int(v): int(c) for v, c in zip(values, counts) if v}}
             if cfg.save_probabilities:
                 probs = torch.sigmoid(out).numpy()
                 data.write_nifti(np.stack([data.restore(p, rec) for p in probs]), rec,

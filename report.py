@@ -390,8 +390,9 @@ def figure_embedding(path, feats, modality, person, dpi=100):
 
 def figure_prediction(path, volumes, label=None, dpi=100, alpha=0.45):
     """predict.py's preview: one row per volume of `volumes` ({title: (D, H, W)}, inputs then
-    generated modalities), columns axial, coronal and sagittal mid-slices; with a label map a
-    last row draws it over the first volume. Every volume on one (RAS) grid."""
+    generated modalities), columns axial, coronal and sagittal slices through the centre of the
+    label map (of the volume when there is none or it is empty); with a label map a last row
+    draws it over the first volume. Every volume on one (RAS) grid."""
     from matplotlib.colors import ListedColormap
     vols = {k: _volume(v, f"figure_prediction {k}") for k, v in volumes.items()}
     shapes = {v.shape for v in vols.values()} | ({_volume(label, "figure_prediction label").shape}
@@ -400,15 +401,21 @@ def figure_prediction(path, volumes, label=None, dpi=100, alpha=0.45):
         raise ValueError(f"figure_prediction: volumes (and label) must share one shape, got {sorted(shapes)}")
     rows = list(vols.items()) + ([(f"segmentation on {next(iter(vols))}", next(iter(vols.values())))]
                                  if label is not None else [])
+    nz = np.argwhere(_numpy(label) > 0) if label is not None else np.zeros((0, 3))
+    centre = nz.mean(0).round().astype(int) if len(nz) else np.array(next(iter(shapes))) // 2
+
+    def slices(a):  # through the segmentation's centre (the volume's when it is empty)
+        cz, cy, cx = centre
+        return [a[:, :, cx].T, a[:, cy, :].T, a[cz, :, :].T]
     fig, axes = _figure(len(rows), len(VIEWS), panel=2.0, dpi=dpi)
     cmap = ListedColormap([SEG_COLOURS.get(v, (0.2, 0.4, 1.0)) for v in range(1, 5)])
     for i, (title, vol) in enumerate(rows):
         lo, hi = np.percentile(vol, [1, 99])
-        for v, s in enumerate(_mid_slices(vol)):
+        for v, s in enumerate(slices(vol)):
             ax = axes[i, v]
             ax.imshow(s, cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-6), origin="lower")
             if label is not None and i == len(rows) - 1:
-                lab = _mid_slices(_volume(label, "label"))[v]
+                lab = slices(_volume(label, "label"))[v]
                 ax.imshow(np.ma.masked_equal(np.clip(lab, 0, 4), 0), cmap=cmap, vmin=0.5, vmax=4.5, alpha=alpha,
                           origin="lower", interpolation="nearest")
             if i == 0:
