@@ -195,7 +195,8 @@ def _find_autopet(root):
     return cases
 
 
-def _modality_name(name):
+def modality_name(name):
+    """Canonical modality name of a name or alias seen in file names and dataset.json files."""
     return ALIASES.get(name.strip().lower(), name.strip().lower())
 
 
@@ -239,7 +240,7 @@ def _resolve_nnunet(root):
     if not isinstance(names, dict) or not names:
         raise ValueError(f"{path}: no 'channel_names' (nnU-Net v2) or 'modality' (v1) entry")
     ending = meta.get("file_ending", ".nii.gz")
-    channels = [_modality_name(names[k]) for k in sorted(names, key=int)]
+    channels = [modality_name(names[k]) for k in sorted(names, key=int)]
     dup = sorted({c for c in channels if channels.count(c) > 1})
     if dup:
         raise ValueError(f"{path}: channel names {list(names.values())} repeat {dup}: give each channel "
@@ -282,9 +283,9 @@ def _resolve_datalist(path):
     # modality names: the file's 'modality' table, else the suffix of the first entry's file names
     suffixes = [re.split(r"[_\-]", strip_nii(p.name) or p.stem)[-1] for p in entries[0][0]]
     if isinstance(meta.get("modality"), dict) and len(meta["modality"]) == n:
-        channels = [_modality_name(meta["modality"][k]) for k in sorted(meta["modality"], key=int)]
+        channels = [modality_name(meta["modality"][k]) for k in sorted(meta["modality"], key=int)]
     else:
-        channels = [_modality_name(s) if s.lower() in ALIASES else f"ch{k}" for k, s in enumerate(suffixes)]
+        channels = [modality_name(s) if s.lower() in ALIASES else f"ch{k}" for k, s in enumerate(suffixes)]
     if len(set(channels)) != n:
         channels = [f"ch{k}" for k in range(n)]
     cases, seen = [], set()
@@ -323,7 +324,7 @@ def _select(spec, modalities):
         return spec
     if isinstance(modalities, str):
         modalities = [m for m in modalities.split(",") if m.strip()]
-    chosen = [_modality_name(m) for m in modalities]
+    chosen = [modality_name(m) for m in modalities]
     unknown = [m for m, c in zip(modalities, chosen) if c not in spec.modalities]
     if unknown or not chosen or len(set(chosen)) != len(chosen):
         raise ValueError(f"{spec.root}: cannot use modalities {list(modalities)}: available "

@@ -105,7 +105,7 @@ def load_network(path, role, device):
 
 def modality_name(name, known):
     """Canonical name of a --input name (aliases as data.py reads them: t1n -> t1, t2f -> flair)."""
-    m = data.ALIASES.get(name.strip().lower(), name.strip().lower())
+    m = data.modality_name(name)
     if m not in known:
         raise SystemExit(f"--input {name}: unknown modality; the checkpoints know {', '.join(known)}")
     return m
@@ -177,7 +177,7 @@ def _nnunet_test_cases(root, channels):
             except ValueError as e:
                 raise SystemExit(f"--input-dir: {one_line(e)}") from None
             names = meta.get("channel_names") or meta.get("modality") or {}
-            channels = [data.ALIASES.get(str(names[k]).lower(), str(names[k]).lower()) for k in sorted(names, key=int)]
+            channels = [data.modality_name(str(names[k])) for k in sorted(names, key=int)]
             break
     cases = []
     for cid, chans in files.items():

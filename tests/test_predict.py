@@ -148,6 +148,9 @@ def test_oblique_1mm_case_with_a_2mm_checkpoint_comes_back_on_its_grid(setup, tm
         want = ndimage.zoom(low, 2, order=1, mode="nearest", grid_mode=True)
         assert np.abs(got - want)[inner].max() < 1e-4, name
         assert np.all(got[~brain] == 0)  # MRI is 0 outside the brain
+    code, err = call([*both, *inputs, "--out", str(tmp_path / "out3"), "--no-resample"], capsys)
+    assert code == 1 and not (tmp_path / "out3").exists()
+    assert "Case_002_t1.nii.gz: spacing 1x1x1 mm" in err[0] and "checkpoint's 2x2x2 mm" in err[0], err
 
 
 def test_ct_and_pet_outputs_are_in_hu_and_suv(setup, tmp_path, capsys):
