@@ -231,7 +231,8 @@ def _seg_tables(rows, meta, regions, cfg, stage, info):
     written.append((f"Lesion-wise (BraTS 2024-2025 rules): Dice (%), HD95 (mm; none matched: "
                     f"{metrics.HD_PENALTY:g}) and detection F1 (%) per subset of the inputs", stem))
     for sub in dict.fromkeys(tuple(r["subset"]) for r in rows):
-        summary["+".join(sub)]["lesionwise"] = metrics.lesion_summary([r["lesionwise"] for r in rows if tuple(r["subset"]) == sub])
+        sel = [r["lesionwise"] for r in rows if tuple(r["subset"]) == sub]
+        summary["+".join(sub)]["lesionwise"] = metrics.lesion_summary(sel)
     if meta["label_kind"] == "autopet":
         ap_rows = [{**r["autopet"], "method": "+".join(report.display_name(m) for m in r["subset"])} for r in rows]
         stem = stage / "table8_autopet"

@@ -34,7 +34,8 @@ from model import PersonalizedSwinUNETR, build_model
 def load_tuned(path, device="cpu"):
     """A tuned model (OUT/best.pt or OUT/last.pt of train_downstream.py) in eval mode and its
     meta: task, modalities (channel order), inputs, targets or regions (and their label values),
-    roi, label kind, arch, contract, split, step, val, commit of the code that trained it. Raises FileNotFoundError / ValueError naming the file."""
+    roi, label kind, arch, contract, split, step, val, commit of the code that trained it.
+    Raises FileNotFoundError / ValueError naming the file."""
     ck = read_checkpoint(path)
     if ck.get("kind") != "downstream":
         raise ValueError(f"{path}: not a train_downstream checkpoint (kind {ck.get('kind')!r})")
@@ -200,8 +201,7 @@ def sliding_window_inference(fn, image, roi, overlap=0.5, sw_batch_size=4, blend
             norm[a:a + roi[0], b:b + roi[1], c:c + roi[2]] += weight
         if progress is not None:
             progress.update(len(batch))
-    out = (acc / norm)[(slice(None), *crop)]
-    out = out.to(out_dtype)
+    out = acc.div_(norm)[(slice(None), *crop)].to(out_dtype)  # in place: no second full-size float64 copy
     return out[None] if batched else out
 
 

@@ -283,7 +283,8 @@ def predict_case(case, networks, cfg, stage):
                   disable=cfg.quiet) as bar:
             used, out, spacing = run_network(network, vol, cfg, bar)
         meta = network.meta
-        checkpoints[network.role] = {"path": str(network.path.resolve()), "step": meta["step"], "commit": meta["commit"],
+        checkpoints[network.role] = {"path": str(network.path.resolve()), "step": meta["step"],
+                                     "commit": meta["commit"],
                                      "init": meta.get("init"), "inputs_used": used, "roi": meta["roi"],
                                      "spacing": spacing}
         times[network.role] = time.perf_counter() - t
@@ -370,7 +371,8 @@ def write_case(case, networks, cfg, dest):
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, epilog=OUTPUTS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, epilog=OUTPUTS,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", help="transfer checkpoint of train_downstream.py (OUT/best.pt or last.pt)")
     ap.add_argument("--seg-ckpt", help="segmentation checkpoint of train_downstream.py")
     src = ap.add_mutually_exclusive_group(required=True)
@@ -415,7 +417,8 @@ def main(argv=None):
         inputs = list(dict.fromkeys(m for n in networks for m in n.meta["inputs"]))
         extra = [m for m in case.images if m not in inputs]
         if extra:
-            raise SystemExit(f"--input {', '.join(extra)}: not an input of the checkpoints (inputs: {', '.join(inputs)})")
+            raise SystemExit(f"--input {', '.join(extra)}: not an input of the checkpoints "
+                             f"(inputs: {', '.join(inputs)})")
         jobs = [(case, out)]
     else:
         if out.exists() and not out.is_dir():

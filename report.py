@@ -125,7 +125,8 @@ def lesion_table(results, regions):
         row = {"subset": "+".join(display_name(m) for m in sub)}
         for k in regions:
             name = display_name(k) if k not in ("wt", "tc", "et") else k.upper()
-            row.update({f"{name} Dice": 100 * s[k]["dice"], f"{name} HD95": s[k]["hd95"], f"{name} F1": 100 * s[k]["f1"]})
+            row.update({f"{name} Dice": 100 * s[k]["dice"], f"{name} HD95": s[k]["hd95"],
+                        f"{name} F1": 100 * s[k]["f1"]})
         row["n"] = sum(tuple(r["subset"]) == sub for r in results)
         rows.append(row)
     return rows
