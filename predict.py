@@ -276,7 +276,7 @@ def predict_case(case, networks, cfg, stage):
     times["read"] = time.perf_counter() - t
     fg = np.asarray(vol.fg, dtype=bool)
     outputs, previews, label, checkpoints = {}, {}, None, {}
-    names = [n.meta["modalities"] for n in networks]
+    channels = networks[0].meta["modalities"]  # nnU-Net file numbers
     for network in networks:
         t = time.perf_counter()
         with tqdm(total=0, desc=f"{case.id} {network.role}", unit="window", leave=False, dynamic_ncols=True,
@@ -299,17 +299,16 @@ def predict_case(case, networks, cfg, stage):
                 if cfg.preview:
                     previews[f"{m} (generated)"] = y
                 y = data.denormalise(y, m)
-                name = output_name(case, m, names[0])
+                name = output_name(case, m, channels)
                 data.write_nifti(data.restore(y, rec, data.empty_value(m)), rec, stage / name, grid="original")
                 outputs[name] = {"kind": "modality", "modality": m, "unit": UNITS[data.normalisation(m)["kind"]],
                                  "dtype": "float32"}
         else:
-            pre = data.regions_to_label((out > 0).numpy(), network.regions)
-            label = pre
-            data.write_nifti(data.restore(pre, rec), rec, stage / "seg.nii.gz", grid="original")
-            values, counts = np.unique(pre, return_counts=True)
+            label = data.regions_to_label((out > 0).numpy(), network.regions)
+            data.write_nifti(data.restore(label, rec), rec, stage / "seg.nii.gz", grid="original")
+            values, counts = np.unique(label, return_counts=True)
             outputs["seg.nii.gz"] = {"kind": "label map", "label_kind": meta["label_kind"],
-                                     "regions": {k: v for k, v in network.regions.items()}, "dtype": "uint8",
+                                     "regions": dict(network.regions), "dtype": "uint8",
                                      "voxels": {int(v): int(c) for v, c in zip(values, counts) if v}}
             if cfg.save_probabilities:
                 probs = torch.sigmoid(out).numpy()
@@ -333,7 +332,7 @@ def predict_case(case, networks, cfg, stage):
                  "spacing_mm": data.source_spacing(rec), "crop_ras": rec["box"]},
         "outputs": outputs,
         "checkpoints": checkpoints,
-        "units": {k: v for k, v in UNITS.items()},
+        "units": dict(UNITS),
         "device": str(cfg.dev), "autocast": "bf16" if cfg.dev.type == "cuda" else "float32",
         "overlap": cfg.overlap, "sw_batch_size": cfg.sw_batch_size,
         "commit": git_commit(),
