@@ -334,6 +334,8 @@ def bench_data(args):
     from monai.transforms import Compose, CropForegroundd, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd
 
     import data
+
+    import layouts
     import demo_data
 
     n_cases = 2 if args.quick else 8
@@ -352,7 +354,7 @@ def bench_data(args):
             (tmp / "ds" / cid).mkdir(parents=True)
             for k, a in arrays.items():
                 demo_data.save(np.ascontiguousarray(a), affine, tmp / "ds" / cid / f"{cid}_{k}.nii.gz")
-        spec = data.resolve(tmp / "ds")
+        spec = layouts.resolve(tmp / "ds")
         size_mb = sum(p.stat().st_size for p in (tmp / "ds").rglob("*.nii.gz")) / n_cases / 2**20
         print(f"{n_cases} cases of 4 x {arrays['t1'].shape} + seg, {size_mb:.1f} MB gzip each")
 
@@ -802,6 +804,7 @@ def bench_predict(args):
     import numpy as np
 
     import data
+    import layouts
     from inference import _window_starts
 
     fs, roi = (12, (64, 64, 64)) if args.quick else (48, (96, 96, 96))
@@ -819,8 +822,8 @@ def bench_predict(args):
             p.start()
             res[which] = parent.recv()
             p.join()
-        case = data.Case("case", {"t1": t1})
-        vol = data.load_case(case, data.DatasetSpec(tmp, "x", ["t1"], [case], None), use_cache=False)
+        case = layouts.Case("case", {"t1": t1})
+        vol = data.load_case(case, layouts.DatasetSpec(tmp, "x", ["t1"], [case], None), use_cache=False)
         crop = vol.record["shape_out"]
     count = lambda shape: int(np.prod([len(_window_starts(n, r, overlap)) for n, r in zip(shape, roi)]))
     rows = [{"side": w, "grid": "x".join(map(str, g)), "windows": 2 * count(g), "s": res[w][0], "peak MiB": res[w][1]}

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-import data
+import layouts
 
 
 # Small enough for 2 CPU cores: F = 12, roi 64 x 64 x 32 (rot90 acts in the first two axes).
@@ -69,7 +69,7 @@ def main(argv=None):
     times = {}
 
     t = stage("1/6 demo data")
-    root = data.ensure_demo(seed=args.seed)
+    root = layouts.ensure_demo(seed=args.seed)
     print(f"demo data in {root}", file=sys.stderr)
     times["data"] = time.perf_counter() - t
 
@@ -130,7 +130,7 @@ def predict_once(run, dest):
 
     ckpts = [d / "best.pt" if (d / "best.pt").exists() else d / "last.pt" for d in (run / "transfer", run / "seg")]
     person = json.loads((run / "transfer" / "split.json").read_text())["test"][0]
-    spec = data.resolve("demo")
+    spec = layouts.resolve("demo")
     t1 = spec.case(person).images["t1"]
     out = dest / person
     newer = (out / "report.json").exists() and any(c.stat().st_mtime > (out / "report.json").stat().st_mtime

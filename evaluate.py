@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import layouts
 import inference
 import metrics
 import report
@@ -270,7 +271,7 @@ def _data(cfg, want, meta, stage):
     checkpoint made by `stage`."""
     try:
         labels = meta.get("label_kind") if meta.get("label_kind") in metrics.LABELS else None  # the tuning's
-        spec = data.resolve(cfg.data, want, labels)
+        spec = layouts.resolve(cfg.data, want, labels)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"{' '.join(str(e).split())} (the checkpoint needs {','.join(meta['modalities'])})") from None
     problems = data.compare_contract(meta["contract"], data.contract(spec))

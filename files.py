@@ -9,8 +9,10 @@
                           torch.save through atomic(); torch.load with weights_only=True
     staging(out)          a hidden folder beside `out` whose files move into `out` only when the
                           whole job succeeded (a failed run leaves `out` as it was)
+    locked(path)          an exclusive lock on a file, shared by processes and threads
     git_commit            the commit of the code, recorded with results
 """
+import fcntl
 import glob
 import json
 import math
@@ -77,6 +79,19 @@ def atomic_dir(path):
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def locked(path):
+    """Exclusive lock shared by processes (DDP ranks, DataLoader workers) and threads."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def write_text(path, text):

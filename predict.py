@@ -9,7 +9,7 @@ segmentation, as NIfTI files on the grid of the scans.
 either alone works. Each network reads the given modalities it was tuned on, through the fused
 path (METHOD.md: the means of X_h', skips and inputs over the subset, decoded once).
 --input writes one case into OUT; --input-dir writes OUT/<case>/ for every case folder of a
-layout data.py reads (BraTS 2018-2021, BraTS 2023 / BraSyn, AutoPET, nnU-Net: a dataset folder
+layout layouts.py reads (BraTS 2018-2021, BraTS 2023 / BraSyn, AutoPET, nnU-Net: a dataset folder
 or an imagesTs folder of <id>_000k files), files missing allowed: each case is predicted from
 the modalities it has.
 
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import layouts
 import inference
 import report
 from files import atomic_dir, git_commit, json_text
@@ -104,8 +105,8 @@ def load_network(path, role, device):
 
 
 def modality_name(name, known):
-    """Canonical name of a --input name (aliases as data.py reads them: t1n -> t1, t2f -> flair)."""
-    m = data.modality_name(name)
+    """Canonical name of a --input name (aliases as layouts.py reads them: t1n -> t1, t2f -> flair)."""
+    m = layouts.modality_name(name)
     if m not in known:
         raise SystemExit(f"--input {name}: unknown modality; the checkpoints know {', '.join(known)}")
     return m
@@ -114,14 +115,14 @@ def modality_name(name, known):
 def detect_naming(images):
     """(kind, prefix) of the input file names: brats <p>_t1, brats2023 <p>-t1n, autopet CTres,
     nnunet <p>_0000, else plain (every input must follow the kind with one prefix)."""
-    stems = {m: data.strip_nii(Path(p).name) or Path(p).stem for m, p in images.items()}
-    for kind, files, sep in (("brats", data.BRATS_FILES, "_"), ("brats2023", data.BRATS2023_FILES, "-")):
+    stems = {m: layouts.strip_nii(Path(p).name) or Path(p).stem for m, p in images.items()}
+    for kind, files, sep in (("brats", layouts.BRATS_FILES, "_"), ("brats2023", layouts.BRATS2023_FILES, "-")):
         ends = [sep + files.get(m, "\0") for m in stems]
         if all(s.endswith(e) and len(s) > len(e) for s, e in zip(stems.values(), ends)):
             prefixes = {s[:-len(e)] for s, e in zip(stems.values(), ends)}
             if len(prefixes) == 1:
                 return kind, prefixes.pop()
-    if all(s == data.AUTOPET_FILES.get(m) for m, s in stems.items()):
+    if all(s == layouts.AUTOPET_FILES.get(m) for m, s in stems.items()):
         return "autopet", ""
     found = {m.group(1) for s in stems.values() if (m := re.fullmatch(r"(.+)_(\d{4})", s))}
     if len(found) == 1 and all(re.fullmatch(r".+_\d{4}", s) for s in stems.values()):
@@ -133,12 +134,12 @@ def output_name(case, modality, channels):
     """File name of a generated modality in the naming of the case's inputs (channels: the
     channel order of nnU-Net file numbers)."""
     kind, prefix = case.naming
-    if kind == "brats" and modality in data.BRATS_FILES:
-        return f"{prefix}_{data.BRATS_FILES[modality]}.nii.gz"
-    if kind == "brats2023" and modality in data.BRATS2023_FILES:
-        return f"{prefix}-{data.BRATS2023_FILES[modality]}.nii.gz"
-    if kind == "autopet" and modality in data.AUTOPET_FILES:
-        return f"{data.AUTOPET_FILES[modality]}.nii.gz"
+    if kind == "brats" and modality in layouts.BRATS_FILES:
+        return f"{prefix}_{layouts.BRATS_FILES[modality]}.nii.gz"
+    if kind == "brats2023" and modality in layouts.BRATS2023_FILES:
+        return f"{prefix}-{layouts.BRATS2023_FILES[modality]}.nii.gz"
+    if kind == "autopet" and modality in layouts.AUTOPET_FILES:
+        return f"{layouts.AUTOPET_FILES[modality]}.nii.gz"
     if kind == "nnunet" and modality in channels:
         return f"{prefix}_{channels.index(modality):04d}.nii.gz"
     return f"{modality}.nii.gz"
@@ -165,7 +166,7 @@ def _nnunet_test_cases(root, channels):
     entry of a dataset.json beside or above the folder, else the checkpoint's k-th modality."""
     files = {}
     for f in sorted(root.iterdir()):
-        m = re.fullmatch(r"(.+)_(\d{4})", data.strip_nii(f.name) or "")
+        m = re.fullmatch(r"(.+)_(\d{4})", layouts.strip_nii(f.name) or "")
         if m and f.is_file():
             files.setdefault(m.group(1), {})[int(m.group(2))] = f
     if not files:
@@ -173,11 +174,11 @@ def _nnunet_test_cases(root, channels):
     for path in (root / "dataset.json", root.parent / "dataset.json"):
         if path.exists():
             try:
-                meta = data.read_json(path)
+                meta = layouts.read_json(path)
             except ValueError as e:
                 raise SystemExit(f"--input-dir: {one_line(e)}") from None
             names = meta.get("channel_names") or meta.get("modality") or {}
-            channels = [data.modality_name(str(names[k])) for k in sorted(names, key=int)]
+            channels = [layouts.modality_name(str(names[k])) for k in sorted(names, key=int)]
             break
     cases = []
     for cid, chans in files.items():
@@ -195,7 +196,7 @@ def cases_from_dir(root, networks):
     if cases:
         return cases
     try:
-        spec = data.resolve(root)
+        spec = layouts.resolve(root)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--input-dir: {one_line(e)}") from None
     out = []
@@ -214,9 +215,9 @@ def read(case):
     the given modalities in order."""
     if not case.images:
         raise CaseError(f"{case.folder}: no input file of a known modality in the case folder")
-    spec = data.DatasetSpec(case.folder, "predict", list(case.images), [], None)
+    spec = layouts.DatasetSpec(case.folder, "predict", list(case.images), [], None)
     try:
-        return data.load_case(data.Case(case.id, dict(case.images)), spec, use_cache=False)
+        return data.load_case(layouts.Case(case.id, dict(case.images)), spec, use_cache=False)
     except (FileNotFoundError, ValueError) as e:
         raise CaseError(one_line(e)) from None
 
@@ -377,7 +378,7 @@ def parse_args(argv=None):
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", action="append", metavar="NAME=PATH",
                      help="one scan of the case (repeatable): any non-empty subset of the checkpoints' modalities")
-    src.add_argument("--input-dir", help="a folder of cases in a layout data.py reads")
+    src.add_argument("--input-dir", help="a folder of cases in a layout layouts.py reads")
     ap.add_argument("--out", required=True, help="output folder (--input-dir: one folder per case in it)")
     ap.add_argument("--save-probabilities", action="store_true", help="also the sigmoid of each region")
     ap.add_argument("--preview", action="store_true", help="a PNG of the mid-slices of inputs and outputs")

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import layouts
 import sampling
 from files import atomic, json_text, read_checkpoint, save_checkpoint, write_text
 
@@ -437,7 +438,7 @@ def train_loader(spec, ids, roi, batch, steps, start, seed, d, workers=2, fg_fra
     """Random roi crops of the cases `ids`, this rank's share of each global batch, from step
     `start` (resume) to `steps`. The cache is built first, split over ranks, then shared."""
     cases = [spec.case(i) for i in ids]
-    data.prepare(data.DatasetSpec(spec.root, spec.layout, spec.modalities, cases, spec.label_kind,
+    data.prepare(layouts.DatasetSpec(spec.root, spec.layout, spec.modalities, cases, spec.label_kind,
                                   spec.label_values, spec.regions), cache_dir, d.rank, d.world)
     barrier(d)
     ds = sampling.CropDataset(cases, roi, fg_fraction=fg_fraction, seed=seed, spec=spec, cache_dir=cache_dir)

@@ -13,7 +13,8 @@ import itertools
 import numpy as np
 import torch
 
-from data import Case, Volume, label_to_regions, load_case
+from data import Volume, label_to_regions, load_case
+from layouts import Case
 
 # ---- Phi and Augment ---------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import layouts
 import losses
 import metrics
 import model as M
@@ -374,7 +375,7 @@ def main(argv=None):
     if source is not None and source.get("kind") != "pretrain":
         raise SystemExit(f"{init_path}: not a stage-1 checkpoint of train_pretrain.py (kind {source.get('kind')!r})")
     default = source["modalities"] if source is not None and not cfg.new_decoder else None
-    spec = data.resolve(cfg.data, [s for s in cfg.modalities.split(",") if s] or default, cfg.labels or None)
+    spec = layouts.resolve(cfg.data, [s for s in cfg.modalities.split(",") if s] or default, cfg.labels or None)
     gap = check_contract(source, init_path, spec, cfg.new_decoder) if source is not None else []
     names = list(spec.modalities)
     inputs = names_of("inputs", cfg.inputs, names, names)

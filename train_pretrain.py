@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import layouts
 import inference
 import losses
 import metrics
@@ -135,7 +136,7 @@ def main(argv=None):
     out = Path(cfg.out)
 
     # Self-supervised: no label file is read, crops are centred on the brain / body foreground.
-    spec = data.resolve(cfg.data, [s for s in cfg.modalities.split(",") if s] or None, cfg.labels or None).without_labels()
+    spec = layouts.resolve(cfg.data, [s for s in cfg.modalities.split(",") if s] or None, cfg.labels or None).without_labels()
     split = data.make_split(spec, cfg.seed, cfg.val_fraction, cfg.test_fraction,
                             out / "split.json" if d.main else None)
     R.barrier(d)

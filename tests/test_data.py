@@ -14,6 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import layouts  # noqa: E402
 import demo_data  # noqa: E402
 
 SHAPE = (20, 24, 16)
@@ -118,32 +119,32 @@ def folders(tmp_path_factory):
 
 def test_detection_and_modality_order(folders):
     base, _ = folders
-    s = data.resolve(base / "brats")
+    s = layouts.resolve(base / "brats")
     assert (s.layout, s.modalities, s.label_kind) == ("brats", ["t1", "t1ce", "t2", "flair"], "brats")
     assert [c.id for c in s.cases] == ["case_00", "case_01"]
     assert s.cases[0].images["t1ce"].name == "case_00_t1ce.nii.gz" and s.cases[0].label.name == "case_00_seg.nii.gz"
     assert list(s.regions) == ["tc", "wt", "et"]
-    assert [c.id for c in data.resolve(base / "brats_nested").cases] == ["case_00"]
-    s = data.resolve(base / "brats2023")
+    assert [c.id for c in layouts.resolve(base / "brats_nested").cases] == ["case_00"]
+    s = layouts.resolve(base / "brats2023")
     assert (s.layout, s.modalities, s.label_kind) == ("brats2023", ["t1", "t1ce", "t2", "flair"], "brats2023")
     assert s.cases[0].images["flair"].name == "case_00-t2f.nii.gz"
-    s = data.resolve(base / "autopet")
+    s = layouts.resolve(base / "autopet")
     assert (s.layout, s.modalities, s.label_kind) == ("autopet", ["ct", "pet"], "autopet")
     assert [c.id for c in s.cases] == ["PETCT_000", "PETCT_001"]
     assert s.cases[0].images["pet"].name == "SUV.nii.gz" and s.cases[0].label.name == "SEG.nii.gz"
-    s = data.resolve(base / "nnunet")
+    s = layouts.resolve(base / "nnunet")
     assert (s.layout, s.modalities, s.label_kind) == ("nnunet", ["flair", "t1"], "brats")
     assert s.regions == {"tc": (1, 4), "wt": (1, 2, 4), "et": (4,)}
     assert s.cases[1].images["t1"].name == "BRATS_001_0001.nii.gz"
-    s = data.resolve(base / "datalist.json")
+    s = layouts.resolve(base / "datalist.json")
     assert (s.layout, s.modalities, s.label_kind) == ("datalist", ["flair", "t1ce", "t1", "t2"], "brats")
     assert [c.id for c in s.cases] == ["case_00", "case_01"]
     # subsets keep the order asked for, aliases map to the BraTS 2021 names
-    s = data.resolve(base / "brats2023", "t2f,t1n")
+    s = layouts.resolve(base / "brats2023", "t2f,t1n")
     assert s.modalities == ["flair", "t1"] and list(s.cases[0].images) == ["flair", "t1"]
     assert s.cases[0].images["t1"].name == "case_00-t1n.nii.gz"
     with pytest.raises(ValueError, match="available t1, t1ce, t2, flair"):
-        data.resolve(base / "brats", "t1,pet")
+        layouts.resolve(base / "brats", "t1,pet")
 
 
 def test_preprocessing_matches_monai(folders):
@@ -156,7 +157,7 @@ def test_preprocessing_matches_monai(folders):
                      CropForegroundd(keys, source_key="image"),
                      NormalizeIntensityd("image", nonzero=True, channel_wise=True)])
     for name in ("brats", "permuted", "brats2023"):
-        spec = data.resolve(base / name)
+        spec = layouts.resolve(base / name)
         case = spec.cases[0]
         vol = data.load_case(case, spec, use_cache=False)
         ref = monai({"image": [str(p) for p in case.images.values()], "label": str(case.label)})
@@ -173,7 +174,7 @@ def test_preprocessing_matches_monai(folders):
 
 def test_ct_pet_normalisation_and_body_mask(folders):
     base, arrays = folders
-    spec = data.resolve(base / "autopet")
+    spec = layouts.resolve(base / "autopet")
     vol = data.load_case(spec.cases[0], spec, use_cache=False)
     ct, suv, seg, body, lung = arrays["autopet"]["PETCT_000"]
     rec = vol.record
@@ -212,7 +213,7 @@ def test_label_to_regions_both_conventions(folders):
             assert np.array_equal(got, np.asarray(ConvertToMultiChannelBasedOnBratsClasses()(label)).astype(np.float32))
     # through load_case, on a BraTS 2023 folder
     base, arrays = folders
-    spec = data.resolve(base / "brats2023")
+    spec = layouts.resolve(base / "brats2023")
     vol = data.load_case(spec.cases[0], spec, use_cache=False)
     assert set(np.unique(vol.label)) == {0, 1, 2, 3}
     assert np.array_equal(vol.regions[2], (vol.label == 3).astype(np.float32))
@@ -226,7 +227,7 @@ def test_label_to_regions_both_conventions(folders):
 @pytest.mark.parametrize("name", ["brats", "permuted"])
 def test_round_trip_restore(folders, tmp_path, name):
     base, _ = folders
-    spec = data.resolve(base / name)
+    spec = layouts.resolve(base / name)
     case = spec.cases[0]
     src = nib.load(str(case.label))
     orig = np.asanyarray(src.dataobj)
@@ -264,7 +265,7 @@ def test_round_trip_restore(folders, tmp_path, name):
 
 def test_cache_reuse_invalidation_and_interrupted_write(tmp_path, monkeypatch):
     make_brats(tmp_path / "ds", n=1)
-    spec = data.resolve(tmp_path / "ds")
+    spec = layouts.resolve(tmp_path / "ds")
     case = spec.cases[0]
     cache = tmp_path / "cache"
     calls = []
@@ -377,7 +378,7 @@ def _bad(tmp_path, problem):
                                      "empty_image"])
 def test_bad_input_messages(tmp_path, problem):
     root, exc, message = _bad(tmp_path, problem)
-    spec = data.resolve(root)
+    spec = layouts.resolve(root)
     with pytest.raises(exc, match=message):
         data.load_case(spec.cases[0], spec, tmp_path / "cache")
     assert not (tmp_path / "cache").exists() or not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
@@ -389,12 +390,12 @@ def test_bad_input_messages(tmp_path, problem):
 def test_bad_folders_and_check_command(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty: empty folder"):
-        data.resolve(tmp_path / "empty")
+        layouts.resolve(tmp_path / "empty")
     save(tmp_path / "other" / "scans" / "scan.nii.gz", np.ones(SHAPE, np.int16))
     with pytest.raises(ValueError, match="other: no known dataset layout"):
-        data.resolve(tmp_path / "other")
+        layouts.resolve(tmp_path / "other")
     with pytest.raises(FileNotFoundError, match="nowhere: no such file"):
-        data.resolve(tmp_path / "nowhere")
+        layouts.resolve(tmp_path / "nowhere")
     # several broken cases: every problem, one line each
     root = tmp_path / "mixed"
     make_brats(root, n=3)
@@ -420,16 +421,16 @@ def test_nnunet_duplicate_channel_names_fail(tmp_path):
     meta["channel_names"] = {"0": "CT", "1": "CT"}
     (tmp_path / "nn" / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"dataset.json: channel names \['CT', 'CT'\] repeat \['ct'\]"):
-        data.resolve(tmp_path / "nn")
+        layouts.resolve(tmp_path / "nn")
 
 
 def test_label_tables_of_dataset_json(tmp_path):
     # nnU-Net v2 region-based BraTS (labels converted to 1 edema, 2 core, 3 enhancing)
-    kind, values, regions = data._labels_from_json(
+    kind, values, regions = layouts._labels_from_json(
         {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": 3}, "x")
     assert values == (0, 1, 2, 3) and regions == {"tc": (2, 3), "wt": (1, 2, 3), "et": (3,)}
     # MSD Task01 (v1 table): 1 edema, 2 non-enhancing, 3 enhancing
-    kind, values, regions = data._labels_from_json(
+    kind, values, regions = layouts._labels_from_json(
         {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}, "x")
     assert kind == "custom" and regions == {"tc": (2, 3), "wt": (2, 1, 3), "et": (3,)}
     # single-file datalist entries keep their full names as case ids
@@ -437,7 +438,7 @@ def test_label_tables_of_dataset_json(tmp_path):
         save(tmp_path / "imagesTr" / f"BRATS_{i:03d}.nii.gz", np.ones(SHAPE, np.int16))
     entries = [{"image": f"imagesTr/BRATS_{i:03d}.nii.gz"} for i in range(2)]
     (tmp_path / "list.json").write_text(json.dumps({"training": entries}))
-    spec = data.resolve(tmp_path / "list.json")
+    spec = layouts.resolve(tmp_path / "list.json")
     assert [c.id for c in spec.cases] == ["BRATS_000", "BRATS_001"] and spec.modalities == ["ch0"]
 
 
@@ -446,7 +447,7 @@ def test_label_tables_of_dataset_json(tmp_path):
 
 
 def test_split_deterministic_and_file(tmp_path):
-    spec = data.DatasetSpec(tmp_path, "brats", ["t1"], [data.Case(f"c{i:02d}", {}) for i in range(20)], "brats")
+    spec = layouts.DatasetSpec(tmp_path, "brats", ["t1"], [layouts.Case(f"c{i:02d}", {}) for i in range(20)], "brats")
     a = data.make_split(spec, seed=0)
     assert a == data.make_split(spec, seed=0) and a != data.make_split(spec, seed=1)
     assert (len(a["train"]), len(a["val"]), len(a["test"])) == (12, 4, 4)
@@ -459,20 +460,20 @@ def test_split_deterministic_and_file(tmp_path):
     with pytest.raises(ValueError, match="made with seed 0"):
         data.make_split(spec, seed=3, path=path)
     with pytest.raises(ValueError, match="cannot split 2 cases"):
-        two = data.DatasetSpec(tmp_path, "x", [], [data.Case("a", {}), data.Case("b", {})], None)
+        two = layouts.DatasetSpec(tmp_path, "x", [], [layouts.Case("a", {}), layouts.Case("b", {})], None)
         data.make_split(two, val=0.5, test=0.5)
 
 
 def test_contract(folders):
     base, _ = folders
-    a = data.contract(data.resolve(base / "permuted"))
+    a = data.contract(layouts.resolve(base / "permuted"))
     assert a["modalities"] == ["t1", "t1ce", "t2", "flair"] and a["orientation"] == "RAS"
     assert a["spacing"] == [1.5, 1.2, 0.9]  # voxel axes 2, 0, 1 point to R, A, S
-    b = data.contract(data.resolve(base / "brats", "flair,t1,t1ce,t2"))
+    b = data.contract(layouts.resolve(base / "brats", "flair,t1,t1ce,t2"))
     diff = data.compare_contract(a, b)
     assert any(d.startswith("modalities") for d in diff) and any(d.startswith("spacing") for d in diff)
     assert data.compare_contract(b, b) == []
-    c = data.contract(data.resolve(base / "autopet"))
+    c = data.contract(layouts.resolve(base / "autopet"))
     assert c["normalisation"]["pet"] == {"kind": "suv_scale", "scale": 10.0, "clip_low": 0.0}
 
 
@@ -481,14 +482,14 @@ def test_contract(folders):
 
 
 def test_demo_data_set(tmp_path):
-    root = data.ensure_demo(seed=0, n_persons=4, spacing=4.0, root=tmp_path / "demo")
+    root = layouts.ensure_demo(seed=0, n_persons=4, spacing=4.0, root=tmp_path / "demo")
     assert "nilearn" not in sys.modules  # its files are used, the package is never imported
     manifest = json.loads((root / "manifest.json").read_text())
     built = (root / "manifest.json").stat().st_mtime_ns
-    assert data.ensure_demo(seed=0, n_persons=4, spacing=4.0, root=root) == root
+    assert layouts.ensure_demo(seed=0, n_persons=4, spacing=4.0, root=root) == root
     assert (root / "manifest.json").stat().st_mtime_ns == built  # same settings: not rebuilt
-    mri = data.resolve(root / "brats")
-    pet = data.resolve(root / "autopet")
+    mri = layouts.resolve(root / "brats")
+    pet = layouts.resolve(root / "autopet")
     assert [c.id for c in mri.cases] == [c.id for c in pet.cases] == [p["id"] for p in manifest["persons"]]
     assert data.check_dataset(mri) == [] and data.check_dataset(pet) == []
     tumours = [p["tumour"] for p in manifest["persons"]]

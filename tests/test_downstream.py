@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import data
+import layouts
 import inference
 import metrics
 import model as M
@@ -50,7 +51,7 @@ def tune(tiny_brats, stage1, out, steps, *extra):
 def trained_batch(tiny_brats, out, cache, steps):
     """The crops the first `steps` steps of a run trained on (batch 1, workers 0), as one batch;
     the crops are the whole padded volumes, so they are the same at every visit."""
-    spec = data.resolve(tiny_brats, ["t1", "t2"])
+    spec = layouts.resolve(tiny_brats, ["t1", "t2"])
     ids = json.loads((out / "split.json").read_text())["train"]
     ds = R.EpochIndexed(sampling.CropDataset([spec.case(i) for i in ids], ROI, spec=spec, cache_dir=cache))
     keys = list(R.StepSampler(len(ids), 1, steps, seed=0))
@@ -291,7 +292,7 @@ def free_port():
 
 def test_validation_two_gloo_ranks_equals_one_process(tiny_brats, stage1, tmp_path):
     out = tmp_path / "ddp"
-    ids = sorted(c.id for c in data.resolve(tiny_brats).cases)
+    ids = sorted(c.id for c in layouts.resolve(tiny_brats).cases)
     assert len(ids) == 5
     out.mkdir()
     (out / "split.json").write_text(json.dumps({"train": ids, "val": ids, "test": []}))
@@ -309,7 +310,7 @@ def test_validation_two_gloo_ranks_equals_one_process(tiny_brats, stage1, tmp_pa
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        spec = data.resolve(tiny_brats, ["t1", "t2"])
+        spec = layouts.resolve(tiny_brats, ["t1", "t2"])
         cases, summary = T.validate(net, spec, ids, meta, R.Dist(), cache_dir=stage1[1])
     finally:
         torch.set_num_threads(threads)

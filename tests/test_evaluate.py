@@ -15,6 +15,7 @@ from conftest import make_oblique, write_autopet, write_brats
 from skimage.measure import label as components
 
 import data
+import layouts
 import evaluate as E
 import inference
 import metrics
@@ -101,7 +102,7 @@ def test_seg_tables_nifti_on_source_grid_and_dice_from_written_files(setup, tmp_
     assert sorted(results["cases"]) == ["Case_000", "Case_001", "Case_002"]
 
     net, meta = inference.load_tuned(ckpts["seg"])
-    spec = data.resolve(root, ["t1", "t2"])
+    spec = layouts.resolve(root, ["t1", "t2"])
     dices = {r: [] for r in ("WT", "TC", "ET")}
     for cid in ("Case_000", "Case_001", "Case_002"):
         src_img = nib.load(str(root / cid / f"{cid}_t1.nii.gz"))

@@ -16,6 +16,7 @@ from conftest import make_oblique, write_autopet, write_brats
 from scipy import ndimage
 
 import data
+import layouts
 import inference
 import predict as P
 import train_downstream as T
@@ -81,7 +82,7 @@ def expected(net, meta, vol, subset, role):
 def test_every_subset_of_inputs_matches_the_inference_from_the_full_case(setup, tmp_path, capsys):
     tmp, root, _, ckpts = setup
     case = root / "Case_000"
-    spec = data.resolve(root)
+    spec = layouts.resolve(root)
     vol = data.load_case(spec.case("Case_000"), spec, use_cache=False)
     nets = {r: inference.load_tuned(ckpts[r]) for r in ("seg", "transfer")}
     src = nib.load(str(case / "Case_000_t1.nii.gz"))
@@ -170,8 +171,8 @@ def test_ct_and_pet_outputs_are_in_hu_and_suv(setup, tmp_path, capsys):
         src = study / f"{'SUV' if given == 'pet' else 'CTres'}.nii.gz"
         code, err = call(["--ckpt", str(ckpts["petct"]), "--input", f"{given}={src}", "--out", str(dest)], capsys)
         assert code == 0, err
-        case = data.Case("pat0", {given: src})
-        vol = data.load_case(case, data.DatasetSpec(study, "x", [given], [case], None), use_cache=False)
+        case = layouts.Case("pat0", {given: src})
+        vol = data.load_case(case, layouts.DatasetSpec(study, "x", [given], [case], None), use_cache=False)
         y = inference.predict(net, {given: torch.from_numpy(np.array(vol.image[0]))}, [given], meta)
         y = y[meta["targets"].index(target)].numpy()
         physical = (np.clip(y, -1, 1) + 1) * 1000 - 1000 if target == "ct" else np.maximum(y, 0) * 10

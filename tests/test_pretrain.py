@@ -143,6 +143,7 @@ def test_identify_command(tiny_brats, tmp_path):
     metrics.person_identification on features recomputed here, the table, the PCA figure;
     --untrained rebuilds the run's initial weights."""
     import data
+    import layouts
     import evaluate
     import inference
     import metrics
@@ -155,7 +156,7 @@ def test_identify_command(tiny_brats, tmp_path):
     saved = json.loads((tmp_path / "id" / "results.json").read_text())
     assert set(saved["meta"]["cases"]) == {f"Case_{i:03d}" for i in range(5)}
     net, meta = inference.load_pretrained(out / "last.pt")
-    spec = data.resolve(str(tiny_brats), ["t1", "t2"]).without_labels()
+    spec = layouts.resolve(str(tiny_brats), ["t1", "t2"]).without_labels()
     with torch.no_grad():
         feats = torch.stack([torch.stack(inference.person_features(
             net, data.load_case(spec.case(c), spec, tmp_path / "cache").image, ["t1", "t2"], tuple(meta["roi"])))
