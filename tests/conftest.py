@@ -6,6 +6,7 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -90,6 +91,16 @@ def write_autopet(root, shape=(30, 28, 60), seed=0):
         for name, a in (("CTres", ct.astype(np.float32)), ("SUV", pet.astype(np.float32)), ("SEG", lesion)):
             nib.save(nib.Nifti1Image(a, affine), str(d / f"{name}.nii.gz"))
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny volumes: on a busy 2-core machine the thread
+    pool costs more than it gains."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -25,13 +25,7 @@ TINY = ["--feature-size", "12", "--roi", "32,32,64", "--prior-heads", "2", "--wo
 SHAPE = (30, 28, 60)  # the brain crop fits one 32 x 32 x 64 window
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny volumes: on a busy 2-core machine the intra-op thread pool costs more than it gains
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
