@@ -376,29 +376,30 @@ class ConvOnly(nn.Module):
             self.conv = nn.Conv3d(cin, cout, k, padding=k // 2, bias=bias)
 
     def forward(self, x):
-        c = self.conv
-        if x.device.type != "cpu":
-            return c(x)
-        x = x.contiguous(memory_format=torch.channels_last_3d)  # oneDNN's own layout: no reorder per conv
-        if c.kernel_size == (1, 1, 1) and not c.transposed:
-            # a 1x1x1 conv on channels-last data is a matrix product over the channel axis
-            # (faster than oneDNN's 1x1 conv, backward included)
-            return F.linear(x.permute(0, 2, 3, 4, 1), c.weight.flatten(1), c.bias).permute(0, 4, 1, 2, 3)
-        return c(x)
+        if self.conv.transposed:
+            return self.conv(_channels_last(x))
+        return self._convolve(x, self.conv.weight, self.conv.bias)
 
     def pair(self, a, b):
         """self(torch.cat([a, b], 1)) without storing the concatenation: each part convolved
         with its share of the kernel's input channels, the two summed (equal up to the order of
         the sums). For inference, where the concatenated copy would be the largest tensor."""
-        c, k = self.conv, a.shape[1]
-        if a.device.type == "cpu":
-            a, b = (t.contiguous(memory_format=torch.channels_last_3d) for t in (a, b))
-        if c.kernel_size == (1, 1, 1) and a.device.type == "cpu":
-            w = c.weight.flatten(1)
-            y = F.linear(a.permute(0, 2, 3, 4, 1), w[:, :k], c.bias)
-            return y.add_(F.linear(b.permute(0, 2, 3, 4, 1), w[:, k:])).permute(0, 4, 1, 2, 3)
-        y = F.conv3d(a, c.weight[:, :k], c.bias, padding=c.padding)
-        return y.add_(F.conv3d(b, c.weight[:, k:], None, padding=c.padding))
+        w, k = self.conv.weight, a.shape[1]
+        return self._convolve(a, w[:, :k], self.conv.bias).add_(self._convolve(b, w[:, k:], None))
+
+    def _convolve(self, x, weight, bias):
+        x = _channels_last(x)
+        if self.conv.kernel_size == (1, 1, 1) and x.device.type == "cpu":
+            # a 1x1x1 conv on channels-last data is a matrix product over the channel axis
+            # (faster than oneDNN's 1x1 conv, backward included)
+            return F.linear(x.permute(0, 2, 3, 4, 1), weight.flatten(1), bias).permute(0, 4, 1, 2, 3)
+        c = self.conv
+        return F.conv3d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
+
+
+def _channels_last(x):
+    """On CPU, x in oneDNN's own layout (channels-last), so that no conv reorders it."""
+    return x.contiguous(memory_format=torch.channels_last_3d) if x.device.type == "cpu" else x
 
 
 class _InstanceNormCL(torch.autograd.Function):
