@@ -216,7 +216,7 @@ def _seg_tables(rows, meta, regions, cfg, stage, info):
     n_empty = table[-1]["empty truth"]
     written = [(f"Table 11: Dice (%) per subset of the inputs, empty-mask policy {cfg.policy}, "
                 f"{n_empty} (case, subset, region) triples with an empty truth", stem)]
-    summary = {}
+    summary, lesion = {}, {}
     for sub in dict.fromkeys(tuple(r["subset"]) for r in rows):
         sel = [r for r in rows if tuple(r["subset"]) == sub]
         key = "+".join(sub)
@@ -226,14 +226,12 @@ def _seg_tables(rows, meta, regions, cfg, stage, info):
             summary[key] = {n: metrics.nanmean(r[n] for r in sel) for n in names}
         if meta["label_kind"] == "autopet":
             summary[key]["autopet"] = metrics.autopet_summary([r["autopet"] for r in sel])
+        lesion[sub] = summary[key]["lesionwise"] = metrics.lesion_summary([r["lesionwise"] for r in sel])
     stem = stage / "table_lesionwise"
-    report.write_table(report.lesion_table(rows, [k for k in ("wt", "tc", "et") if k in names] if brats else names),
+    report.write_table(report.lesion_table(lesion, [r.lower() for r in metrics.REGIONS] if brats else names),
                        None, stem, info)
     written.append((f"Lesion-wise (BraTS 2024-2025 rules): Dice (%), HD95 (mm; none matched: "
                     f"{metrics.HD_PENALTY:g}) and detection F1 (%) per subset of the inputs", stem))
-    for sub in dict.fromkeys(tuple(r["subset"]) for r in rows):
-        sel = [r["lesionwise"] for r in rows if tuple(r["subset"]) == sub]
-        summary["+".join(sub)]["lesionwise"] = metrics.lesion_summary(sel)
     if meta["label_kind"] == "autopet":
         ap_rows = [{**r["autopet"], "method": "+".join(report.display_name(m) for m in r["subset"])} for r in rows]
         stem = stage / "table8_autopet"

@@ -552,17 +552,17 @@ def hd95(pred, gt, spacing=None, empty="brats", percentile=95.0):
     p_any, g_any = bool(p.any()), bool(g.any())
     if not p_any or not g_any:
         return _empty_case(p_any, g_any, pol, "hd")
-    # both surfaces lie in the bounding box of the union, so the distances can be computed there
-    nz = torch.nonzero(p | g)
-    lo, hi = nz.min(0).values.tolist(), (nz.max(0).values + 1).tolist()
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    d_pg, d_gp = _surface_distances(p[box], g[box], s)
+    d_pg, d_gp = _surface_distances(p, g, s)
     return max(_quantile(d_pg, percentile / 100.0), _quantile(d_gp, percentile / 100.0))
 
 
 def _surface_distances(p, g, spacing):
-    """Distances (mm, float64) from each surface voxel of p to the nearest of g's, and back: a
-    k-d tree over the surface points on CPU (scipy; MONAI's CPU method too), _nearest on GPU."""
+    """Distances (mm, float64) from each surface voxel of p to the nearest of g's, and back (both
+    masks non-empty): a k-d tree over the surface points on CPU (scipy; MONAI's CPU method too),
+    _nearest on GPU. Both surfaces lie in the bounding box of the union, so they are found there."""
+    nz = torch.nonzero(p | g)
+    box = tuple(slice(a, b) for a, b in zip(nz.min(0).values.tolist(), (nz.max(0).values + 1).tolist()))
+    p, g = p[box], g[box]
     scale = torch.tensor(spacing, dtype=torch.float64, device=p.device)
     ep = torch.nonzero(_edges(p)).double() * scale
     eg = torch.nonzero(_edges(g)).double() * scale
@@ -578,9 +578,7 @@ def _pooled_hd95(p, g, spacing):
     both directions' surface distances pooled; inf when one mask is empty."""
     if not bool(p.any()) or not bool(g.any()):
         return math.inf
-    nz = torch.nonzero(p | g)
-    box = tuple(slice(a, b) for a, b in zip(nz.min(0).values.tolist(), (nz.max(0).values + 1).tolist()))
-    return _quantile(torch.cat(_surface_distances(p[box], g[box], spacing)), 0.95)
+    return _quantile(torch.cat(_surface_distances(p, g, spacing)), 0.95)
 
 
 def lesion_metrics(pred, gt, spacing=None, connectivity=26):
@@ -617,13 +615,14 @@ def lesion_metrics(pred, gt, spacing=None, connectivity=26):
     tp = len(pairs)
     out.update(tp=tp, fp=n_pred - tp, fn=n_ref - tp)
     out["f1"] = tp / (tp + 0.5 * (n_pred - tp) + 0.5 * (n_ref - tp)) if n_ref or n_pred else math.nan
+    unmatched = (0.0, math.inf) if n_ref or n_pred else (math.nan, math.nan)  # Dice, HD95
     if pairs:
         out["dice"] = float(np.mean([dsc[i, j].item() for i, j in pairs]))
         out["hd95"] = float(np.mean([_pooled_hd95(lp == j + 1, lg == i + 1, s) for i, j in pairs]))
     else:
-        out["dice"], out["hd95"] = (0.0, math.inf) if n_ref or n_pred else (math.nan, math.nan)
+        out["dice"], out["hd95"] = unmatched
     if not bool(both.any()):  # no overlap: the values of an unmatched case
-        out["global_dice"], out["global_hd95"] = (0.0, math.inf) if n_ref or n_pred else (math.nan, math.nan)
+        out["global_dice"], out["global_hd95"] = unmatched
     else:
         out["global_dice"] = 2 * int(both.sum()) / (int(p.sum()) + int(g.sum()))
         out["global_hd95"] = _pooled_hd95(p, g, s)
@@ -719,7 +718,8 @@ HD_PENALTY = 373.0  # mm, the official BraTS parser's value for an infinite HD95
 def lesion_summary(cases):
     """Means over cases of lesion_metrics results ({region: lesion_metrics(...)} per case): F1,
     lesion-wise and global Dice and HD95, NaN values left out and an infinite HD95 counted as
-    HD_PENALTY mm (the official BraTS parser's penalty); with the lesion counts summed."""
+    HD_PENALTY mm (the official BraTS parser's penalty); with the lesion counts summed and the
+    number of cases."""
     if not cases:
         raise ValueError("lesion_summary: no cases")
     finite = lambda v: HD_PENALTY if v == math.inf else v
@@ -729,6 +729,7 @@ def lesion_summary(cases):
         out[region] = {k: nanmean(finite(r[k]) if "hd95" in k else r[k] for r in rows)
                        for k in ("f1", "dice", "hd95", "global_dice", "global_hd95")}
         out[region].update({k: sum(r[k] for r in rows) for k in ("n_ref", "n_pred", "tp", "fp", "fn")})
+        out[region]["cases"] = len(rows)
     return out
 
 

@@ -19,7 +19,7 @@ import torch
 from einops import rearrange
 
 from files import atomic, git_commit, json_text
-from metrics import REGIONS, as_tensor, autopet_summary, lesion_summary, nanmean, std
+from metrics import REGIONS, as_tensor, autopet_summary, nanmean, std
 
 # ---------------------------------------------------------------------------------------------
 # Tables
@@ -112,22 +112,21 @@ def missing_modality_table(results, modalities=None, regions=REGIONS):
     return rows + [mean]
 
 
-def lesion_table(results, regions):
+def lesion_table(summaries, regions):
     """Lesion-wise numbers (the BraTS 2024-2025 rules, metrics.lesion_metrics): one row per
     subset of the inputs, for each region the lesion-wise Dice (%), HD95 (mm, an infinite one
-    counted as metrics.HD_PENALTY) and detection F1 (%), means over cases. results: rows of
-    evaluate.py with "subset" and "lesionwise" ({region: lesion_metrics})."""
-    if not results:
+    counted as metrics.HD_PENALTY) and detection F1 (%), means over cases. summaries: subset
+    (tuple of names) -> metrics.lesion_summary of its cases."""
+    if not summaries:
         raise ValueError("lesion_table: no results")
     rows = []
-    for sub in dict.fromkeys(tuple(r["subset"]) for r in results):
-        s = lesion_summary([r["lesionwise"] for r in results if tuple(r["subset"]) == sub])
+    for sub, s in summaries.items():
         row = {"subset": "+".join(display_name(m) for m in sub)}
         for k in regions:
-            name = display_name(k) if k not in ("wt", "tc", "et") else k.upper()
+            name = k.upper() if k.upper() in REGIONS else display_name(k)
             row.update({f"{name} Dice": 100 * s[k]["dice"], f"{name} HD95": s[k]["hd95"],
                         f"{name} F1": 100 * s[k]["f1"]})
-        row["n"] = sum(tuple(r["subset"]) == sub for r in results)
+        row["n"] = s[regions[0]]["cases"]
         rows.append(row)
     return rows
 
