@@ -336,7 +336,7 @@ def predict_case(case, networks, cfg, stage):
         "units": dict(UNITS),
         "device": str(cfg.dev), "autocast": "bf16" if cfg.dev.type == "cuda" else "float32",
         "overlap": cfg.overlap, "sw_batch_size": cfg.sw_batch_size,
-        "commit": git_commit(),
+        "commit": cfg.commit,
         "seconds": {k: round(v, 3) for k, v in times.items()},
     }
 
@@ -404,6 +404,7 @@ def parse_args(argv=None):
         ap.error(f"--device / --stitch-device: {one_line(e)}")
     if "cuda" in (cfg.dev.type, cfg.stitch_device[:4]) and not torch.cuda.is_available():
         ap.error(f"--device {cfg.device}: no CUDA device on this machine")
+    cfg.commit = git_commit()  # of this code, recorded in every report.json
     return cfg
 
 

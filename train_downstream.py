@@ -435,6 +435,7 @@ def main(argv=None):
     jlog = R.JsonlLog(out / "log.jsonl", d.main, resume_step=start if ck_path else None)
     guard = R.NonFiniteGuard(cfg.max_nonfinite, d)
     main_metric = "dice" if cfg.task == "seg" else "psnr"
+    commit = git_commit()  # recorded in best.pt and last.pt
     input_idx, target_idx = [names.index(m) for m in inputs], [names.index(m) for m in targets]
     log(f"tuning {cfg.task} ({', '.join(inputs)} -> {', '.join(outputs)}) from {cfg.init}, arch {cfg.arch}"
         f"{' (no prior)' if cfg.arch == 'full' and not arch['prior'] else ''} on {len(split['train'])} persons, "
@@ -456,7 +457,7 @@ def main(argv=None):
                 save_checkpoint(out / "best.pt", {
                     "model": net.state_dict(), "step": step, "arch": arch, "task": task,
                     "contract": data.contract(spec), "modalities": names, "split": split, "kind": "downstream",
-                    "config": asdict(cfg), "val": summary, "commit": git_commit()})
+                    "config": asdict(cfg), "val": summary, "commit": commit})
         R.barrier(d)
         jlog.write(step=step, **{f"val_{k}": v for k, v in summary.items()}, best=improved)
         log(f"step {step}: val {', '.join(f'{k} {v:.4f}' for k, v in summary.items())}{' (best)' if improved else ''}")
@@ -465,7 +466,7 @@ def main(argv=None):
     def save_last(step, summary):
         R.save_state(out / "last.pt", net, optim, sched, step, cfg, d, arch=arch, task=task,
                      contract=data.contract(spec), modalities=names, split=split, kind="downstream", best=best,
-                     val=summary, commit=git_commit())
+                     val=summary, commit=commit)
 
     net.train()
     step, summary = start, {}
