@@ -75,16 +75,22 @@ def _peak_child(conn, fn, args):
     conn.send(_peak_since(base))
 
 
-def peak_memory_mb(fn, *args):
-    """Peak memory (MiB) that fn(*args) adds, measured in a fresh process.
-    fn must be a module-level function (picklable)."""
+def in_fresh_process(target, *args):
+    """What target(conn, *args) sends on conn, run in a fresh (spawned) process; target must be
+    a module-level function (picklable)."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    p = ctx.Process(target=_peak_child, args=(child, fn, args))
+    p = ctx.Process(target=target, args=(child, *args))
     p.start()
     value = parent.recv()
     p.join()
     return value
+
+
+def peak_memory_mb(fn, *args):
+    """Peak memory (MiB) that fn(*args) adds, measured in a fresh process.
+    fn must be a module-level function (picklable)."""
+    return in_fresh_process(_peak_child, fn, args)
 
 
 def print_table(title, rows, columns):
@@ -816,12 +822,7 @@ def bench_predict(args):
         for which in ("ours", "monai"):
             out = tmp / which
             out.mkdir()
-            ctx = mp.get_context("spawn")
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=_predict_child, args=(child, which, t1, out, fs, roi, overlap, sw))
-            p.start()
-            res[which] = parent.recv()
-            p.join()
+            res[which] = in_fresh_process(_predict_child, which, t1, out, fs, roi, overlap, sw)
         case = layouts.Case("case", {"t1": t1})
         vol = data.load_case(case, layouts.DatasetSpec(tmp, "x", ["t1"], [case], None), use_cache=False)
         crop = vol.record["shape_out"]
