@@ -26,8 +26,9 @@ from pathlib import Path
 import layouts
 
 
-# Small enough for 2 CPU cores: F = 12, roi 64 x 64 x 32 (rot90 acts in the first two axes).
-SMALL = ["--roi", "64,64,32", "--feature-size", "12", "--prior-heads", "2", "--workers", "1",
+# Small enough for 2 CPU cores: F = 12, roi 32 x 64 x 64 (the rotations of pre-training turn the
+# sagittal y-z plane, the last two axes, which the crop holds almost whole).
+SMALL = ["--roi", "32,64,64", "--feature-size", "12", "--prior-heads", "2", "--workers", "1",
          "--resume", "auto", "--save-every", "20"]
 
 
@@ -57,7 +58,7 @@ def stage(title):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--pretrain-steps", type=int, default=60)
+    ap.add_argument("--pretrain-steps", type=int, default=120)
     ap.add_argument("--seg-steps", type=int, default=40)
     ap.add_argument("--transfer-steps", type=int, default=12)
     ap.add_argument("--eval-overlap", type=float, default=0.25, help="sliding-window overlap of the evaluation")

@@ -590,11 +590,14 @@ class PriorAttention(nn.Module):
 
 
 class GridHead(nn.Module):
-    """Reads the flattened bottleneck grid (so it sees orientation): 1x1 conv 16F -> c, flatten, Linear."""
+    """Reads the flattened bottleneck grid (so it sees orientation): 1x1 conv 16F -> c, flatten, Linear.
+    centred=True first subtracts the grid's mean over its positions (per sample and channel):
+    the part of z that a rotation of the grid leaves unchanged, so it tells nothing about the
+    rotation, and the part that dominates z at initialisation (README, "Where we differ")."""
 
-    def __init__(self, dim, grid, out_features, reduced=32):
+    def __init__(self, dim, grid, out_features, reduced=32, centred=False):
         super().__init__()
-        self.grid = tuple(grid)
+        self.grid, self.centred = tuple(grid), centred
         self.reduce = nn.Conv3d(dim, reduced, 1)
         self.fc = nn.Linear(reduced * math.prod(grid), out_features)
 
@@ -602,6 +605,8 @@ class GridHead(nn.Module):
         if tuple(z.shape[2:]) != self.grid:
             raise ValueError(f"head built for a bottleneck grid {self.grid} (roi {tuple(32 * g for g in self.grid)}), "
                              f"got {tuple(z.shape[2:])}")
+        if self.centred:
+            z = z - z.mean((2, 3, 4), keepdim=True)
         return self.fc(F.gelu(self.reduce(z)).flatten(1))
 
 
@@ -629,7 +634,7 @@ class PersonalizedSwinUNETR(SwinUNETR):
             self.prior_attn = PriorAttention(g, prior_heads, kw.get("attn_backend", "sdpa"))
             self.transfer = nn.Sequential(nn.Conv3d(dim, dim, 3, padding=1), nn.Conv3d(dim, dim, 3, padding=1))
             self.fuse = nn.Conv3d(2 * dim, dim, 3, padding=1)
-        self.equ_head = GridHead(dim, self.grid, n_phi)
+        self.equ_head = GridHead(dim, self.grid, n_phi, centred=True)
         self.proj_head = GridHead(dim, self.grid, proj_dim)
 
     def personalize(self, z):

@@ -151,7 +151,7 @@ def main(argv=None):
                                      "demo-petct", ["--subsets", "given"])
 
     # tables
-    meta = {"seed": seed, "commit": git_commit(), "config": {**vars(args), "model": "F=12, roi 64x64x32, "
+    meta = {"seed": seed, "commit": git_commit(), "config": {**vars(args), "model": "F=12, roi 32x64x64, "
             "prior heads 2, AdamW lr 5e-4, batch 1, 1 process on CPU"},
             "test persons": ours["seg"]["meta"]["cases"]}
     t10 = transfer_rows("SwinUNETR (L_decom)", swin_t) + transfer_rows("ours", ours["transfer"]) \

@@ -53,8 +53,8 @@ class Config(R.TrainConfig):
     roi: str = R.opt("96", "crop size, one side or D,H,W, multiples of 32")
     feature_size: int = R.opt(48, "Swin feature size F (multiple of 12)")
     prior_heads: int = R.opt(3, "heads of the prior attention (must divide (roi/32)^3)")
-    phi: str = R.opt("rot90", "geometric transforms: rot90 (4 rotations in the axial x-y plane), rot90-yz (in the "
-                              "sagittal y-z plane, the reference code's) or cube (24 rotations)",
+    phi: str = R.opt("rot90-yz", "geometric transforms: rot90-yz (4 rotations in the sagittal y-z plane, the "
+                                 "reference code's), rot90 (in the axial x-y plane) or cube (24 rotations)",
                      choices=sampling.PHI_KINDS)
     modalities: str = R.opt("", "comma-separated subset and order of modalities (default: all of the data set)")
     w_contr: float = R.opt(1.0, "weight of L_contr")

@@ -25,7 +25,7 @@ import train_downstream as T
 import train_pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
-ROI = (32, 32, 64)  # smallest crop the rot90 pre-training accepts (D = H) with > 1 voxel at roi/32
+ROI = (32, 32, 64)  # smallest crop the rot90 (axial) pre-training accepts (D = H) with > 1 voxel at roi/32
 TINY = ["--feature-size", "12", "--roi", ",".join(map(str, ROI)), "--prior-heads", "2", "--workers", "0"]
 QUIET = lambda s: None  # noqa: E731
 
@@ -35,7 +35,7 @@ def stage1(tiny_brats, tmp_path_factory):
     """One stage-1 checkpoint (t1, t2; one step) and a shared preprocessing cache."""
     out, cache = tmp_path_factory.mktemp("stage1"), tmp_path_factory.mktemp("cache")
     train_pretrain.main(["--data", str(tiny_brats), "--out", str(out), "--modalities", "t1,t2", "--max-steps", "1",
-                         "--cache", str(cache), *TINY])
+                         "--cache", str(cache), "--phi", "rot90", *TINY])
     return out / "last.pt", cache
 
 

@@ -103,6 +103,22 @@ def test_no_prior_is_identity_and_has_no_prior_parameters():
     assert not any(n.startswith(("prior", "transfer", "fuse")) for n, _ in net.named_parameters())
 
 
+def test_equivariance_head_reads_the_grid_minus_its_mean():
+    """F_equ ignores what a rotation of the grid leaves unchanged (a per-channel constant over
+    the grid) and sees what it changes (where on the grid a feature sits); g sees both."""
+    torch.manual_seed(0)
+    net = tiny()
+    z = torch.randn(2, 192, 2, 2, 2)
+    shifted = z + torch.randn(2, 192, 1, 1, 1)
+    assert (net.equivariance_logits(shifted) - net.equivariance_logits(z)).abs().max() < 1e-5
+    assert (net.embed(shifted) - net.embed(z)).abs().max() > 1e-3
+    turned = torch.rot90(z, 1, (-2, -1))
+    assert (net.equivariance_logits(turned) - net.equivariance_logits(z)).abs().max() > 1e-3
+    head = net.equ_head
+    want = head.fc(torch.nn.functional.gelu(head.reduce(z - z.mean((2, 3, 4), keepdim=True))).flatten(1))
+    assert torch.allclose(net.equivariance_logits(z), want, atol=1e-6)
+
+
 def test_prior_attention_matches_torch_multihead_attention():
     torch.manual_seed(0)
     ours = model.PriorAttention(27, 3)

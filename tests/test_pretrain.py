@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import model
+import runtime as R
 import train_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def args(data, out, steps, *extra):
     return ["--data", str(data), "--out", str(out), "--max-steps", str(steps), "--modalities", "t1,t2",
-            "--roi", "32,32,64", "--feature-size", "12", "--prior-heads", "2", "--workers", "0",
+            "--roi", "32,32,64", "--phi", "rot90", "--feature-size", "12", "--prior-heads", "2", "--workers", "0",
             "--cache", str(Path(out).parent / "cache"), "--save-every", "3", *extra]
 
 
@@ -78,6 +80,18 @@ def test_the_prior_moves(tiny_brats, tmp_path):
     ck = torch.load(tmp_path / "now" / "last.pt", map_location="cpu", weights_only=True)
     change = (ck["model"]["prior"] - ck["prior_init"]).norm() / ck["prior_init"].norm()
     assert abs(float(change) - now) < 1e-6
+
+
+def test_optimizer_gives_the_prior_its_rate_without_weight_decay():
+    """Every trainable parameter in exactly one group: O at --prior-lr x --lr without weight
+    decay, everything else (F_equ, g and the prior's attention included) at --lr."""
+    net = model.PersonalizedSwinUNETR(2, 2, feature_size=12, roi=(32, 32, 64), prior_heads=2)
+    params, optim = R.make_optimizer(net, train_pretrain.Config(lr=1e-3, weight_decay=1e-5, prior_lr=10.0))
+    seen = [id(p) for g in optim.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in net.parameters()) == sorted(map(id, params))
+    rate = {id(p): (g["lr"], g["weight_decay"]) for g in optim.param_groups for p in g["params"]}
+    assert rate.pop(id(net.prior)) == (1e-2, 0.0)
+    assert set(rate.values()) == {(1e-3, 1e-5)}
 
 
 @pytest.mark.parametrize("preset,terms,prior", [
