@@ -1,6 +1,7 @@
-# Entry points: `make demo`, `make test` and `make study` (the comparisons; about an hour on
-# 2 CPU cores). Each creates .venv and installs what it needs first (idempotent: a second run
-# reuses the environment). The demo and the study need only the runtime requirements; the tests
+# Entry points: `make demo`, `make test` and `make study` (the comparisons over three seeds;
+# `python study.py --dry-run` lists its stages and the time they should take on 2 CPU cores).
+# Each creates .venv and installs what it needs first (idempotent: a second run reuses the
+# environment). The demo and the study need only the runtime requirements; the tests
 # and bench.py add their reference peers (MONAI, scikit-image) and Triton's interpreter.
 PY := .venv/bin/python
 export TORCH_NUM_THREADS ?=

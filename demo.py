@@ -40,13 +40,14 @@ def pretrain(data_name, out, steps, preset, seed):
                                 "--lr", "5e-4", "--seed", str(seed), "--id-every", "20", *SMALL])
 
 
-def tune(data_name, out, task, init, steps, seed, arch="full"):
-    """train_downstream.py in the demo configuration, without validation (the test persons are
-    scored by evaluate_once)."""
+def tune(data_name, out, task, init, steps, seed, arch="full", labelled=0, val_every=-1):
+    """train_downstream.py in the demo configuration, by default without validation (the test
+    persons are scored by evaluate_once); labelled: tune on that many of the training persons."""
     import train_downstream
 
     train_downstream.main(["--data", data_name, "--out", str(out), "--task", task, "--init", init, "--arch", arch,
-                           "--max-steps", str(steps), "--val-every", "-1", "--lr", "5e-4", "--seed", str(seed),
+                           "--max-steps", str(steps), "--val-every", str(val_every), "--lr", "5e-4", "--seed", str(seed),
+                           "--labelled", str(labelled),
                            *(["--fg-fraction", "0.7"] if task == "seg" else []), *SMALL])
 
 

@@ -1,29 +1,41 @@
-"""`make study`: the paper's comparisons on the embedded demo data, at a stated budget and seed.
+"""`make study`: the paper's comparisons on the embedded demo data, over several seeds.
 
-    python study.py [--out runs/study] [--seed 0] [--readme README.md] [budget flags]
+    python study.py [--out runs/study] [--seeds 0,1,2] [--readme README.md] [budget flags]
 
-1. BraTS-layout MRI (t1, t1ce, t2, flair): the demo pipeline (full pre-training, segmentation
-   and transfer tuning, evaluation) as "ours";
-2. the SwinUNETR baseline: plain SwinUNETR pre-trained with L_decom only, tuned for transfer
-   with the same budget (Table 10 format, strict and reference protocols, plus the identity
-   baseline: the normalised source itself as the prediction);
-3. segmentation from scratch with the same tuning budget as ours (Table 11 format);
-4. PET/CT (AutoPET layout): pre-training presets 1-6 of Table 7, each tuned for lesion
-   segmentation with the same budget, and the same tuning from scratch (Tables 7 and 8 format).
+For each seed (the seed draws the split, the initial weights, the crops and the transforms):
+MRI (BraTS layout: t1, t1ce, t2, flair)
+  1. pre-training: the full preset ("ours") and the SwinUNETR baseline (L_decom only);
+  2. segmentation tuned from ours and from scratch, with every training person labelled and with
+     only --labelled of them (the rest seen by the pre-training only), the val persons scored
+     every --val-every steps (the learning curves);
+  3. transfer tuned from ours and from the SwinUNETR baseline (and the identity baseline: the
+     source itself as the prediction);
+  4. person identification from X_h' (untrained, SwinUNETR baseline, ours);
+PET/CT (AutoPET layout: ct, pet)
+  5. each pre-training preset of --petct-presets (Table 7), tuned for lesion segmentation, its
+     person identification; and the same tuning from scratch.
+Every run resumes (OUT/.../last.pt) and a finished run or an evaluation newer than its
+checkpoint is reused, so an interrupted study continues where it stopped and never repeats
+finished work. Each stage prints a progress line with the time elapsed and an estimate of the
+time left.
 
-Every stage resumes (OUT/<run>/last.pt) and an evaluation whose results are newer than its
-checkpoint is reused, so an interrupted study continues where it stopped. The tables, with
-seed, commit and configuration, go to OUT/STUDY.md (and .json); with --readme the section
-between the study markers of that file is replaced by them, and the figures it shows are copied
-to docs/.
+Tables give mean +- standard deviation over the seeds. A claim compares two methods seed by seed:
+it "holds" when the mean difference exceeds twice its standard error, "does not hold" when it
+is below minus twice that, and is "within noise" otherwise. A budget counts as flattened when
+the last 20% of a run improved its curve by less than the thresholds in FLAT. The tables, with
+seeds, commit, budgets and the time taken, go to OUT/STUDY.md (and .json); with --readme the
+section between the study markers of that file is replaced by them and the figures it shows are
+copied to docs/.
 """
 import argparse
 import json
 import math
 import shutil
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import demo
@@ -34,207 +46,474 @@ BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
 TABLE7 = {"1": "C + D + E", "2": "C + D + I", "3": "C + D + E + I (no prior)", "4": "C + D + E + prior",
           "5": "C + D + I + prior", "6": "C + D + E + I + prior (ours)"}
 MODS = ("t1", "t1ce", "t2", "flair")
-FIGURES = (  # README figure, its source under OUT/mri, caption
-    ("demo_pretrain_curves.png", "pretrain/loss_curves.png",
-     "Loss curves of the demo pre-training (every term; a reference for your own runs)"),
-    ("demo_seg_tuning_curves.png", "seg/loss_curves.png", "Loss curves of the demo segmentation tuning"),
-    ("demo_transfer.png", "eval-transfer/figures/*_from_t1.png",
-     "A test person, T1 as the only input: rows = targets; input, generated, truth, signed difference "
-     "(red: too bright, blue: too dark) on three mid-slices"),
-    ("demo_seg.png", "eval-seg/figures/*_seg.png",
-     "Segmentation from all four modalities on a test person (prediction and truth)"),
-    ("demo_embedding.png", "eval-transfer/figures/embedding.png",
-     "PCA of X_h' of the test persons, coloured by modality and person (Figure 9)"),
-)
+# A curve has flattened when its last 20% improved it by less than this: losses relative to
+# their value, validation Dice in absolute points (0..1).
+FLAT = {"loss": 0.05, "dice": 0.02}
+# Seconds per step (or per evaluation) on 2 CPU cores in the demo configuration: the first
+# estimate of the time left, replaced by what the study measures as it goes.
+RATE = {"pretrain": 4.4, "pretrain-swinunetr": 3.2, "seg": 3.8, "transfer": 3.8, "validation": 12.0,
+        "evaluate-seg": 16.0, "evaluate-transfer": 50.0, "identify": 10.0, "petct-pretrain": 2.5,
+        "petct-seg": 2.0, "evaluate-petct": 25.0}
 
 
-def num(v):
-    """A number from results.json, where NaN is null and inf is spelled as a string."""
-    return math.nan if v is None else float(v)
+# ---- statistics -----------------------------------------------------------------------------
 
 
-def pct(v):
-    return 100.0 * num(v)
+def mean_std(values):
+    """(mean, sample standard deviation) of the finite values (std NaN for fewer than 2)."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    if not len(v):
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan
 
 
-def transfer_rows(method, res, prefix=""):
-    """One row per source: PSNR / SSIM per target (strict protocol) and the means over the other
-    targets under both protocols. prefix "identity_" reads the identity baseline's numbers, which
-    are exact (and not shown) on the source's own modality."""
-    strict, ref = res["summary"]["strict"], res["summary"]["reference"]
-    rows = []
-    for s in MODS:
-        shown = [t for t in MODS if f"{s}>{t}" in strict and not (prefix and t == s)]
-        if not shown:
-            continue
-        row = {"method": method, "source": s.upper()}
-        for t in MODS:
-            m = strict.get(f"{s}>{t}") if t in shown else None
-            row[t.upper()] = f"{m[prefix + 'psnr']:.2f} / {m[prefix + 'ssim']:.3f}" if m else "-"
-        others = [f"{s}>{t}" for t in shown if t != s]
-        row["mean PSNR (strict)"] = sum(strict[k][prefix + "psnr"] for k in others) / len(others)
-        row["mean PSNR (reference)"] = sum(ref[k][prefix + "psnr"] for k in others) / len(others)
-        row["mean SSIM (reference)"] = sum(ref[k][prefix + "ssim"] for k in others) / len(others)
-        rows.append(row)
-    return rows
+def verdict(ours, other):
+    """Seed-by-seed comparison of two lists of numbers (higher is better): (word, mean
+    difference, its standard error). 'holds' when the mean difference exceeds twice its
+    standard error, 'does not hold' when it is below minus twice, else 'within noise' (always
+    so with one seed, whose error is unknown)."""
+    d = np.asarray(ours, dtype=float) - np.asarray(other, dtype=float)
+    d = d[np.isfinite(d)]
+    if len(d) < 2:
+        return "within noise", float(d.mean()) if len(d) else math.nan, math.nan
+    m, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
+    return ("holds" if m > 2 * se else "does not hold" if m < -2 * se else "within noise"), m, se
 
 
-def mean_of(rows, key):
-    return sum(r[key] for r in rows) / len(rows)
+def flattened(steps, values, kind):
+    """How much the last 20% of a curve improved it, and whether that is under FLAT[kind].
+    kind "loss" (lower is better; improvement relative to the mean over the 20% before) or
+    "dice" (higher is better; the last value against the best one at or before 80% of the run)."""
+    steps, values = np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+    keep = np.isfinite(values)
+    steps, values = steps[keep], values[keep]
+    if len(values) < 2:
+        return math.nan, False
+    end = steps.max()
+    if kind == "loss":
+        before = values[(steps > 0.6 * end) & (steps <= 0.8 * end)]
+        last = values[steps > 0.8 * end]
+        if not len(before) or not len(last):
+            return math.nan, False
+        gain = float((before.mean() - last.mean()) / abs(before.mean()))
+    else:
+        before = values[steps <= 0.8 * end]
+        if not len(before):
+            return math.nan, False
+        gain = float(values[-1] - before.max())
+    return gain, gain < FLAT[kind]
 
 
-def seg_row(method, res):
-    """All inputs together, and the mean over the 15 subsets (Table 11), Dice in %."""
+def read_log(run):
+    path = Path(run) / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def fmt(m, s, digits=1):
+    if not np.isfinite(m):
+        return "-"
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if np.isfinite(s) else f"{m:.{digits}f}"
+
+
+# ---- progress -------------------------------------------------------------------------------
+
+
+class Progress:
+    """A line per finished stage: its time, the time elapsed and an estimate of the time left
+    (RATE scaled by what this study has measured for each kind of stage)."""
+
+    def __init__(self, stages):
+        self.stages, self.done, self.t0 = stages, 0, time.perf_counter()
+        self.scale = {}
+
+    def estimate(self, kind, units):
+        return units * RATE[kind] * self.scale.get(kind, 1.0)
+
+    def run(self, name, kind, units, fn):
+        t = time.perf_counter()
+        demo.stage(f"study [{self.done + 1}/{len(self.stages)}] {name}")
+        result = fn()
+        took = time.perf_counter() - t
+        if took > 0.2 * units * RATE[kind]:  # a reused stage says nothing about the speed
+            self.scale[kind] = took / (units * RATE[kind])
+        self.done += 1
+        left = sum(self.estimate(k, u) for _, k, u in self.stages[self.done:])
+        print(f"study [{self.done}/{len(self.stages)}] {name}: {took:.0f} s; elapsed "
+              f"{(time.perf_counter() - self.t0) / 60:.1f} min, about {left / 60:.0f} min left", file=sys.stderr,
+              flush=True)
+        return result
+
+
+# ---- runs -----------------------------------------------------------------------------------
+
+
+def finished(run, steps):
+    """Whether run/last.pt has reached `steps` steps: the study then skips the run (resuming it
+    would rewrite its log and validate again)."""
+    ckpt = Path(run) / "last.pt"
+    return ckpt.exists() and torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["step"] >= steps
+
+
+def identify_once(ckpt, dest, data_name, untrained=False):
+    """evaluate.py --task identify on the test persons of a stage-1 checkpoint, unless dest holds
+    results newer than it. Returns the summary (accuracy, chance, cos_same, cos_other)."""
+    import evaluate
+
+    results = Path(dest) / "results.json"
+    if not (results.exists() and results.stat().st_mtime > Path(ckpt).stat().st_mtime):
+        evaluate.main(["--ckpt", str(ckpt), "--data", data_name, "--task", "identify", "--out", str(dest),
+                       "--figures", "0", *(["--untrained"] if untrained else [])])
+    return json.loads(results.read_text())["summary"]
+
+
+def plan(args):
+    """The study's stages in order: (name, kind, units, function); units are steps (or runs) of
+    that kind of stage. Every function binds its own values (no late binding of loop names)."""
+    p, out = args, Path(args.out)
+    seg_sets, petct_sets = ["--subsets", p.seg_subsets], ["--subsets", "given"]
+    vals = p.seg_steps // p.val_every if p.val_every > 0 else 0
+    seg_units = 5 if p.seg_subsets == "all" else 1  # 15 subsets take about 5 times one
+
+    def pretrain(data_name, run, steps, preset, seed):
+        return lambda: finished(run, steps) or demo.pretrain(data_name, run, steps, preset, seed)
+
+    def tune(data_name, run, task, init, steps, seed, **kw):
+        return lambda: finished(run, steps) or demo.tune(data_name, run, task, init, steps, seed, **kw)
+
+    def evaluate(run, task, data_name, extra=()):
+        return lambda: demo.evaluate_once(run, run.parent / f"eval-{run.name}", task, p.eval_overlap, data_name,
+                                          list(extra))
+
+    def identify(ckpt, dest, data_name, untrained=False):
+        return lambda: identify_once(ckpt, dest, data_name, untrained)
+
+    stages = []
+    for seed in p.seeds:
+        mri = out / f"seed{seed}" / "mri"
+        ours, base = mri / "pretrain" / "last.pt", mri / "pretrain-swinunetr" / "last.pt"
+        stages += [
+            (f"seed {seed}: MRI pre-training, full preset", "pretrain", p.pretrain_steps,
+             pretrain(p.data, mri / "pretrain", p.pretrain_steps, "full", seed)),
+            (f"seed {seed}: MRI pre-training, SwinUNETR baseline", "pretrain-swinunetr", p.pretrain_steps,
+             pretrain(p.data, mri / "pretrain-swinunetr", p.pretrain_steps, "swinunetr", seed))]
+        for regime, labelled in (("all", 0), ("few", p.labelled)):
+            for init in ("ours", "scratch"):
+                run = mri / f"seg-{regime}-{init}"
+                stages += [
+                    (f"seed {seed}: segmentation, {regime} labelled, {init}", "seg", p.seg_steps + 3 * vals,
+                     tune(p.data, run, "seg", f"ours:{ours}" if init == "ours" else "scratch", p.seg_steps, seed,
+                          labelled=labelled, val_every=p.val_every)),
+                    (f"seed {seed}: evaluation, segmentation {regime} {init}", "evaluate-seg", seg_units,
+                     evaluate(run, "seg", p.data, seg_sets))]
+        for init, arch, ck in (("ours", "full", ours), ("swinunetr", "swinunetr", base)):
+            run = mri / f"transfer-{init}"
+            stages += [
+                (f"seed {seed}: transfer, {init}", "transfer", p.transfer_steps,
+                 tune(p.data, run, "transfer", f"ours:{ck}", p.transfer_steps, seed, arch=arch)),
+                (f"seed {seed}: evaluation, transfer {init}", "evaluate-transfer", 1, evaluate(run, "transfer", p.data))]
+        for name, ck, untrained in (("untrained", ours, True), ("swinunetr", base, False), ("ours", ours, False)):
+            stages.append((f"seed {seed}: person identification, {name}", "identify", 1,
+                           identify(ck, mri / f"id-{name}", p.data, untrained)))
+    for seed in p.petct_seeds:
+        pet = out / f"seed{seed}" / "petct"
+        for preset in p.petct_presets:
+            ck, run = pet / f"pretrain-{preset}" / "last.pt", pet / f"seg-{preset}"
+            stages += [
+                (f"seed {seed}: PET/CT pre-training, preset {preset}", "petct-pretrain", p.petct_pretrain_steps,
+                 pretrain(p.data_petct, pet / f"pretrain-{preset}", p.petct_pretrain_steps, preset, seed)),
+                (f"seed {seed}: PET/CT person identification, preset {preset}", "identify", 1,
+                 identify(ck, pet / f"id-{preset}", p.data_petct)),
+                (f"seed {seed}: PET/CT lesion tuning, preset {preset}", "petct-seg", p.petct_seg_steps,
+                 tune(p.data_petct, run, "seg", f"ours:{ck}", p.petct_seg_steps, seed)),
+                (f"seed {seed}: PET/CT evaluation, preset {preset}", "evaluate-petct", 1,
+                 evaluate(run, "seg", p.data_petct, petct_sets))]
+        run = pet / "seg-scratch"
+        stages += [
+            (f"seed {seed}: PET/CT lesion tuning, scratch", "petct-seg", p.petct_seg_steps,
+             tune(p.data_petct, run, "seg", "scratch", p.petct_seg_steps, seed)),
+            (f"seed {seed}: PET/CT evaluation, scratch", "evaluate-petct", 1,
+             evaluate(run, "seg", p.data_petct, petct_sets))]
+    return stages
+
+
+# ---- tables ---------------------------------------------------------------------------------
+
+
+def seg_numbers(res):
+    """WT / TC / ET Dice (%) from all inputs, and the mean WT over the evaluated subsets."""
     summ = res["summary"]
-    full = summ["+".join(MODS)]
-    row = {"method": method}
-    for r in ("WT", "TC", "ET"):
-        row[f"{r} (all inputs)"] = pct(full[r])
-    for r in ("WT", "TC", "ET"):
-        row[f"{r} (mean of {len(summ)} subsets)"] = pct(sum(s[r] for s in summ.values()) / len(summ))
-    return row
+    full = summ[max(summ, key=lambda k: k.count("+"))]
+    out = {r: 100 * full[r] for r in ("WT", "TC", "ET")}
+    out["WT (mean of subsets)"] = 100 * float(np.mean([s["WT"] for s in summ.values()]))
+    return out
 
 
-def autopet_row(label, res, **extra):
+def transfer_numbers(res, prefix=""):
+    """Mean over the source != target pairs: strict PSNR, reference PSNR and SSIM."""
+    strict, ref = res["summary"]["strict"], res["summary"]["reference"]
+    pairs = [k for k in strict if k.split(">")[0] != k.split(">")[1]]
+    return {"PSNR strict (dB)": float(np.mean([strict[k][prefix + "psnr"] for k in pairs])),
+            "PSNR reference (dB)": float(np.mean([ref[k][prefix + "psnr"] for k in pairs])),
+            "SSIM reference": float(np.mean([ref[k][prefix + "ssim"] for k in pairs]))}
+
+
+def petct_numbers(res):
     a = res["summary"]["ct+pet"]["autopet"]
-    return {**extra, "pre-training": label, "Dice": pct(a["dice"]), "Dice-": pct(a["dice_minus"]), "TPR": pct(a["tpr"]),
-            "TNR": pct(a["tnr"]), "FNR": pct(a["fnr"]), "FPR": pct(a["fpr"]), "FP vol (mL)": num(a["fp_volume_ml"]),
-            "FN vol (mL)": num(a["fn_volume_ml"])}
+    return {"Dice (%)": 100 * a["dice"], "FP vol (mL)": a["fp_volume_ml"], "FN vol (mL)": a["fn_volume_ml"]}
 
 
-def verdict(ok, text):
-    return f"- {'holds' if ok else 'does not hold'}: {text}"
+def id_numbers(summary):
+    return {"person-ID accuracy": summary["accuracy"], "chance": summary["chance"], "cos same": summary["cos_same"],
+            "cos other": summary["cos_other"]}
+
+
+def aggregate(rows_per_seed, label_keys, digits):
+    """Rows of per-seed dicts (same labels) -> one row per label with 'mean ± std' cells."""
+    groups = {}
+    for row in rows_per_seed:
+        groups.setdefault(tuple(row[k] for k in label_keys), []).append(row)
+    out = []
+    for labels, rows in groups.items():
+        cell = dict(zip(label_keys, labels))
+        for key in rows[0]:
+            if key not in label_keys:
+                cell[key] = fmt(*mean_std([r[key] for r in rows]), digits)
+        cell["seeds"] = len(rows)
+        out.append(cell)
+    return out
+
+
+def collect(args):
+    """Per-seed numbers of every comparison, read back from the runs' results."""
+    out, num = Path(args.out), {"seg": [], "transfer": [], "petct": [], "id": [], "flat": []}
+    for seed in args.seeds:
+        mri = out / f"seed{seed}" / "mri"
+        for regime in ("all", "few"):
+            for init in ("ours", "scratch"):
+                res = json.loads((mri / f"eval-seg-{regime}-{init}" / "results.json").read_text())
+                num["seg"].append({"labelled": regime, "init": init, "seed": seed, **seg_numbers(res)})
+        for init in ("ours", "swinunetr"):
+            res = json.loads((mri / f"eval-transfer-{init}" / "results.json").read_text())
+            num["transfer"].append({"method": init, "seed": seed, **transfer_numbers(res)})
+            if init == "ours":
+                num["transfer"].append({"method": "identity", "seed": seed, **transfer_numbers(res, "identity_")})
+        for name in ("untrained", "swinunetr", "ours"):
+            res = json.loads((mri / f"id-{name}" / "results.json").read_text())["summary"]
+            num["id"].append({"data": "MRI", "network": name, "seed": seed, **id_numbers(res)})
+        for run, terms in (("pretrain", ("equ", "decom")), ("pretrain-swinunetr", ("decom",))):
+            log = read_log(mri / run)
+            for t in terms:
+                gain, ok = flattened([r["step"] for r in log], [r.get(t) for r in log], "loss")
+                num["flat"].append({"run": f"MRI {run}", "curve": f"L_{t}", "seed": seed, "gain": gain, "flat": ok})
+        for regime in ("all", "few"):
+            for init in ("ours", "scratch"):
+                log = [r for r in read_log(mri / f"seg-{regime}-{init}") if "val_dice" in r]
+                gain, ok = flattened([r["step"] for r in log], [r["val_dice"] for r in log], "dice")
+                num["flat"].append({"run": f"MRI segmentation, {regime} labelled, {init}", "curve": "val Dice",
+                                    "seed": seed, "gain": gain, "flat": ok})
+    for seed in args.petct_seeds:
+        pet = out / f"seed{seed}" / "petct"
+        for preset in [*args.petct_presets, "scratch"]:
+            res = json.loads((pet / f"eval-seg-{preset}" / "results.json").read_text())
+            num["petct"].append({"pre-training": TABLE7.get(preset, preset), "ID": preset, "seed": seed,
+                                 **petct_numbers(res)})
+            if preset != "scratch":
+                res = json.loads((pet / f"id-{preset}" / "results.json").read_text())["summary"]
+                num["id"].append({"data": "PET/CT", "network": f"preset {preset}", "seed": seed, **id_numbers(res)})
+                log = read_log(pet / f"pretrain-{preset}")
+                gain, ok = flattened([r["step"] for r in log], [r.get("decom") for r in log], "loss")
+                num["flat"].append({"run": f"PET/CT pretrain preset {preset}", "curve": "L_decom", "seed": seed,
+                                    "gain": gain, "flat": ok})
+    return num
+
+
+def per_seed(rows, key, **match):
+    """{seed: row[key]} of the rows matching every match item."""
+    return {r["seed"]: r[key] for r in rows if all(r[k] == v for k, v in match.items())}
+
+
+def paired(a, b):
+    seeds = sorted(set(a) & set(b))
+    return [a[s] for s in seeds], [b[s] for s in seeds]
+
+
+def claims(num, args):
+    """The paper's claims, each a seed-by-seed comparison with its verdict."""
+    lines = []
+
+    def claim(text, ours, other, unit):
+        word, m, se = verdict(*paired(ours, other))
+        digits = 3 if unit in ("SSIM", "accuracy") else 2
+        spread = f" ± {se:.{digits}f} (standard error)" if np.isfinite(se) else ""
+        lines.append(f"- {word}: {text} (mean difference {m:+.{digits}f}{spread} {unit}, "
+                     f"{len(set(ours) & set(other))} seeds)")
+
+    seg, tr, pet = num["seg"], num["transfer"], num["petct"]
+    for regime, what in (("all", "every training person labelled"), ("few", f"{args.labelled} labelled persons")):
+        claim(f"pre-training beats scratch in MRI segmentation, {what} (WT Dice from all inputs)",
+              per_seed(seg, "WT", labelled=regime, init="ours"), per_seed(seg, "WT", labelled=regime, init="scratch"),
+              "Dice points")
+    claim("ours beats the SwinUNETR baseline in transfer (Table 10, strict PSNR)",
+          per_seed(tr, "PSNR strict (dB)", method="ours"), per_seed(tr, "PSNR strict (dB)", method="swinunetr"), "dB")
+    claim("transfer beats the identity baseline (strict PSNR)", per_seed(tr, "PSNR strict (dB)", method="ours"),
+          per_seed(tr, "PSNR strict (dB)", method="identity"), "dB")
+    claim("transfer beats the identity baseline (reference SSIM)", per_seed(tr, "SSIM reference", method="ours"),
+          per_seed(tr, "SSIM reference", method="identity"), "SSIM")
+    presets = args.petct_presets
+    if "6" in presets:
+        claim("pre-training (preset 6) beats scratch in PET/CT lesion segmentation (Table 8)",
+              per_seed(pet, "Dice (%)", ID="6"), per_seed(pet, "Dice (%)", ID="scratch"), "Dice points")
+    for a, b in (("1", "4"), ("2", "5"), ("3", "6")):
+        if a in presets and b in presets:
+            claim(f"adding the prior improves {TABLE7[a]} (Table 7: preset {b} > {a})",
+                  per_seed(pet, "Dice (%)", ID=b), per_seed(pet, "Dice (%)", ID=a), "Dice points")
+    claim("ours identifies persons better than the SwinUNETR baseline from X_h' (MRI)",
+          per_seed(num["id"], "person-ID accuracy", data="MRI", network="ours"),
+          per_seed(num["id"], "person-ID accuracy", data="MRI", network="swinunetr"), "accuracy")
+    return lines
+
+
+def learning_curves(args, png):
+    """Validation Dice against tuning steps, ours vs scratch, both regimes (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
+    for ax, (regime, title) in zip(axes, (("all", "every training person labelled"),
+                                          ("few", f"{args.labelled} labelled persons"))):
+        for init, colour in (("ours", "tab:red"), ("scratch", "tab:blue")):
+            curves = {}
+            for seed in args.seeds:
+                for r in read_log(Path(args.out) / f"seed{seed}" / "mri" / f"seg-{regime}-{init}"):
+                    if "val_dice" in r and r["val_dice"] is not None:
+                        curves.setdefault(r["step"], []).append(100 * r["val_dice"])
+            steps = sorted(curves)
+            if steps:
+                m = np.array([np.mean(curves[s]) for s in steps])
+                sd = np.array([np.std(curves[s]) for s in steps])
+                ax.plot(steps, m, marker="o", color=colour, label=init)
+                ax.fill_between(steps, m - sd, m + sd, color=colour, alpha=0.15)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("tuning step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("val Dice (%, mean of regions)")
+    axes[0].legend()
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def render(args, meta, tables, claim_lines, flat_rows, minutes):
+    lines = [f"Made by `python study.py` (`make study`) on {'a GPU' if torch.cuda.is_available() else 'CPU'} in "
+             f"{minutes:.0f} min; seeds {', '.join(map(str, args.seeds))} (PET/CT: "
+             f"{', '.join(map(str, args.petct_seeds))}), commit {meta['commit']}. Budgets: MRI pre-training "
+             f"{args.pretrain_steps} steps (full preset and SwinUNETR baseline), segmentation tuning "
+             f"{args.seg_steps} (val every {args.val_every}), few-label regime {args.labelled} of the training "
+             f"persons, transfer tuning {args.transfer_steps}; PET/CT presets {', '.join(args.petct_presets)}: "
+             f"pre-training {args.petct_pretrain_steps} steps, lesion tuning {args.petct_seg_steps}. "
+             f"{meta['model']}. Each seed draws its own split (6 test persons). Mean ± standard deviation over "
+             f"the seeds. Tables with their configuration: {args.out}/STUDY.json.", ""]
+    for title, rows in tables:
+        lines += [f"**{title}**", "", report.markdown(rows, list(rows[0]), 2).rstrip(), ""]
+    lines += ["**Learning curves** (validation Dice of the val persons against tuning steps, mean ± std over the "
+              "seeds):", "", "![learning curves](docs/study_learning_curves.png)", ""]
+    unflat = [r for r in flat_rows if r["flattened"] != "yes"]
+    lines += [f"**Budgets.** A curve counts as flattened when its last 20% improved it by less than "
+              f"{FLAT['loss']:.0%} (losses, relative) or {FLAT['dice'] * 100:.0f} Dice points (validation). "
+              + ("Every curve flattened." if not unflat else
+                 f"{len(unflat)} of {len(flat_rows)} did not, so the comparisons that rest on them are not "
+                 f"informative at this budget: " + "; ".join(f"{r['run']} ({r['curve']})" for r in unflat) + "."),
+              "", report.markdown(flat_rows, list(flat_rows[0]), 3).rstrip(), ""]
+    lines += ["**The paper's claims at this budget** (holds: the mean difference over the seeds exceeds twice its "
+              "standard error):", "", *claim_lines, ""]
+    return "\n".join(lines)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/study")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--pretrain-steps", type=int, default=15, help="MRI pre-training steps (ours and SwinUNETR)")
-    ap.add_argument("--seg-steps", type=int, default=50, help="MRI segmentation tuning steps (ours and scratch)")
-    ap.add_argument("--transfer-steps", type=int, default=15, help="MRI transfer tuning steps (ours and SwinUNETR)")
-    ap.add_argument("--petct-pretrain-steps", type=int, default=10, help="PET/CT pre-training steps per preset")
-    ap.add_argument("--petct-seg-steps", type=int, default=40, help="PET/CT lesion tuning steps per run")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the MRI comparisons")
+    ap.add_argument("--petct-seeds", default="", help="seeds of the PET/CT comparisons (default: --seeds)")
+    ap.add_argument("--data", default="demo", help="the MRI data set (BraTS layout)")
+    ap.add_argument("--data-petct", default="demo-petct", help="the PET/CT data set (AutoPET layout)")
+    ap.add_argument("--pretrain-steps", type=int, default=120, help="MRI pre-training steps (ours and SwinUNETR)")
+    ap.add_argument("--seg-steps", type=int, default=40, help="MRI segmentation tuning steps")
+    ap.add_argument("--val-every", type=int, default=10, help="score the val persons every N tuning steps")
+    ap.add_argument("--labelled", type=int, default=4, help="labelled training persons of the few-label regime")
+    ap.add_argument("--seg-subsets", default="given", help="input subsets evaluated in segmentation: given (all four together) or all (the 15 subsets)")
+    ap.add_argument("--transfer-steps", type=int, default=12, help="MRI transfer tuning steps (ours and SwinUNETR)")
+    ap.add_argument("--petct-presets", default="3,6", help="Table 7 presets pre-trained on PET/CT")
+    ap.add_argument("--petct-pretrain-steps", type=int, default=60, help="PET/CT pre-training steps per preset")
+    ap.add_argument("--petct-seg-steps", type=int, default=60, help="PET/CT lesion tuning steps per run")
     ap.add_argument("--eval-overlap", type=float, default=0.25)
     ap.add_argument("--readme", default="", help="replace the study section of this file with the results")
+    ap.add_argument("--dry-run", action="store_true", help="list the stages and the time estimate, run nothing")
     args = ap.parse_args(argv)
-    out, seed = Path(args.out), args.seed
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    args.petct_seeds = [int(s) for s in args.petct_seeds.split(",") if s] or args.seeds
+    args.petct_presets = [s for s in args.petct_presets.split(",") if s]
+    if any(p not in TABLE7 for p in args.petct_presets):
+        raise SystemExit(f"--petct-presets {','.join(args.petct_presets)}: choose among {', '.join(TABLE7)}")
+    out = Path(args.out)
 
-    # 1. ours on MRI: the demo pipeline
-    ours = demo.main(["--out", str(out / "mri"), "--pretrain-steps", str(args.pretrain_steps), "--seg-steps",
-                      str(args.seg_steps), "--transfer-steps", str(args.transfer_steps), "--eval-overlap",
-                      str(args.eval_overlap), "--seed", str(seed), "--seg-subsets", "all"])
-    mri = out / "mri"
-    # 2. the SwinUNETR baseline for transfer
-    demo.stage("study: SwinUNETR baseline (L_decom only), transfer")
-    base = demo.pretrain("demo", mri / "pretrain-swinunetr", args.pretrain_steps, "swinunetr", seed)
-    demo.tune("demo", mri / "transfer-swinunetr", "transfer", f"ours:{base}", args.transfer_steps, seed,
-              arch="swinunetr")
-    swin_t = demo.evaluate_once(mri / "transfer-swinunetr", mri / "eval-transfer-swinunetr", "transfer",
-                                args.eval_overlap)
-    # 3. segmentation from scratch
-    demo.stage("study: segmentation from scratch")
-    demo.tune("demo", mri / "seg-scratch", "seg", "scratch", args.seg_steps, seed)
-    scratch_s = demo.evaluate_once(mri / "seg-scratch", mri / "eval-seg-scratch", "seg", args.eval_overlap)
-    # 4. PET/CT: Table 7 presets and scratch
-    petct = out / "petct"
-    table7 = {}
-    for preset in TABLE7:
-        demo.stage(f"study: PET/CT preset {preset} ({TABLE7[preset]})")
-        ck = demo.pretrain("demo-petct", petct / f"pretrain-{preset}", args.petct_pretrain_steps, preset, seed)
-        demo.tune("demo-petct", petct / f"seg-{preset}", "seg", f"ours:{ck}", args.petct_seg_steps, seed)
-        table7[preset] = demo.evaluate_once(petct / f"seg-{preset}", petct / f"eval-seg-{preset}", "seg",
-                                            args.eval_overlap, "demo-petct", ["--subsets", "given"])
-    demo.stage("study: PET/CT lesion segmentation from scratch")
-    demo.tune("demo-petct", petct / "seg-scratch", "seg", "scratch", args.petct_seg_steps, seed)
-    pet_scratch = demo.evaluate_once(petct / "seg-scratch", petct / "eval-seg-scratch", "seg", args.eval_overlap,
-                                     "demo-petct", ["--subsets", "given"])
+    t0 = time.perf_counter()
+    stages = plan(args)
+    progress = Progress([(name, kind, units) for name, kind, units, _ in stages])
+    print(f"study: {len(stages)} stages, about {sum(progress.estimate(k, u) for _, k, u, _ in stages) / 60:.0f} min "
+          f"on 2 CPU cores", file=sys.stderr, flush=True)
+    if args.dry_run:
+        for name, kind, units, _ in stages:
+            print(f"  {name}: about {progress.estimate(kind, units) / 60:.1f} min", file=sys.stderr)
+        return None
+    for name, kind, units, fn in stages:
+        progress.run(name, kind, units, fn)
+    minutes = (time.perf_counter() - t0) / 60
 
-    # tables
-    meta = {"seed": seed, "commit": git_commit(), "config": {**vars(args), "model": "F=12, roi 32x64x64, "
-            "prior heads 2, AdamW lr 5e-4, batch 1, 1 process on CPU"},
-            "test persons": ours["seg"]["meta"]["cases"]}
-    t10 = transfer_rows("SwinUNETR (L_decom)", swin_t) + transfer_rows("ours", ours["transfer"]) \
-        + transfer_rows("identity (source as prediction)", ours["transfer"], "identity_")
-    seg = [seg_row("scratch", scratch_s), seg_row("ours", ours["seg"])]
-    t7 = [autopet_row(TABLE7[p], r, ID=p) for p, r in table7.items()]
-    t8 = [autopet_row("scratch", pet_scratch), autopet_row("ours (preset 6)", table7["6"])]
+    num = collect(args)
+    meta = {"seeds": args.seeds, "petct_seeds": args.petct_seeds, "commit": git_commit(), "minutes": minutes,
+            "model": "F=12, roi 32x64x64, prior heads 2, AdamW lr 5e-4, batch 1, 1 process",
+            "config": {k: v for k, v in vars(args).items()}}
+    seg = aggregate([{k: v for k, v in r.items() if k != "seed"} for r in num["seg"]], ("labelled", "init"), 1)
+    tr = aggregate([{k: v for k, v in r.items() if k != "seed"} for r in num["transfer"]], ("method",), 2)
+    pet = aggregate([{k: v for k, v in r.items() if k != "seed"} for r in num["petct"]], ("pre-training", "ID"), 1)
+    ids = aggregate([{k: v for k, v in r.items() if k != "seed"} for r in num["id"]], ("data", "network"), 3)
+    flat = [{"run": r["run"], "curve": r["curve"], "seed": r["seed"],
+             "last-20% gain": "-" if not np.isfinite(r["gain"]) else f"{r['gain']:+.3f}",
+             "flattened": "yes" if r["flat"] else "no"} for r in num["flat"]]
     tables = [
-        ("table10_transfer", "Transfer on the MRI test persons (Table 10 format): PSNR (dB) / SSIM per target, "
-         "strict protocol (foreground voxels only); mean PSNR under both protocols", t10),
-        ("table11_seg", "BraTS-region segmentation on the MRI test persons, Dice (%): scratch vs ours, same tuning "
-         "budget (Table 11 format)", seg),
-        ("table7_presets", "PET/CT lesion segmentation after each pre-training preset (Table 7 format, %)", t7),
-        ("table8_autopet", "PET/CT lesion segmentation, scratch vs ours (Table 8 format, %)", t8),
+        ("MRI segmentation on the test persons, Dice (%): tuned from ours and from scratch, every training person "
+         "labelled (all) and a few (Table 11 format)", seg),
+        ("MRI transfer on the test persons, mean over the 12 source -> target pairs (Table 10 format; identity: the "
+         "source itself as the prediction)", tr),
+        ("PET/CT lesion segmentation on the test persons after each pre-training preset and from scratch "
+         "(Tables 7 and 8 format)", pet),
+        ("The mechanism: person identification from X_h' on the test persons (nearest neighbour over modalities, "
+         "cosine) and the mean cosine between two modalities of the same and of other persons", ids),
     ]
-    claims = claims_text(t10, seg, t7, t8)
-    md = render(args, meta, tables, claims, out)
+    claim_lines = claims(num, args)
+    png = learning_curves(args, out / "learning_curves.png")
+    md = render(args, meta, tables, claim_lines, flat, minutes)
     write_text(out / "STUDY.md", md)
-    write_json(out / "STUDY.json", {"meta": meta, "tables": {k: rows for k, _, rows in tables}, "claims": claims})
+    write_json(out / "STUDY.json", {"meta": meta, "tables": {t: rows for t, rows in tables}, "per_seed": num,
+                                    "claims": claim_lines})
     print("\n" + md)
     if args.readme:
-        update_readme(Path(args.readme), md, out)
-    return {"tables": {k: rows for k, _, rows in tables}, "claims": claims}
+        update_readme(Path(args.readme), md, png)
+    return {"tables": tables, "claims": claim_lines, "per_seed": num}
 
 
-def claims_text(t10, seg, t7, t8):
-    ours = [r for r in t10 if r["method"] == "ours"]
-    swin = [r for r in t10 if r["method"].startswith("SwinUNETR")]
-    ident = [r for r in t10 if r["method"].startswith("identity")]
-    o, s, i = (mean_of(x, "mean PSNR (strict)") for x in (ours, swin, ident))
-    dice = {r["ID"]: r["Dice"] for r in t7}
-    best = max(t7, key=lambda r: r["Dice"])
-    helps = sum(dice[b] > dice[a] for a, b in (("1", "4"), ("2", "5"), ("3", "6")))
-    return [
-        verdict(o > i, f"transfer beats the identity baseline: strict PSNR {o:.2f} vs {i:.2f} dB (mean of 12 pairs)"),
-        verdict(o > s, f"ours beats the SwinUNETR baseline in transfer (Table 10): strict PSNR {o:.2f} vs {s:.2f} dB"),
-        verdict(seg[1]["WT (all inputs)"] >= 60.0, f"segmentation tuned from the pre-train reaches whole-tumour "
-                f"Dice >= 60%: {seg[1]['WT (all inputs)']:.1f}%"),
-        verdict(seg[1]["WT (all inputs)"] > seg[0]["WT (all inputs)"], "pre-training beats scratch in MRI "
-                f"segmentation: WT Dice {seg[1]['WT (all inputs)']:.1f}% vs {seg[0]['WT (all inputs)']:.1f}%"),
-        verdict(t8[1]["Dice"] > t8[0]["Dice"], f"pre-training beats scratch in PET/CT lesion segmentation (Table 8): "
-                f"Dice {t8[1]['Dice']:.1f}% vs {t8[0]['Dice']:.1f}%"),
-        verdict(best["ID"] == "6", f"all constraints with the prior is the best preset (Table 7): best is preset "
-                f"{best['ID']} ({best['pre-training']}, Dice {best['Dice']:.1f}%), preset 6 has "
-                f"{dice['6']:.1f}%"),
-        verdict(helps == 3, f"adding the prior improves every constraint set (Table 7: 4 > 1, 5 > 2, 6 > 3): "
-                f"{helps} of 3"),
-    ]
-
-
-def render(args, meta, tables, claims, out):
-    records = [json.loads(line) for log in sorted(out.rglob("log.jsonl")) for line in log.read_text().splitlines()
-               if line.strip()]
-    steps = [r["step_s"] for r in records if r.get("step_s") is not None]
-    lines = [f"Made by `python study.py` (`make study`) on {'a GPU' if torch.cuda.is_available() else 'CPU'}"
-             f" ({len(steps)} logged training steps, {sum(steps) / 60:.0f} min of training in all, evaluations "
-             f"not counted); seed {meta['seed']}, commit "
-             f"{meta['commit']}. Budget: MRI pre-training {args.pretrain_steps} steps, segmentation tuning "
-             f"{args.seg_steps}, transfer tuning {args.transfer_steps}; PET/CT pre-training {args.petct_pretrain_steps} "
-             f"steps per preset, lesion tuning {args.petct_seg_steps}. {meta['config']['model']}. "
-             f"Test persons: {', '.join(meta['test persons'])} (MRI and PET/CT are the same persons). "
-             f"Tables with their configuration: {out}/STUDY.json.", ""]
-    for name, title, rows in tables:
-        lines += [f"**{title}**", "", report.markdown(rows, list(rows[0]), 2).rstrip(), ""]
-    lines += ["Which of the paper's claims hold on this data, at this budget (one seed, 6 test persons: "
-              "differences of a few points are within noise):", "", *claims, ""]
-    return "\n".join(lines)
-
-
-def update_readme(path, md, out):
-    """Replaces the text between the study markers; copies the figures it shows to docs/."""
+def update_readme(path, md, png):
+    """Replaces the text between the study markers; copies the learning curves to docs/."""
     text = path.read_text()
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{path}: no '{BEGIN}' ... '{END}' section to replace")
     docs = path.parent / "docs"
     docs.mkdir(exist_ok=True)
-    shown = []
-    for name, pattern, caption in FIGURES:
-        found = sorted((out / "mri").glob(pattern))
-        if found:
-            shutil.copyfile(found[0], docs / name)
-            shown += [f"{caption}:", "", f"![{caption}](docs/{name})", ""]
-    md = md + "\n" + "\n".join(shown)
+    shutil.copyfile(png, docs / "study_learning_curves.png")
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
     write_text(path, f"{head}{BEGIN}\n{md}\n{END}{tail}")

@@ -75,6 +75,8 @@ class Config(R.TrainConfig):
     w_fused: float = R.opt(1.0, "weight of L_ori of the fused random-subset path")
     head_prior: float = R.opt(0.01, "seg: probability a new output layer starts with (bias = logit p, the "
                                     "prior-probability init of RetinaNet; 0.5 = bias 0)")
+    labelled: int = R.opt(0, "tune on N of the training persons only (the labelled few; drawn with --seed, the same "
+                             "for every --init), 0 = all of them")
     val_every: int = R.opt(100, "score the val split every N steps and at the end (0: only at the end; -1: never, "
                                 "no best.pt)")
     overlap: float = R.opt(0.5, "sliding-window overlap in validation")
@@ -342,6 +344,17 @@ def architecture(cfg, source, n_channels, n_out, init_kind="scratch"):
             "checkpointing": cfg.checkpointing}
 
 
+def labelled_persons(train, n, seed):
+    """The n persons of `train` a low-label run tunes on (all of them for n = 0), drawn with the
+    seed alone, so that runs of one seed with any --init see the same persons."""
+    if n < 0 or n > len(train):
+        raise SystemExit(f"--labelled {n}: choose 0 (all) to {len(train)}, the number of training persons")
+    if n == 0:
+        return list(train)
+    pick = np.random.default_rng([seed, 4177]).choice(len(train), n, replace=False)
+    return [train[i] for i in sorted(pick)]
+
+
 def tuning_split(spec, cfg, source, out, d):
     """The stage-1 split when tuning on the same cases (its val and test persons stay unseen
     by both stages), else a new one; kept in OUT/split.json, which a rerun reuses."""
@@ -388,12 +401,13 @@ def main(argv=None):
         outputs = targets
     arch = architecture(cfg, source, len(names), len(outputs), init)
     split = tuning_split(spec, cfg, source, out, d)
+    train_ids = labelled_persons(split["train"], cfg.labelled, cfg.seed)
     roi = tuple(arch["roi"])
     task = {"task": cfg.task, "modalities": names, "inputs": inputs, "targets": targets,
             "regions": list(spec.regions) if cfg.task == "seg" else [], "label_kind": spec.label_kind,
             "region_values": ({k: None if v is None else [int(x) for x in v] for k, v in spec.regions.items()}
                               if cfg.task == "seg" else {}),
-            "roi": list(roi), "init": cfg.init, "new_decoder": cfg.new_decoder}
+            "roi": list(roi), "init": cfg.init, "new_decoder": cfg.new_decoder, "persons": train_ids}
 
     net = build_model(arch).to(d.device)
     log = (lambda s: R.log(s, d))
@@ -420,8 +434,8 @@ def main(argv=None):
     ck_path = R.resume_path(out, cfg.resume)
     if ck_path is not None:
         ck = R.restore_state(ck_path, net, optim, sched, d)
-        same = ("task", "init", "arch", "seed", "new_decoder")
-        if ck.get("kind") != "downstream" or any(ck["config"].get(k) != getattr(cfg, k) for k in same) \
+        same = ("task", "init", "arch", "seed", "new_decoder", "labelled")
+        if ck.get("kind") != "downstream" or any({"labelled": 0, **ck["config"]}.get(k) != getattr(cfg, k) for k in same) \
                 or ck["task"]["modalities"] != names or ck["task"]["inputs"] != inputs \
                 or ck["task"]["targets"] != targets or not M.same_network(ck["arch"], arch):
             made = ", ".join(f"{k}={ck['config'].get(k)}" for k in same)
@@ -430,15 +444,17 @@ def main(argv=None):
         start, best = ck["step"], ck["best"]
         log(f"resumed from {ck_path} at step {start}")
     cache = cfg.cache or None
-    loader = R.train_loader(spec, split["train"], roi, cfg.batch_size, cfg.max_steps, start, cfg.seed, d,
+    loader = R.train_loader(spec, train_ids, roi, cfg.batch_size, cfg.max_steps, start, cfg.seed, d,
                             cfg.workers, cfg.fg_fraction, cache)
     jlog = R.JsonlLog(out / "log.jsonl", d.main, resume_step=start if ck_path else None)
     guard = R.NonFiniteGuard(cfg.max_nonfinite, d)
     main_metric = "dice" if cfg.task == "seg" else "psnr"
     commit = git_commit()  # recorded in best.pt and last.pt
     input_idx, target_idx = [names.index(m) for m in inputs], [names.index(m) for m in targets]
+    persons = (f"{len(train_ids)} labelled of the {len(split['train'])} training persons" if cfg.labelled
+               else f"{len(train_ids)} persons")
     log(f"tuning {cfg.task} ({', '.join(inputs)} -> {', '.join(outputs)}) from {cfg.init}, arch {cfg.arch}"
-        f"{' (no prior)' if cfg.arch == 'full' and not arch['prior'] else ''} on {len(split['train'])} persons, "
+        f"{' (no prior)' if cfg.arch == 'full' and not arch['prior'] else ''} on {persons}, "
         f"val {len(split['val'])}, roi {roi}, F={arch['feature_size']}, {d.world} rank(s) on {d.device}, "
         f"{sum(p.numel() for p in params) / 1e6:.1f} M trained parameters")
 

@@ -73,12 +73,12 @@ def make_oblique(case_dir, angle=20.0):
         nib.save(nib.Nifti1Image(np.ascontiguousarray(arr.transpose(2, 0, 1)), affine), str(f))
 
 
-def write_autopet(root, shape=(30, 28, 60), seed=0):
+def write_autopet(root, shape=(30, 28, 60), seed=0, n=3):
     """Tiny AutoPET-layout cases (CT in HU, PET in SUV, 0/1 lesion), patient 1 without a lesion."""
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
     centre = np.array(shape) / 2
-    for c in range(3):
+    for c in range(n):
         d = root / f"pat{c}" / "study_0"
         d.mkdir(parents=True)
         body = (((grid - centre) / (np.array(shape) * 0.4)) ** 2).sum(-1) < 1

@@ -360,3 +360,24 @@ def test_validation_ranks_checkpoints_by_the_label_map_the_test_reports(monkeypa
     assert scores["A"]["dice"] == pytest.approx((128 / 136 + 16 / 24 + 16 / 24) / 3)
     assert scores["B"]["dice"] == pytest.approx(1.0)
     assert scores["B"]["dice"] > scores["A"]["dice"]
+
+
+def test_labelled_tunes_on_the_same_few_persons_whatever_the_init(tiny_brats, stage1, tmp_path, monkeypatch):
+    """--labelled N: the loader gets N of the split's training persons, the same ones for ours
+    and scratch with one seed (a paired low-label comparison), recorded in the checkpoint; 0
+    gives all of them, more than there are stops with a one-line error."""
+    seen = []
+    loader = R.train_loader
+    monkeypatch.setattr(R, "train_loader", lambda spec, ids, *a, **k: seen.append(list(ids)) or loader(spec, ids, *a, **k))
+    tune(tiny_brats, stage1, tmp_path / "ours", 1, "--task", "seg", "--labelled", "2")
+    T.main(["--data", str(tiny_brats), "--out", str(tmp_path / "scratch"), "--init", "scratch", "--modalities", "t1,t2",
+            "--task", "seg", "--max-steps", "1", "--val-every", "-1", "--labelled", "2", "--cache", str(stage1[1]), *TINY])
+    tune(tiny_brats, stage1, tmp_path / "all", 1, "--task", "seg")
+    train = json.loads((tmp_path / "ours" / "split.json").read_text())["train"]
+    assert json.loads((tmp_path / "scratch" / "split.json").read_text())["train"] == train
+    assert seen[0] == seen[1] and len(seen[0]) == 2 and set(seen[0]) < set(train)
+    assert seen[2] == train
+    ck = torch.load(tmp_path / "ours" / "last.pt", map_location="cpu", weights_only=True)
+    assert ck["task"]["persons"] == seen[0] and ck["config"]["labelled"] == 2
+    with pytest.raises(SystemExit, match=f"--labelled 99: choose 0 \\(all\\) to {len(train)}"):
+        tune(tiny_brats, stage1, tmp_path / "many", 1, "--task", "seg", "--labelled", "99")

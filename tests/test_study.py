@@ -1,0 +1,75 @@
+"""study.py: its statistics against hand-made cases, and the whole study on tiny data (smoke)."""
+import json
+import math
+
+import pytest
+
+import study
+from conftest import write_autopet, write_brats
+
+
+def test_verdict_uses_twice_the_standard_error_of_the_paired_difference():
+    # differences 1, 2, 3: mean 2, standard error 1 / sqrt(3) = 0.577 -> holds
+    word, m, se = study.verdict([11, 12, 13], [10, 10, 10])
+    assert word == "holds" and m == 2 and abs(se - 1 / math.sqrt(3)) < 1e-12
+    assert study.verdict([10, 10, 10], [11, 12, 13])[0] == "does not hold"
+    # differences 1, -1, 2: mean 0.667, standard error 0.882 -> within noise
+    assert study.verdict([1, -1, 2], [0, 0, 0])[0] == "within noise"
+    assert study.verdict([5.0], [1.0])[0] == "within noise"  # one seed: no error estimate
+    assert study.mean_std([1, 2, 3, float("nan")]) == (2.0, 1.0)
+
+
+def test_flattened_reads_the_last_fifth_of_a_curve():
+    steps = list(range(1, 101))
+    falling = [2.0 - s / 100 for s in steps]  # steps 61-80 mean 1.295, 81-100 mean 1.095: 15% better
+    gain, ok = study.flattened(steps, falling, "loss")
+    assert abs(gain - (1.295 - 1.095) / 1.295) < 1e-9 and not ok
+    gain, ok = study.flattened(steps, [1.0] * 100, "loss")
+    assert gain == 0 and ok
+    gain, ok = study.flattened([10, 20, 30, 40, 50], [0.1, 0.3, 0.5, 0.52, 0.53], "dice")
+    assert abs(gain - 0.01) < 1e-12 and ok  # 0.53 at the end against 0.52 at step 40
+    assert not study.flattened([10, 20, 30, 40, 50], [0.1, 0.2, 0.3, 0.4, 0.6], "dice")[1]
+
+
+def test_aggregate_gives_mean_and_sample_std_over_seeds():
+    rows = [{"method": "ours", "PSNR": 20.0}, {"method": "ours", "PSNR": 22.0}, {"method": "identity", "PSNR": 19.0}]
+    got = study.aggregate(rows, ("method",), 2)
+    assert got == [{"method": "ours", "PSNR": "21.00 ± 1.41", "seeds": 2}, {"method": "identity", "PSNR": "19.00", "seeds": 1}]
+
+
+@pytest.fixture(scope="module")
+def tiny_sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    return write_brats(root / "brats", n=10), write_autopet(root / "autopet", n=10)
+
+
+def test_study_runs_on_a_tiny_budget_writes_its_section_and_reruns_nothing(tiny_sets, tmp_path):
+    brats, autopet = tiny_sets
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{study.BEGIN}\nOLD SECTION\n{study.END}\n\ntail\n")
+    argv = ["--out", str(tmp_path / "study"), "--seeds", "0", "--data", str(brats), "--data-petct", str(autopet),
+            "--pretrain-steps", "2", "--seg-steps", "2", "--val-every", "1", "--labelled", "2", "--seg-subsets",
+            "given", "--transfer-steps", "1", "--petct-presets", "6", "--petct-seeds", "0",
+            "--petct-pretrain-steps", "1", "--petct-seg-steps", "1", "--readme", str(readme)]
+    res = study.main(argv)
+    text = readme.read_text()
+    assert text.startswith("# x\n\n" + study.BEGIN) and text.endswith(study.END + "\n\ntail\n") and "OLD SECTION" not in text
+    for title in ("MRI segmentation", "MRI transfer", "PET/CT lesion", "person identification", "Budgets",
+                  "Learning curves"):
+        assert title in text, title
+    assert (tmp_path / "docs" / "study_learning_curves.png").stat().st_size > 0
+    assert all(c.startswith(("- holds:", "- does not hold:", "- within noise:")) for c in res["claims"])
+    assert len(res["claims"]) == 7  # 2 segmentation, 3 transfer, preset 6 vs scratch, identification
+    seg = [r for r in res["per_seed"]["seg"] if r["labelled"] == "few"]
+    assert sorted((r["seed"], r["init"]) for r in seg) == [(0, "ours"), (0, "scratch")]
+    # the few-label runs tuned on 2 persons, the same two for ours and scratch
+    for seed in (0,):
+        runs = [json.loads((tmp_path / "study" / f"seed{seed}" / "mri" / f"seg-few-{i}" / "init.json").read_text())
+                for i in ("ours", "scratch")]
+        assert runs[0]["init"].startswith("ours:") and runs[1]["init"] == "scratch"
+    logs = sorted((tmp_path / "study").rglob("log.jsonl")) + sorted((tmp_path / "study").rglob("last.pt"))
+    before = {p: p.stat().st_mtime_ns for p in logs}
+    results = {p: p.stat().st_mtime_ns for p in (tmp_path / "study").rglob("results.json")}
+    study.main(argv)  # a rerun continues where the first stopped: here, nothing is left to do
+    assert {p: p.stat().st_mtime_ns for p in logs} == before
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "study").rglob("results.json")} == results
