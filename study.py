@@ -444,7 +444,8 @@ def main(argv=None):
     ap.add_argument("--seg-steps", type=int, default=40, help="MRI segmentation tuning steps")
     ap.add_argument("--val-every", type=int, default=10, help="score the val persons every N tuning steps")
     ap.add_argument("--labelled", type=int, default=4, help="labelled training persons of the few-label regime")
-    ap.add_argument("--seg-subsets", default="given", help="input subsets evaluated in segmentation: given (all four together) or all (the 15 subsets)")
+    ap.add_argument("--seg-subsets", default="given", choices=("given", "all"),
+                    help="input subsets evaluated in segmentation: given (all four together) or all (the 15)")
     ap.add_argument("--transfer-steps", type=int, default=12, help="MRI transfer tuning steps (ours and SwinUNETR)")
     ap.add_argument("--petct-presets", default="3,6", help="Table 7 presets pre-trained on PET/CT")
     ap.add_argument("--petct-pretrain-steps", type=int, default=60, help="PET/CT pre-training steps per preset")

@@ -351,7 +351,7 @@ def labelled_persons(train, n, seed):
         raise SystemExit(f"--labelled {n}: choose 0 (all) to {len(train)}, the number of training persons")
     if n == 0:
         return list(train)
-    pick = np.random.default_rng([seed, 4177]).choice(len(train), n, replace=False)
+    pick = np.random.default_rng([seed, 4177]).choice(len(train), n, replace=False)  # 4177: its own stream
     return [train[i] for i in sorted(pick)]
 
 
@@ -435,10 +435,11 @@ def main(argv=None):
     if ck_path is not None:
         ck = R.restore_state(ck_path, net, optim, sched, d)
         same = ("task", "init", "arch", "seed", "new_decoder", "labelled")
-        if ck.get("kind") != "downstream" or any({"labelled": 0, **ck["config"]}.get(k) != getattr(cfg, k) for k in same) \
+        made_with = {"labelled": 0, **ck["config"]}  # checkpoints from before --labelled tuned on everyone
+        if ck.get("kind") != "downstream" or any(made_with.get(k) != getattr(cfg, k) for k in same) \
                 or ck["task"]["modalities"] != names or ck["task"]["inputs"] != inputs \
                 or ck["task"]["targets"] != targets or not M.same_network(ck["arch"], arch):
-            made = ", ".join(f"{k}={ck['config'].get(k)}" for k in same)
+            made = ", ".join(f"{k}={made_with.get(k)}" for k in same)
             raise SystemExit(f"{ck_path}: made with another task, init, architecture, seed or modalities "
                              f"({made}; network {ck['arch']}); use another --out")
         start, best = ck["step"], ck["best"]
