@@ -42,12 +42,13 @@ def pretrain(data_name, out, steps, preset, seed):
 
 def tune(data_name, out, task, init, steps, seed, arch="full", labelled=0, val_every=-1):
     """train_downstream.py in the demo configuration, by default without validation (the test
-    persons are scored by evaluate_once); labelled: tune on that many of the training persons."""
+    persons are scored by evaluate_once); labelled: tune on that many of the training persons.
+    Validation, when asked for, uses the evaluation's window overlap (0.25)."""
     import train_downstream
 
     train_downstream.main(["--data", data_name, "--out", str(out), "--task", task, "--init", init, "--arch", arch,
                            "--max-steps", str(steps), "--val-every", str(val_every), "--lr", "5e-4", "--seed", str(seed),
-                           "--labelled", str(labelled),
+                           "--labelled", str(labelled), "--overlap", "0.25",
                            *(["--fg-fraction", "0.7"] if task == "seg" else []), *SMALL])
 
 

@@ -49,11 +49,12 @@ MODS = ("t1", "t1ce", "t2", "flair")
 # A curve has flattened when its last 20% improved it by less than this: losses relative to
 # their value, validation Dice in absolute points (0..1).
 FLAT = {"loss": 0.05, "dice": 0.02}
-# Seconds per step (or per evaluation) on 2 CPU cores in the demo configuration: the first
-# estimate of the time left, replaced by what the study measures as it goes.
-RATE = {"pretrain": 4.4, "pretrain-swinunetr": 3.2, "seg": 3.8, "transfer": 3.8, "validation": 12.0,
-        "evaluate-seg": 16.0, "evaluate-transfer": 50.0, "identify": 10.0, "petct-pretrain": 2.5,
-        "petct-seg": 2.0, "evaluate-petct": 25.0}
+# Seconds per step (or per evaluation) on 2 CPU cores in the demo configuration, measured on the
+# demo data: the first estimate of the time left, replaced by what the study measures as it goes.
+# A validation of the 6 val persons costs about as much as VALIDATION tuning steps.
+RATE = {"pretrain": 4.4, "pretrain-swinunetr": 3.2, "seg": 3.8, "transfer": 3.8, "evaluate-seg": 36.0,
+        "evaluate-transfer": 62.0, "identify": 4.0, "petct-pretrain": 2.5, "petct-seg": 2.0, "evaluate-petct": 25.0}
+VALIDATION = 12
 
 
 # ---- statistics -----------------------------------------------------------------------------
@@ -172,7 +173,7 @@ def plan(args):
     p, out = args, Path(args.out)
     seg_sets, petct_sets = ["--subsets", p.seg_subsets], ["--subsets", "given"]
     vals = p.seg_steps // p.val_every if p.val_every > 0 else 0
-    seg_units = 5 if p.seg_subsets == "all" else 1  # 15 subsets take about 5 times one
+    seg_units = 3 if p.seg_subsets == "all" else 1  # a guess: the 15 subsets share the loading and metrics
 
     def pretrain(data_name, run, steps, preset, seed):
         return lambda: finished(run, steps) or demo.pretrain(data_name, run, steps, preset, seed)
@@ -200,7 +201,7 @@ def plan(args):
             for init in ("ours", "scratch"):
                 run = mri / f"seg-{regime}-{init}"
                 stages += [
-                    (f"seed {seed}: segmentation, {regime} labelled, {init}", "seg", p.seg_steps + 3 * vals,
+                    (f"seed {seed}: segmentation, {regime} labelled, {init}", "seg", p.seg_steps + VALIDATION * vals,
                      tune(p.data, run, "seg", f"ours:{ours}" if init == "ours" else "scratch", p.seg_steps, seed,
                           labelled=labelled, val_every=p.val_every)),
                     (f"seed {seed}: evaluation, segmentation {regime} {init}", "evaluate-seg", seg_units,
@@ -442,7 +443,7 @@ def main(argv=None):
     ap.add_argument("--data-petct", default="demo-petct", help="the PET/CT data set (AutoPET layout)")
     ap.add_argument("--pretrain-steps", type=int, default=120, help="MRI pre-training steps (ours and SwinUNETR)")
     ap.add_argument("--seg-steps", type=int, default=40, help="MRI segmentation tuning steps")
-    ap.add_argument("--val-every", type=int, default=10, help="score the val persons every N tuning steps")
+    ap.add_argument("--val-every", type=int, default=20, help="score the val persons every N tuning steps")
     ap.add_argument("--labelled", type=int, default=4, help="labelled training persons of the few-label regime")
     ap.add_argument("--seg-subsets", default="given", choices=("given", "all"),
                     help="input subsets evaluated in segmentation: given (all four together) or all (the 15)")
