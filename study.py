@@ -346,8 +346,8 @@ def claims(num, args):
         word, m, se = verdict(*paired(ours, other))
         digits = 3 if unit in ("SSIM", "accuracy") else 2
         spread = f" ± {se:.{digits}f} (standard error)" if np.isfinite(se) else ""
-        lines.append(f"- {word}: {text} (mean difference {m:+.{digits}f}{spread} {unit}, "
-                     f"{len(set(ours) & set(other))} seeds)")
+        n = len(set(ours) & set(other))
+        lines.append(f"- {word}: {text} (mean difference {m:+.{digits}f}{spread} {unit}, {n} seed{'s' * (n != 1)})")
 
     seg, tr, pet = num["seg"], num["transfer"], num["petct"]
     for regime, what in (("all", "every training person labelled"), ("few", f"{args.labelled} labelled persons")):
