@@ -340,9 +340,8 @@ def bench_data(args):
     from monai.transforms import Compose, CropForegroundd, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd
 
     import data
-
-    import layouts
     import demo_data
+    import layouts
 
     n_cases = 2 if args.quick else 8
     repeats = 1 if args.quick else 3

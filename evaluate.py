@@ -53,7 +53,6 @@ embedding.png. Everything is
 written in a hidden folder beside DIR and moved into DIR only when the whole run succeeded."""
 
 
-
 @dataclass
 class Config:
     ckpt: str = R.opt(None, "tuned checkpoint of train_downstream.py (OUT/best.pt or last.pt); identify: "

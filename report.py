@@ -5,7 +5,8 @@
              BraTS 2024-2025 numbers), identification_table,
              write_table, markdown
     figures  figure_transfer (Figures 8, 10-12), figure_segmentation, figure_embedding (PCA of
-             X_h', Figure 9), figure_prediction (predict.py's preview)
+             X_h', Figure 9), figure_prediction (predict.py's preview), figure_curves (the
+             study's learning curves)
 
 Figures draw on matplotlib's Agg canvas directly: no pyplot, no global backend change.
 """
@@ -386,6 +387,28 @@ def figure_embedding(path, feats, modality, person, dpi=100):
     return _save(fig, path)
 
 
+
+
+def figure_curves(path, panels, xlabel, ylabel, dpi=100):
+    """Line plots side by side, one panel per entry of `panels` ({title: {label: (x, mean,
+    std)}}): each curve its mean with a band of one standard deviation."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(4.5 * len(panels), 3.4), dpi=dpi)
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True))
+    for ax, (title, curves) in zip(axes, panels.items()):
+        for label, (x, m, sd) in curves.items():
+            m, sd = np.asarray(m, dtype=float), np.asarray(sd, dtype=float)
+            line, = ax.plot(x, m, marker="o", label=label)
+            ax.fill_between(x, m - sd, m + sd, color=line.get_color(), alpha=0.15)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    axes[0].legend()
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def figure_prediction(path, volumes, label=None, dpi=100, alpha=0.45):

@@ -305,6 +305,12 @@ class JsonlLog:
                 f.write(json_text(entry, indent=None))
 
 
+def read_jsonl(path):
+    """The entries of a JSONL log ([] when the file does not exist)."""
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def plot_log(jsonl, png, keys, title):
     """One panel per logged term against the step (the reference curves users ask for)."""
     import matplotlib
@@ -312,7 +318,7 @@ def plot_log(jsonl, png, keys, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(jsonl).read_text().splitlines() if line.strip()]
+    rows = read_jsonl(jsonl)
     keys = [k for k in keys if any(k in r for r in rows)]
     if not rows or not keys:
         return None

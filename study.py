@@ -39,7 +39,9 @@ import numpy as np
 import torch
 
 import demo
+import metrics
 import report
+import runtime as R
 from files import git_commit, write_json, write_text
 
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
@@ -62,10 +64,8 @@ VALIDATION = 12
 
 def mean_std(values):
     """(mean, sample standard deviation) of the finite values (std NaN for fewer than 2)."""
-    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
-    if not len(v):
-        return math.nan, math.nan
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    return metrics.nanmean(v), metrics.std(v) if len(v) > 1 else math.nan
 
 
 def verdict(ours, other):
@@ -106,8 +106,7 @@ def flattened(steps, values, kind):
 
 
 def read_log(run):
-    path = Path(run) / "log.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return R.read_jsonl(Path(run) / "log.jsonl")
 
 
 def fmt(m, s, digits=1):
@@ -155,18 +154,6 @@ def finished(run, steps):
     return ckpt.exists() and torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["step"] >= steps
 
 
-def identify_once(ckpt, dest, data_name, untrained=False):
-    """evaluate.py --task identify on the test persons of a stage-1 checkpoint, unless dest holds
-    results newer than it. Returns the summary (accuracy, chance, cos_same, cos_other)."""
-    import evaluate
-
-    results = Path(dest) / "results.json"
-    if not (results.exists() and results.stat().st_mtime > Path(ckpt).stat().st_mtime):
-        evaluate.main(["--ckpt", str(ckpt), "--data", data_name, "--task", "identify", "--out", str(dest),
-                       "--figures", "0", *(["--untrained"] if untrained else [])])
-    return json.loads(results.read_text())["summary"]
-
-
 def plan(args):
     """The study's stages in order: (name, kind, units, function); units are steps (or runs) of
     that kind of stage. Every function binds its own values (no late binding of loop names)."""
@@ -185,8 +172,9 @@ def plan(args):
         return lambda: demo.evaluate_once(run, run.parent / f"eval-{run.name}", task, p.eval_overlap, data_name,
                                           list(extra))
 
-    def identify(ckpt, dest, data_name, untrained=False):
-        return lambda: identify_once(ckpt, dest, data_name, untrained)
+    def identify(run, dest, data_name, untrained=False):
+        return lambda: demo.evaluate_once(run, dest, "identify", p.eval_overlap, data_name,
+                                          ["--untrained"] if untrained else [])
 
     stages = []
     for seed in p.seeds:
@@ -212,9 +200,10 @@ def plan(args):
                 (f"seed {seed}: transfer, {init}", "transfer", p.transfer_steps,
                  tune(p.data, run, "transfer", f"ours:{ck}", p.transfer_steps, seed, arch=arch)),
                 (f"seed {seed}: evaluation, transfer {init}", "evaluate-transfer", 1, evaluate(run, "transfer", p.data))]
-        for name, ck, untrained in (("untrained", ours, True), ("swinunetr", base, False), ("ours", ours, False)):
+        for name, run, untrained in (("untrained", "pretrain", True), ("swinunetr", "pretrain-swinunetr", False),
+                                     ("ours", "pretrain", False)):
             stages.append((f"seed {seed}: person identification, {name}", "identify", 1,
-                           identify(ck, mri / f"id-{name}", p.data, untrained)))
+                           identify(mri / run, mri / f"id-{name}", p.data, untrained)))
     for seed in p.petct_seeds:
         pet = out / f"seed{seed}" / "petct"
         for preset in p.petct_presets:
@@ -223,7 +212,7 @@ def plan(args):
                 (f"seed {seed}: PET/CT pre-training, preset {preset}", "petct-pretrain", p.petct_pretrain_steps,
                  pretrain(p.data_petct, pet / f"pretrain-{preset}", p.petct_pretrain_steps, preset, seed)),
                 (f"seed {seed}: PET/CT person identification, preset {preset}", "identify", 1,
-                 identify(ck, pet / f"id-{preset}", p.data_petct)),
+                 identify(pet / f"pretrain-{preset}", pet / f"id-{preset}", p.data_petct)),
                 (f"seed {seed}: PET/CT lesion tuning, preset {preset}", "petct-seg", p.petct_seg_steps,
                  tune(p.data_petct, run, "seg", f"ours:{ck}", p.petct_seg_steps, seed)),
                 (f"seed {seed}: PET/CT evaluation, preset {preset}", "evaluate-petct", 1,
@@ -269,7 +258,8 @@ def id_numbers(summary):
 
 
 def aggregate(rows_per_seed, label_keys, digits):
-    """Rows of per-seed dicts (same labels) -> one row per label with 'mean ± std' cells."""
+    """Rows of per-seed dicts (same labels) -> one row per label with 'mean ± std' cells (the
+    "seed" entry of a row is not a column)."""
     groups = {}
     for row in rows_per_seed:
         groups.setdefault(tuple(row[k] for k in label_keys), []).append(row)
@@ -277,7 +267,7 @@ def aggregate(rows_per_seed, label_keys, digits):
     for labels, rows in groups.items():
         cell = dict(zip(label_keys, labels))
         for key in rows[0]:
-            if key not in label_keys:
+            if key not in label_keys and key != "seed":
                 cell[key] = fmt(*mean_std([r[key] for r in rows]), digits)
         cell["seeds"] = len(rows)
         out.append(cell)
@@ -375,37 +365,20 @@ def claims(num, args):
 
 
 def learning_curves(args, png):
-    """Validation Dice against tuning steps, ours vs scratch, both regimes (mean over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
-    for ax, (regime, title) in zip(axes, (("all", "every training person labelled"),
-                                          ("few", f"{args.labelled} labelled persons"))):
-        for init, colour in (("ours", "tab:red"), ("scratch", "tab:blue")):
+    """Validation Dice against tuning steps, ours vs scratch, both regimes (mean ± std over seeds)."""
+    panels = {}
+    for regime, title in (("all", "every training person labelled"), ("few", f"{args.labelled} labelled persons")):
+        panels[title] = {}
+        for init in ("ours", "scratch"):
             curves = {}
             for seed in args.seeds:
                 for r in read_log(Path(args.out) / f"seed{seed}" / "mri" / f"seg-{regime}-{init}"):
-                    if "val_dice" in r and r["val_dice"] is not None:
+                    if r.get("val_dice") is not None:
                         curves.setdefault(r["step"], []).append(100 * r["val_dice"])
             steps = sorted(curves)
             if steps:
-                m = np.array([np.mean(curves[s]) for s in steps])
-                sd = np.array([np.std(curves[s]) for s in steps])
-                ax.plot(steps, m, marker="o", color=colour, label=init)
-                ax.fill_between(steps, m - sd, m + sd, color=colour, alpha=0.15)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("tuning step")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("val Dice (%, mean of regions)")
-    axes[0].legend()
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+                panels[title][init] = (steps, [np.mean(curves[t]) for t in steps], [np.std(curves[t]) for t in steps])
+    return report.figure_curves(png, panels, "tuning step", "val Dice (%, mean of regions)")
 
 
 def render(args, meta, tables, claim_lines, flat_rows, minutes):
@@ -479,10 +452,10 @@ def main(argv=None):
     meta = {"seeds": args.seeds, "petct_seeds": args.petct_seeds, "commit": git_commit(), "minutes": minutes,
             "model": "F=12, roi 32x64x64, prior heads 2, AdamW lr 5e-4, batch 1, 1 process",
             "config": {k: v for k, v in vars(args).items()}}
-    seg = aggregate([{k: v for k, v in r.items() if k != "seed"} for r in num["seg"]], ("labelled", "init"), 1)
-    tr = aggregate([{k: v for k, v in r.items() if k != "seed"} for r in num["transfer"]], ("method",), 2)
-    pet = aggregate([{k: v for k, v in r.items() if k != "seed"} for r in num["petct"]], ("pre-training", "ID"), 1)
-    ids = aggregate([{k: v for k, v in r.items() if k != "seed"} for r in num["id"]], ("data", "network"), 3)
+    seg = aggregate(num["seg"], ("labelled", "init"), 1)
+    tr = aggregate(num["transfer"], ("method",), 2)
+    pet = aggregate(num["petct"], ("pre-training", "ID"), 1)
+    ids = aggregate(num["id"], ("data", "network"), 3)
     flat = [{"run": r["run"], "curve": r["curve"], "seed": r["seed"],
              "last-20% gain": "-" if not np.isfinite(r["gain"]) else f"{r['gain']:+.3f}",
              "flattened": "yes" if r["flat"] else "no"} for r in num["flat"]]

@@ -136,7 +136,8 @@ def main(argv=None):
     out = Path(cfg.out)
 
     # Self-supervised: no label file is read, crops are centred on the brain / body foreground.
-    spec = layouts.resolve(cfg.data, [s for s in cfg.modalities.split(",") if s] or None, cfg.labels or None).without_labels()
+    names = [s for s in cfg.modalities.split(",") if s] or None
+    spec = layouts.resolve(cfg.data, names, cfg.labels or None).without_labels()
     split = data.make_split(spec, cfg.seed, cfg.val_fraction, cfg.test_fraction,
                             out / "split.json" if d.main else None)
     R.barrier(d)
