@@ -56,7 +56,7 @@ FLAT = {"loss": 0.05, "dice": 0.02}
 # A validation of the 6 val persons costs about as much as VALIDATION tuning steps.
 RATE = {"pretrain": 4.4, "pretrain-swinunetr": 3.2, "seg": 3.8, "transfer": 3.8, "evaluate-seg": 36.0,
         "evaluate-transfer": 62.0, "identify": 4.0, "petct-pretrain": 2.5, "petct-seg": 2.0, "evaluate-petct": 25.0}
-VALIDATION = 12
+VALIDATION = 8
 
 
 # ---- statistics -----------------------------------------------------------------------------
@@ -414,15 +414,15 @@ def main(argv=None):
     ap.add_argument("--petct-seeds", default="", help="seeds of the PET/CT comparisons (default: --seeds)")
     ap.add_argument("--data", default="demo", help="the MRI data set (BraTS layout)")
     ap.add_argument("--data-petct", default="demo-petct", help="the PET/CT data set (AutoPET layout)")
-    ap.add_argument("--pretrain-steps", type=int, default=120, help="MRI pre-training steps (ours and SwinUNETR)")
-    ap.add_argument("--seg-steps", type=int, default=40, help="MRI segmentation tuning steps")
-    ap.add_argument("--val-every", type=int, default=20, help="score the val persons every N tuning steps")
+    ap.add_argument("--pretrain-steps", type=int, default=70, help="MRI pre-training steps (ours and SwinUNETR)")
+    ap.add_argument("--seg-steps", type=int, default=30, help="MRI segmentation tuning steps")
+    ap.add_argument("--val-every", type=int, default=10, help="score the val persons every N tuning steps")
     ap.add_argument("--labelled", type=int, default=4, help="labelled training persons of the few-label regime")
     ap.add_argument("--seg-subsets", default="given", choices=("given", "all"),
                     help="input subsets evaluated in segmentation: given (all four together) or all (the 15)")
     ap.add_argument("--transfer-steps", type=int, default=12, help="MRI transfer tuning steps (ours and SwinUNETR)")
-    ap.add_argument("--petct-presets", default="3,6", help="Table 7 presets pre-trained on PET/CT")
-    ap.add_argument("--petct-pretrain-steps", type=int, default=60, help="PET/CT pre-training steps per preset")
+    ap.add_argument("--petct-presets", default="6", help="Table 7 presets pre-trained on PET/CT")
+    ap.add_argument("--petct-pretrain-steps", type=int, default=40, help="PET/CT pre-training steps per preset")
     ap.add_argument("--petct-seg-steps", type=int, default=60, help="PET/CT lesion tuning steps per run")
     ap.add_argument("--eval-overlap", type=float, default=0.25)
     ap.add_argument("--readme", default="", help="replace the study section of this file with the results")
