@@ -42,7 +42,7 @@ import demo
 import metrics
 import report
 import runtime as R
-from files import git_commit, write_json, write_text
+from files import atomic, git_commit, write_json, write_text
 
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
 TABLE7 = {"1": "C + D + E", "2": "C + D + I", "3": "C + D + E + I (no prior)", "4": "C + D + E + prior",
@@ -154,6 +154,15 @@ def finished(run, steps):
     return ckpt.exists() and torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["step"] >= steps
 
 
+def configuration(ckpt):
+    """The configuration the study trained with, read back from one of its checkpoints (every
+    run is in-process: one process)."""
+    ck = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    a, c = ck["arch"], ck["config"]
+    return (f"F={a['feature_size']}, roi {'x'.join(map(str, a['roi']))}, prior heads {a['prior_heads']}, "
+            f"AdamW lr {c['lr']:g}, batch {c['batch_size']}, 1 process")
+
+
 def plan(args):
     """The study's stages in order: (name, kind, units, function); units are steps (or runs) of
     that kind of stage. Every function binds its own values (no late binding of loop names)."""
@@ -168,13 +177,12 @@ def plan(args):
     def tune(data_name, run, task, init, steps, seed, **kw):
         return lambda: finished(run, steps) or demo.tune(data_name, run, task, init, steps, seed, **kw)
 
-    def evaluate(run, task, data_name, extra=()):
-        return lambda: demo.evaluate_once(run, run.parent / f"eval-{run.name}", task, p.eval_overlap, data_name,
-                                          list(extra))
+    def evaluate(run, task, data_name, extra=(), dest=None):
+        dest = dest or run.parent / f"eval-{run.name}"
+        return lambda: demo.evaluate_once(run, dest, task, p.eval_overlap, data_name, list(extra))
 
     def identify(run, dest, data_name, untrained=False):
-        return lambda: demo.evaluate_once(run, dest, "identify", p.eval_overlap, data_name,
-                                          ["--untrained"] if untrained else [])
+        return evaluate(run, "identify", data_name, ["--untrained"] if untrained else [], dest)
 
     stages = []
     for seed in p.seeds:
@@ -450,8 +458,8 @@ def main(argv=None):
 
     num = collect(args)
     meta = {"seeds": args.seeds, "petct_seeds": args.petct_seeds, "commit": git_commit(), "minutes": minutes,
-            "model": "F=12, roi 32x64x64, prior heads 2, AdamW lr 5e-4, batch 1, 1 process",
-            "config": {k: v for k, v in vars(args).items()}}
+            "model": configuration(out / f"seed{args.seeds[0]}" / "mri" / "pretrain" / "last.pt"),
+            "config": dict(vars(args))}
     seg = aggregate(num["seg"], ("labelled", "init"), 1)
     tr = aggregate(num["transfer"], ("method",), 2)
     pet = aggregate(num["petct"], ("pre-training", "ID"), 1)
@@ -487,8 +495,8 @@ def update_readme(path, md, png):
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{path}: no '{BEGIN}' ... '{END}' section to replace")
     docs = path.parent / "docs"
-    docs.mkdir(exist_ok=True)
-    shutil.copyfile(png, docs / "study_learning_curves.png")
+    with atomic(docs / "study_learning_curves.png") as tmp:
+        shutil.copyfile(png, tmp)
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
     write_text(path, f"{head}{BEGIN}\n{md}\n{END}{tail}")
