@@ -122,9 +122,16 @@ class Progress:
     """A line per finished stage: its time, the time elapsed and an estimate of the time left
     (RATE scaled by what this study has measured for each kind of stage)."""
 
-    def __init__(self, stages):
+    def __init__(self, stages, times=None):
         self.stages, self.done, self.t0 = stages, 0, time.perf_counter()
         self.scale = {}
+        # seconds spent on each stage over every invocation (OUT/times.json): a resumed study
+        # reports the time of all its parts, not of its last invocation
+        self.times = Path(times) if times else None
+        self.took = json.loads(self.times.read_text()) if self.times and self.times.exists() else {}
+
+    def minutes(self):
+        return sum(self.took.get(name, 0.0) for name, _, _ in self.stages) / 60
 
     def estimate(self, kind, units):
         return units * RATE[kind] * self.scale.get(kind, 1.0)
@@ -136,6 +143,9 @@ class Progress:
         took = time.perf_counter() - t
         if took > 0.2 * units * RATE[kind]:  # a reused stage says nothing about the speed
             self.scale[kind] = took / (units * RATE[kind])
+        self.took[name] = self.took.get(name, 0.0) + took
+        if self.times:
+            write_json(self.times, self.took)
         self.done += 1
         left = sum(self.estimate(k, u) for _, k, u in self.stages[self.done:])
         print(f"study [{self.done}/{len(self.stages)}] {name}: {took:.0f} s; elapsed "
@@ -443,9 +453,9 @@ def main(argv=None):
         raise SystemExit(f"--petct-presets {','.join(args.petct_presets)}: choose among {', '.join(TABLE7)}")
     out = Path(args.out)
 
-    t0 = time.perf_counter()
     stages = plan(args)
-    progress = Progress([(name, kind, units) for name, kind, units, _ in stages])
+    progress = Progress([(name, kind, units) for name, kind, units, _ in stages],
+                        None if args.dry_run else out / "times.json")
     print(f"study: {len(stages)} stages, about {sum(progress.estimate(k, u) for _, k, u, _ in stages) / 60:.0f} min "
           f"on 2 CPU cores", file=sys.stderr, flush=True)
     if args.dry_run:
@@ -454,7 +464,7 @@ def main(argv=None):
         return None
     for name, kind, units, fn in stages:
         progress.run(name, kind, units, fn)
-    minutes = (time.perf_counter() - t0) / 60
+    minutes = progress.minutes()
 
     num = collect(args)
     meta = {"seeds": args.seeds, "petct_seeds": args.petct_seeds, "commit": git_commit(), "minutes": minutes,

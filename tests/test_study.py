@@ -70,6 +70,9 @@ def test_study_runs_on_a_tiny_budget_writes_its_section_and_reruns_nothing(tiny_
     logs = sorted((tmp_path / "study").rglob("log.jsonl")) + sorted((tmp_path / "study").rglob("last.pt"))
     before = {p: p.stat().st_mtime_ns for p in logs}
     results = {p: p.stat().st_mtime_ns for p in (tmp_path / "study").rglob("results.json")}
+    took = json.loads((tmp_path / "study" / "STUDY.json").read_text())["meta"]["minutes"]
     study.main(argv)  # a rerun continues where the first stopped: here, nothing is left to do
+    # the time reported is that of every invocation's stages, not of the last one alone
+    assert json.loads((tmp_path / "study" / "STUDY.json").read_text())["meta"]["minutes"] >= took > 0
     assert {p: p.stat().st_mtime_ns for p in logs} == before
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "study").rglob("results.json")} == results
