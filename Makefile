@@ -28,10 +28,10 @@ venv: .venv/.installed
 venv-test: .venv/.installed-test
 
 demo: venv
-	$(PY) demo.py
+	$(PY) demo.py --readme README.md --diagnostics docs/training.md
 
 study: venv
-	$(PY) study.py --readme README.md
+	$(PY) study.py --results docs/results.md --readme README.md
 
 test: venv-test
 	$(PY) -m pytest -q tests

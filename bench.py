@@ -1,13 +1,19 @@
 """Benchmarks: our code and its peer (MONAI, scikit-image, PyTorch SDPA) in the same run.
 
     python bench.py model | data | metrics | pretrain | downstream | predict | kernels [--quick] [--static]
+                    [--write docs/benchmarks.md]
 
 Every benchmark prints a table with both sides and their ratio (ours / peer). Times are the
 median of several runs after warm-up; peak memory is measured in a fresh subprocess per side
 (peak RSS on CPU, torch.cuda.max_memory_allocated on GPU), so the two sides cannot pollute
 each other. Timed tests are never part of the test suite: numbers come from here only.
+--write FILE replaces the section `bench-NAME` (`bench-kernels-static` for --static) of a
+Markdown file with what the run printed, so the docs quote no number a rerun would not refresh.
 """
 import argparse
+import contextlib
+import io
+import sys
 import multiprocessing as mp
 import statistics
 import time
@@ -838,7 +844,7 @@ def bench_predict(args):
 # ---- end of benchmarks ----
 
 
-def main():
+def main(argv=None):
     names = sorted(k[len("bench_"):] for k in globals() if k.startswith("bench_"))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=names)
@@ -847,11 +853,49 @@ def main():
                     help="kernels: registers, spills and shared memory of every kernel compiled for sm_80 / sm_90 "
                          "(no GPU needed)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    args = ap.parse_args()
+    ap.add_argument("--write", default="", metavar="FILE",
+                    help="replace the section bench-NAME of this Markdown file with the output (docs/benchmarks.md)")
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, device {'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, threads {torch.get_num_threads()}")
-    globals()["bench_" + args.what](args)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(_Tee(sys.stdout, printed)):
+        print(f"torch {torch.__version__}, device {'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, threads {torch.get_num_threads()}")
+        globals()["bench_" + args.what](args)
+    if args.write:
+        write_section(args, printed.getvalue())
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for s in self.streams:
+            s.write(text)
+        return len(text)
+
+    def flush(self):
+        for s in self.streams:
+            s.flush()
+
+
+def write_section(args, printed):
+    """What one benchmark printed, as the section bench-NAME of args.write, headed by the command
+    that made it, the date and the commit."""
+    from files import git_commit, replace_section
+
+    flags = "".join(f" --{f}" for f in ("quick", "static") if getattr(args, f)) + \
+        (f" --threads {args.threads}" if args.threads else "")
+    name = f"bench-{args.what}" + ("-static" if args.static else "")
+    lines = [f"Made by `python bench.py {args.what}{flags}` on {time.strftime('%Y-%m-%d')}, commit "
+             f"{git_commit()[:12]}:", ""]
+    for line in printed.strip().splitlines():
+        if lines[-1] and line and lines[-1].startswith("|") != line.startswith("|"):
+            lines.append("")  # a table is a block of its own
+        lines.append("#" + line if line.startswith("#") else line)  # its headings one level below the page's
+    replace_section(args.write, name, "\n".join(lines) + "\n")
+    print(f"{args.write}: section {name} replaced", file=sys.stderr)
 
 
 if __name__ == "__main__":

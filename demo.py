@@ -1,6 +1,7 @@
 """`make demo`: the whole method on the embedded demo data, one command.
 
     python demo.py [--out runs/demo] [--pretrain-steps N] [--seg-steps N] [--transfer-steps N]
+                   [--readme README.md] [--diagnostics docs/training.md]
 
 1. builds the demo data set (persons made from the MNI152 template inside the nilearn wheel;
    BraTS-layout T1/T1ce/T2/FLAIR with tumour labels, plus CT/PET of the same persons),
@@ -14,7 +15,9 @@
    of one held-out person from its T1 alone: NIfTI files on the T1's grid in OUT/predict/<person>/.
 
 A second run reuses the data, the cache and every finished stage (each stage resumes from its
-OUT/*/last.pt). The configuration below is sized for 2 CPU cores (small feature size and roi);
+OUT/*/last.pt). --readme FILE replaces the `demo` section of FILE with the headline numbers and
+the stage times (summed over every run into OUT, OUT/times.json); --diagnostics FILE the
+`demo-pretrain` section of FILE with the pre-training's diagnostics, read from its log. The configuration below is sized for 2 CPU cores (small feature size and roi);
 on a GPU the same command runs the same configuration faster.
 """
 import argparse
@@ -24,6 +27,7 @@ import time
 from pathlib import Path
 
 import layouts
+from files import git_commit, replace_section, write_json
 
 
 # Small enough for 2 CPU cores: F = 12, roi 32 x 64 x 64 (the rotations of pre-training turn the
@@ -67,6 +71,9 @@ def main(argv=None):
     ap.add_argument("--seg-subsets", choices=("given", "all"), default="given",
                     help="segmentation evaluated from all four modalities, or from each of the 15 subsets (Table 11)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--readme", default="", help="replace the demo section of this Markdown file with the headline")
+    ap.add_argument("--diagnostics", default="",
+                    help="replace the demo-pretrain section of this Markdown file with the pre-training diagnostics")
     args = ap.parse_args(argv)
     out = Path(args.out)
     times = {}
@@ -98,11 +105,60 @@ def main(argv=None):
     t = stage("6/6 prediction for a held-out person from T1 alone (predict.py)")
     where = predict_once(out, out / "predict")
     times["predict"] = time.perf_counter() - t
-    print("\n" + headline(results), file=sys.stderr)
-    print(f"predicted from T1 alone: {where}", file=sys.stderr)
-    print("\nstage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
-          + f"; total {sum(times.values()):.0f}", file=sys.stderr)
+    times = add_times(out / "times.json", times)
+    text = summary(results, where, times)
+    print("\n" + text, file=sys.stderr)
+    if args.readme:
+        replace_section(args.readme, "demo", text)
+    if args.diagnostics:
+        replace_section(args.diagnostics, "demo-pretrain", pretrain_diagnostics(out / "pretrain" / "log.jsonl"))
     return results
+
+
+def add_times(path, times):
+    """This run's stage times added to those of the earlier runs into the same folder (a rerun
+    that reuses every stage does not report its few seconds as the demo's time)."""
+    total = json.loads(path.read_text()) if path.exists() else {}
+    total = {k: total.get(k, 0.0) + times.get(k, 0.0) for k in {**total, **times}}
+    write_json(path, total)
+    return total
+
+
+def summary(results, where, times):
+    """What make demo measured: the headline, the T1-alone segmentation, the stage times."""
+    import torch
+
+    voxels = json.loads((where / "report.json").read_text())["outputs"]["seg.nii.gz"]["voxels"]
+    lines = [f"Made by `python demo.py` (`make demo`) on {'a GPU' if torch.cuda.is_available() else 'CPU'}, "
+             f"commit {git_commit()[:12]}; stage times (s, summed over its runs): "
+             + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + f"; total {sum(times.values()):.0f}.",
+             "", "```", headline(results),
+             f"predict.py from T1 alone ({where.name}): {sum(voxels.values())} tumour voxels segmented", "```"]
+    return "\n".join(lines)
+
+
+def pretrain_diagnostics(log, block=20):
+    """The pre-training's log.jsonl by blocks of steps: means of L_equ, F_equ's accuracy and L_inv,
+    the range of the gradient norm, and the last value of the prior's change, its share of X_h'
+    and the val persons' identification."""
+    import numpy as np
+    import runtime
+
+    rows = [r for r in runtime.read_jsonl(log) if "equ" in r]
+    if not rows:
+        raise SystemExit(f"{log}: no pre-training steps logged")
+    out = ["| steps | L_equ (mean) | F_equ accuracy (mean) | L_inv (mean) | gradient norm (min-max) "
+           "| prior_change (last) | prior_share (last) | val person-ID (last) |", "|---|---|---|---|---|---|---|---|"]
+    for start in range(0, len(rows), block):
+        part = rows[start:start + block]
+        have = lambda k: [r[k] for r in part if r.get(k) is not None] or [float("nan")]
+        out.append(f"| {part[0]['step']}-{part[-1]['step']} | {np.mean(have('equ')):.3f} | "
+                   f"{np.mean(have('equ_acc')):.2f} | {np.mean(have('inv')):.2g} | {min(have('grad_norm')):.0f}-"
+                   f"{max(have('grad_norm')):.0f} | {have('prior_change')[-1]:.3f} | {have('prior_share')[-1]:.2f} | "
+                   f"{have('id_acc')[-1]:.2f} |")
+    chance = next((r["id_chance"] for r in reversed(rows) if r.get("id_chance") is not None), float("nan"))
+    return (f"Made by `python demo.py --diagnostics` from {log} ({len(rows)} steps, commit {git_commit()[:12]}; "
+            f"person identification chance {chance:.3f}):\n\n" + "\n".join(out))
 
 
 def evaluate_once(run, dest, task, overlap, data_name="demo", extra=()):

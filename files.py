@@ -5,6 +5,7 @@
     atomic_dir(path)      the same for a folder built in one go (a cache entry, the demo data)
     write_text, write_json
                           JSON never holds NaN (null) or infinities ("inf" / "-inf")
+    replace_section       a command's own section of a Markdown file, between its markers
     save_checkpoint, read_checkpoint
                           torch.save through atomic(); torch.load with weights_only=True
     staging(out)          a hidden folder beside `out` whose files move into `out` only when the
@@ -98,6 +99,24 @@ def write_text(path, text):
     with atomic(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def section_markers(name):
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+def replace_section(path, name, text):
+    """Replaces what stands between `<!-- name:begin -->` and `<!-- name:end -->` in a Markdown
+    file: the numbers a command measures live in its own section, so a rerun refreshes them and
+    nothing else in the file changes."""
+    path = Path(path)
+    begin, end = section_markers(name)
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    if old.count(begin) != 1 or old.count(end) != 1 or old.index(begin) > old.index(end):
+        raise SystemExit(f"{path}: expected one '{begin}' ... '{end}' section to replace")
+    head, rest = old.split(begin, 1)
+    write_text(path, f"{head}{begin}\n{text.strip()}\n{end}{rest.split(end, 1)[1]}")
+    return path
 
 
 def json_value(v):

@@ -1,6 +1,7 @@
 """`make study`: the paper's comparisons on the embedded demo data, over several seeds.
 
-    python study.py [--out runs/study] [--seeds 0,1,2] [--readme README.md] [budget flags]
+    python study.py [--out runs/study] [--seeds 0,1,2] [--results docs/results.md] [--readme README.md]
+                    [budget flags]
 
 For each seed (the seed draws the split, the initial weights, the crops and the transforms):
 MRI (BraTS layout: t1, t1ce, t2, flair)
@@ -23,13 +24,14 @@ Tables give mean +- standard deviation over the seeds. A claim compares two meth
 it "holds" when the mean difference exceeds twice its standard error, "does not hold" when it
 is below minus twice that, and is "within noise" otherwise. A budget counts as flattened when
 the last 20% of a run improved its curve by less than the thresholds in FLAT. The tables, with
-seeds, commit, budgets and the time taken, go to OUT/STUDY.md (and .json); with --readme the
-section between the study markers of that file is replaced by them and the figures it shows are
-copied to docs/.
+seeds, commit, budgets and the time taken, go to OUT/STUDY.md (and .json); --results FILE
+replaces the section between the `study` markers of FILE with them (the learning curves are
+copied beside FILE), --readme FILE the `study-claims` section of FILE with the claims alone.
 """
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -42,9 +44,9 @@ import demo
 import metrics
 import report
 import runtime as R
-from files import atomic, git_commit, write_json, write_text
+from files import atomic, git_commit, replace_section, write_json, write_text
 
-BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
+FIGURE = "study_learning_curves.png"  # copied beside the --results file
 TABLE7 = {"1": "C + D + E", "2": "C + D + I", "3": "C + D + E + I (no prior)", "4": "C + D + E + prior",
           "5": "C + D + I + prior", "6": "C + D + E + I + prior (ours)"}
 MODS = ("t1", "t1ce", "t2", "flair")
@@ -399,10 +401,14 @@ def learning_curves(args, png):
     return report.figure_curves(png, panels, "tuning step", "val Dice (%, mean of regions)")
 
 
+def made_by(args, meta, minutes):
+    return (f"Made by `python study.py` (`make study`) on {'a GPU' if torch.cuda.is_available() else 'CPU'} in "
+            f"{minutes:.0f} min; seeds {', '.join(map(str, args.seeds))} (PET/CT: "
+            f"{', '.join(map(str, args.petct_seeds))}), commit {meta['commit']}.")
+
+
 def render(args, meta, tables, claim_lines, flat_rows, minutes):
-    lines = [f"Made by `python study.py` (`make study`) on {'a GPU' if torch.cuda.is_available() else 'CPU'} in "
-             f"{minutes:.0f} min; seeds {', '.join(map(str, args.seeds))} (PET/CT: "
-             f"{', '.join(map(str, args.petct_seeds))}), commit {meta['commit']}. Budgets: MRI pre-training "
+    lines = [f"{made_by(args, meta, minutes)} Budgets: MRI pre-training "
              f"{args.pretrain_steps} steps (full preset and SwinUNETR baseline), segmentation tuning "
              f"{args.seg_steps} (val every {args.val_every}), few-label regime {args.labelled} of the training "
              f"persons, transfer tuning {args.transfer_steps}; PET/CT presets {', '.join(args.petct_presets)}: "
@@ -412,7 +418,7 @@ def render(args, meta, tables, claim_lines, flat_rows, minutes):
     for title, rows in tables:
         lines += [f"**{title}**", "", report.markdown(rows, list(rows[0]), 2).rstrip(), ""]
     lines += ["**Learning curves** (validation Dice of the val persons against tuning steps, mean ± std over the "
-              "seeds):", "", "![learning curves](docs/study_learning_curves.png)", ""]
+              "seeds):", "", f"![learning curves]({FIGURE})", ""]
     unflat = [r for r in flat_rows if r["flattened"] != "yes"]
     lines += [f"**Budgets.** A curve counts as flattened when its last 20% improved it by less than "
               f"{FLAT['loss']:.0%} (losses, relative) or {FLAT['dice'] * 100:.0f} Dice points (validation). "
@@ -443,7 +449,9 @@ def main(argv=None):
     ap.add_argument("--petct-pretrain-steps", type=int, default=40, help="PET/CT pre-training steps per preset")
     ap.add_argument("--petct-seg-steps", type=int, default=60, help="PET/CT lesion tuning steps per run")
     ap.add_argument("--eval-overlap", type=float, default=0.25)
-    ap.add_argument("--readme", default="", help="replace the study section of this file with the results")
+    ap.add_argument("--results", default="", help="replace the study section of this Markdown file with the results")
+    ap.add_argument("--readme", default="", help="replace the study-claims section of this Markdown file with the "
+                                                 "claims")
     ap.add_argument("--dry-run", action="store_true", help="list the stages and the time estimate, run nothing")
     args = ap.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -494,23 +502,25 @@ def main(argv=None):
     write_json(out / "STUDY.json", {"meta": meta, "tables": {t: rows for t, rows in tables}, "per_seed": num,
                                     "claims": claim_lines})
     print("\n" + md)
-    if args.readme:
-        update_readme(Path(args.readme), md, png)
+    write_sections(args, meta, md, claim_lines, png, minutes)
     return {"tables": tables, "claims": claim_lines, "per_seed": num}
 
 
-def update_readme(path, md, png):
-    """Replaces the text between the study markers; copies the learning curves to docs/."""
-    text = path.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{path}: no '{BEGIN}' ... '{END}' section to replace")
-    docs = path.parent / "docs"
-    with atomic(docs / "study_learning_curves.png") as tmp:
-        shutil.copyfile(png, tmp)
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    write_text(path, f"{head}{BEGIN}\n{md}\n{END}{tail}")
-    print(f"{path}: study section replaced; figures in {docs}", file=sys.stderr)
+def write_sections(args, meta, md, claim_lines, png, minutes):
+    """The results into the --results file (the learning curves beside it), the claims into the
+    --readme file with a link to the results."""
+    if args.results:
+        results = Path(args.results)
+        with atomic(results.parent / FIGURE) as tmp:
+            shutil.copyfile(png, tmp)
+        print(f"{replace_section(results, 'study', md)}: study section replaced", file=sys.stderr)
+    if args.readme:
+        where = ""
+        if args.results:
+            link = Path(os.path.relpath(Path(args.results).resolve(), Path(args.readme).resolve().parent)).as_posix()
+            where = f" Tables, learning curves and budgets: [{link}]({link})."
+        text = "\n".join([made_by(args, meta, minutes) + where, "", *claim_lines])
+        print(f"{replace_section(args.readme, 'study-claims', text)}: study claims replaced", file=sys.stderr)
 
 
 if __name__ == "__main__":

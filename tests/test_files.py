@@ -96,3 +96,18 @@ def test_staging_moves_everything_or_nothing(tmp_path):
         (stage / "results.json").write_text("new")
     assert (out / "results.json").read_text() == "new" and (out / "nifti" / "c0" / "seg.nii.gz").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
+
+
+def test_replace_section_changes_only_its_section_and_refuses_a_file_without_it(tmp_path):
+    p = tmp_path / "doc.md"
+    begin, end = files.section_markers("bench-x")
+    p.write_text(f"head\n{begin}\nold 1.0\n{end}\ntail with {begin.replace('x', 'y')}\n")
+    files.replace_section(p, "bench-x", "new 2.0\n")
+    assert p.read_text() == f"head\n{begin}\nnew 2.0\n{end}\ntail with {begin.replace('x', 'y')}\n"
+    files.replace_section(p, "bench-x", "new 3.0")  # a rerun replaces, never appends
+    assert p.read_text().count("new") == 1 and "new 3.0" in p.read_text()
+    for text in ("no markers\n", f"{end}\n{begin}\n", f"{begin}\n{end}\n{begin}\n{end}\n"):
+        p.write_text(text)
+        with pytest.raises(SystemExit, match="doc.md: expected one"):
+            files.replace_section(p, "bench-x", "new")
+        assert p.read_text() == text

@@ -5,6 +5,7 @@ import math
 import pytest
 
 import study
+from files import section_markers
 from conftest import write_autopet, write_brats
 
 
@@ -45,19 +46,25 @@ def tiny_sets(tmp_path_factory):
 
 def test_study_runs_on_a_tiny_budget_writes_its_section_and_reruns_nothing(tiny_sets, tmp_path):
     brats, autopet = tiny_sets
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n{study.BEGIN}\nOLD SECTION\n{study.END}\n\ntail\n")
+    readme, results = tmp_path / "README.md", tmp_path / "docs" / "results.md"
+    (begin, end), (cbegin, cend) = section_markers("study"), section_markers("study-claims")
+    results.parent.mkdir()
+    results.write_text(f"# x\n\n{begin}\nOLD SECTION\n{end}\n\ntail\n")
+    readme.write_text(f"# r\n{cbegin}\nOLD CLAIMS\n{cend}\n")
     argv = ["--out", str(tmp_path / "study"), "--seeds", "0", "--data", str(brats), "--data-petct", str(autopet),
             "--pretrain-steps", "2", "--seg-steps", "2", "--val-every", "1", "--labelled", "2", "--seg-subsets",
             "given", "--transfer-steps", "1", "--petct-presets", "6", "--petct-seeds", "0",
-            "--petct-pretrain-steps", "1", "--petct-seg-steps", "1", "--readme", str(readme)]
+            "--petct-pretrain-steps", "1", "--petct-seg-steps", "1", "--results", str(results), "--readme", str(readme)]
     res = study.main(argv)
-    text = readme.read_text()
-    assert text.startswith("# x\n\n" + study.BEGIN) and text.endswith(study.END + "\n\ntail\n") and "OLD SECTION" not in text
+    text = results.read_text()
+    assert text.startswith("# x\n\n" + begin) and text.endswith(end + "\n\ntail\n") and "OLD SECTION" not in text
     for title in ("MRI segmentation", "MRI transfer", "PET/CT lesion", "person identification", "Budgets",
                   "Learning curves"):
         assert title in text, title
-    assert (tmp_path / "docs" / "study_learning_curves.png").stat().st_size > 0
+    assert (tmp_path / "docs" / study.FIGURE).stat().st_size > 0 and f"]({study.FIGURE})" in text
+    claims_text = readme.read_text()
+    assert "OLD CLAIMS" not in claims_text and "[docs/results.md](docs/results.md)" in claims_text
+    assert all(c in claims_text for c in res["claims"])
     assert all(c.startswith(("- holds:", "- does not hold:", "- within noise:")) for c in res["claims"])
     assert len(res["claims"]) == 7  # 2 segmentation, 3 transfer, preset 6 vs scratch, identification
     seg = [r for r in res["per_seed"]["seg"] if r["labelled"] == "few"]
