@@ -889,7 +889,7 @@ def write_section(args, printed):
         (f" --threads {args.threads}" if args.threads else "")
     name = f"bench-{args.what}" + ("-static" if args.static else "")
     lines = [f"Made by `python bench.py {args.what}{flags}` on {time.strftime('%Y-%m-%d')}, commit "
-             f"{git_commit()[:12]}:", ""]
+             f"{git_commit()}:", ""]
     for line in printed.strip().splitlines():
         if lines[-1] and line and lines[-1].startswith("|") != line.startswith("|"):
             lines.append("")  # a table is a block of its own
