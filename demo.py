@@ -22,12 +22,13 @@ on a GPU the same command runs the same configuration faster.
 """
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import layouts
-from files import git_commit, replace_section, write_json
+from files import atomic, git_commit, replace_section, write_json
 
 
 # Small enough for 2 CPU cores: F = 12, roi 32 x 64 x 64 (the rotations of pre-training turn the
@@ -109,6 +110,7 @@ def main(argv=None):
     text = summary(results, where, times)
     print("\n" + text, file=sys.stderr)
     if args.readme:
+        copy_figures(out, where, Path(args.readme).parent / "docs")
         replace_section(args.readme, "demo", text)
     if args.diagnostics:
         replace_section(args.diagnostics, "demo-pretrain", pretrain_diagnostics(out / "pretrain" / "log.jsonl"))
@@ -122,6 +124,24 @@ def add_times(path, times):
     total = {k: total.get(k, 0.0) + times.get(k, 0.0) for k in {**total, **times}}
     write_json(path, total)
     return total
+
+
+def copy_figures(out, where, docs):
+    """The demo's figures, as the docs show them: predict.py's preview, the pre-training and
+    segmentation-tuning curves, the first test person's segmentation and T1 -> all transfer,
+    and the embedding of X_h' of the transfer evaluation."""
+    person = where.name
+    figures = {"demo_predict.png": where / "preview.png",
+               "demo_pretrain_curves.png": out / "pretrain" / "loss_curves.png",
+               "demo_seg_tuning_curves.png": out / "seg" / "loss_curves.png",
+               "demo_seg.png": out / "eval-seg" / "figures" / f"{person}_seg.png",
+               "demo_transfer.png": out / "eval-transfer" / "figures" / f"{person}_from_t1.png",
+               "demo_embedding.png": out / "eval-transfer" / "figures" / "embedding.png"}
+    for name, src in figures.items():
+        if not src.exists():
+            raise SystemExit(f"{src}: missing, so {docs / name} cannot be refreshed")
+        with atomic(docs / name) as tmp:
+            shutil.copyfile(src, tmp)
 
 
 def summary(results, where, times):
