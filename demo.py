@@ -126,18 +126,21 @@ def add_times(path, times):
     return total
 
 
-def copy_figures(out, where, docs):
-    """The demo's figures, as the docs show them: predict.py's preview, the pre-training and
+def figures(out, where):
+    """The demo's figures as the docs name them: predict.py's preview, the pre-training and
     segmentation-tuning curves, the first test person's segmentation and T1 -> all transfer,
     and the embedding of X_h' of the transfer evaluation."""
     person = where.name
-    figures = {"demo_predict.png": where / "preview.png",
-               "demo_pretrain_curves.png": out / "pretrain" / "loss_curves.png",
-               "demo_seg_tuning_curves.png": out / "seg" / "loss_curves.png",
-               "demo_seg.png": out / "eval-seg" / "figures" / f"{person}_seg.png",
-               "demo_transfer.png": out / "eval-transfer" / "figures" / f"{person}_from_t1.png",
-               "demo_embedding.png": out / "eval-transfer" / "figures" / "embedding.png"}
-    for name, src in figures.items():
+    return {"demo_predict.png": where / "preview.png",
+            "demo_pretrain_curves.png": out / "pretrain" / "loss_curves.png",
+            "demo_seg_tuning_curves.png": out / "seg" / "loss_curves.png",
+            "demo_seg.png": out / "eval-seg" / "figures" / f"{person}_seg.png",
+            "demo_transfer.png": out / "eval-transfer" / "figures" / f"{person}_from_t1.png",
+            "demo_embedding.png": out / "eval-transfer" / "figures" / "embedding.png"}
+
+
+def copy_figures(out, where, docs):
+    for name, src in figures(out, where).items():
         if not src.exists():
             raise SystemExit(f"{src}: missing, so {docs / name} cannot be refreshed")
         with atomic(docs / name) as tmp:

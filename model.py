@@ -593,7 +593,7 @@ class GridHead(nn.Module):
     """Reads the flattened bottleneck grid (so it sees orientation): 1x1 conv 16F -> c, flatten, Linear.
     centred=True first subtracts the grid's mean over its positions (per sample and channel):
     the part of z that a rotation of the grid leaves unchanged, so it tells nothing about the
-    rotation, and the part that dominates z at initialisation (README, "Where we differ")."""
+    rotation, and the part that dominates z at initialisation (docs/method.md, "Where we differ")."""
 
     def __init__(self, dim, grid, out_features, reduced=32, centred=False):
         super().__init__()

@@ -21,8 +21,8 @@ from layouts import Case
 # The plane of each rot90 kind, as axes of (..., x, y, z) arrays (data.py's RAS order).
 # "rot90-yz" (train_pretrain.py's default) turns the sagittal (y, z) plane, the reference code's:
 # it rotates each sample x_s[i] (C, H, W, D) over its dims (2, 3); a head's top and bottom differ
-# more than its left and right, so crops show their rotation better in this plane (README). "rot90"
-# turns the axial (x, y) plane, where a crop need only have D = H.
+# more than its left and right, so crops show their rotation better in this plane
+# (docs/method.md). "rot90" turns the axial (x, y) plane, where a crop need only have D = H.
 PHI_PLANES = {"rot90": (-3, -2), "rot90-yz": (-2, -1)}
 PHI_PLANE = PHI_PLANES["rot90"]
 PHI_KINDS = (*PHI_PLANES, "cube")

@@ -39,7 +39,7 @@ PRESETS = {
 }
 PRESETS["full"] = PRESETS["6"]
 TERMS = ("contr", "equ", "inv", "decom")
-# What log.jsonl holds beside the losses (README, "Pre-training diagnostics").
+# What log.jsonl holds beside the losses (docs/training.md, "What the log shows").
 DIAGNOSTICS = ("grad_norm", "grad_share", "prior_change", "prior_share", "xh_rms", "equ_acc", "contr_acc",
                "id_acc", "id_cos_same", "id_cos_other")
 

@@ -33,7 +33,7 @@ from einops import rearrange
 
 # (BLOCK_M queries, BLOCK_N keys, warps) of each kernel by padded head dim: the largest tiles
 # whose code stays within the register budget on sm_80 and sm_90 without spills
-# (kernels/static.py compiles every one of them; the README has the table).
+# (kernels/static.py compiles every one of them; docs/benchmarks.md has the table).
 CONFIGS = {
     "fwd": {16: (32, 16, 4), 32: (16, 32, 4)},
     "delta": {16: (64, 16, 4), 32: (64, 16, 4)},
