@@ -48,8 +48,8 @@ results.json (per-case numbers, summaries, protocol, policy, seed, commit, confi
 nifti/<case>/ (predictions on the input's grid, affine and header: transfer outputs in the
 data layer's normalised units, segmentations as label maps in the dataset's convention);
 figures/ (the first N cases, and the PCA of X_h' of every evaluated person; none with
---figures 0). identify: table_identification (.md, .csv, .json), results.json, figures/
-embedding.png. Everything is
+--figures 0). identify: table_identification and table_mechanism (variance decomposition and raw / centred
+identification of z, z' and X_h'; .md, .csv, .json), results.json, figures/embedding.png. Everything is
 written in a hidden folder beside DIR and moved into DIR only when the whole run succeeded."""
 
 
@@ -295,19 +295,24 @@ def identify(cfg):
                          f"person(s), modalities {','.join(names)}")
     cache = Path(cfg.cache) if cfg.cache else None
     images = (_load_volume(spec, c, cache).image for c in tqdm(ids, desc="identify", unit="person", dynamic_ncols=True))
-    feats = inference.feature_table(net, images, names, tuple(meta["roi"]), dev)  # (persons, modalities, d)
+    tables = inference.representation_tables(net, images, names, tuple(meta["roi"]), dev)
+    feats = tables["X_h'"]  # (persons, modalities, d)
     result = metrics.person_identification(feats, [report.display_name(m) for m in names])
+    result["mechanism"] = {k: metrics.representation_summary(v) for k, v in tables.items() if k != "attention"}
+    if "attention" in tables:
+        result["attention_entropy_ratio"] = float(tables["attention"].mean())
     config = {**options(cfg), "ckpt_step": meta["step"], "preset": meta["preset"], "arch": meta["arch"],
               "data_root": str(spec.root), "device": str(dev)}
     info = {"seed": cfg.seed, "commit": git_commit(), "config": config, "split": cfg.split, "cases": ids}
     rows = report.identification_table(result)
     with staging(Path(cfg.out)) as stage:
         report.write_table(rows, None, stage / "table_identification", meta=info)
+        report.write_table(report.mechanism_table(result), None, stage / "table_mechanism", meta=info)
         if cfg.figures:
             report.figure_embedding(stage / "figures" / "embedding.png", feats.flatten(0, 1),
                                     [report.display_name(m) for _ in ids for m in names], [c for c in ids for _ in names])
         write_json(stage / "results.json", {"meta": info, "summary": result})
-        text = (stage / "table_identification.md").read_text()
+        text = (stage / "table_identification.md").read_text() + "\n" + (stage / "table_mechanism.md").read_text()
     print(f"\nperson identification from X_h' ({len(ids)} {cfg.split} persons, step {meta['step']})\n\n{text}"
           f"\nmean accuracy {result['accuracy']:.3f} (chance {result['chance']:.3f}); cosine same person "
           f"{result['cos_same']:.3f}, other persons {result['cos_other']:.3f}")

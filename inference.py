@@ -27,7 +27,7 @@ from einops import rearrange
 
 import data
 from files import read_checkpoint
-from metrics import as_tensor
+from metrics import as_tensor, attention_entropy
 from model import PersonalizedSwinUNETR, build_model
 
 
@@ -287,17 +287,22 @@ def to_source_grid(outputs, record, names=None):
 
 
 @torch.no_grad()
+def central_crop(image, names, roi, device="cpu"):
+    """The central roi crop (padded to the roi where smaller) of an image (|M|, D, H, W):
+    (1, |M|, *roi) on `device`."""
+    x, _ = pad_to_roi(torch.as_tensor(np.array(image, dtype=np.float32)), roi, [data.pad_value(m) for m in names])
+    lo = [(s - r) // 2 for s, r in zip(x.shape[1:], roi)]
+    return x[:, lo[0]:lo[0] + roi[0], lo[1]:lo[1] + roi[1], lo[2]:lo[2] + roi[2]][None].to(torch.device(device))
+
+
 def person_features(net, image, names, roi, device="cpu", inputs=None):
     """X_h' (flattened, float32 on the CPU) of each modality in `inputs` (default: all of
     `names`, the channel order of image (|M|, D, H, W)) from the central roi crop; z for a plain
     SwinUNETR, which has no personalization."""
-    dev = torch.device(device)
-    x, _ = pad_to_roi(torch.as_tensor(np.array(image, dtype=np.float32)), roi, [data.pad_value(m) for m in names])
-    lo = [(s - r) // 2 for s, r in zip(x.shape[1:], roi)]
-    x = x[:, lo[0]:lo[0] + roi[0], lo[1]:lo[1] + roi[1], lo[2]:lo[2] + roi[2]][None].to(dev)  # (1, |M|, *roi)
+    x = central_crop(image, names, roi, device)
     feats = []
     for m in inputs or names:
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
             xh, _ = encode(net, single(x, names.index(m)))
         feats.append(rearrange(xh.float(), "1 c d h w -> (c d h w)").cpu())
     return feats
@@ -307,6 +312,30 @@ def feature_table(net, images, names, roi, device="cpu"):
     """person_features of every modality of each image (|M|, D, H, W) of `images` (an iterable,
     one per person): a (persons, modalities, d) tensor for metrics.person_identification."""
     return torch.stack([torch.stack(person_features(net, im, names, roi, device)) for im in images])
+
+
+def representation_tables(net, images, names, roi, device="cpu"):
+    """For the mechanism metrics, from the central roi crop of each image in `images` (one per
+    person), every modality alone: {"z", "z'", "X_h'": (persons, modalities, d) float32 on the
+    CPU; "attention": (persons, modalities) the prior attention's softmax entropy over its
+    maximum}. Without the prior there is no z' nor attention, and X_h' is z."""
+    rows = {}
+    with torch.no_grad():
+        for im in images:
+            x, person = central_crop(im, names, roi, device), {}
+            for m in names:
+                with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+                    z, _ = net.encode(single(x, names.index(m)))
+                    reps = net.representations(z) if isinstance(net, PersonalizedSwinUNETR) else {"z": z, "X_h'": z}
+                for k, v in reps.items():
+                    if v is None:
+                        continue
+                    v = (torch.tensor(attention_entropy(v.float())["ratio"]) if k == "attention"
+                         else rearrange(v.float(), "1 c d h w -> (c d h w)").cpu())
+                    person.setdefault(k, []).append(v)
+            for k, v in person.items():
+                rows.setdefault(k, []).append(torch.stack(v))
+    return {k: torch.stack(v) for k, v in rows.items()}
 
 
 def embed(net, vol, meta, device="cpu"):

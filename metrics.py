@@ -18,7 +18,9 @@ panoptica / brats-evaluation are the tests' references, never imported here.
                       autopet_summary
     summaries         nanmean, std (NaN values left out)
     representations   person_identification (is the nearest feature of another modality the
-                      same person's?)
+                      same person's? raw or centred), variance_decomposition (between-person,
+                      modality and residual fractions), representation_summary (both, flat),
+                      attention_entropy (of a softmax, against its maximum)
 
 Volumes are (D, H, W) = (x, y, z) in RAS order as data.py produces them.
 """
@@ -880,18 +882,20 @@ def autopet_summary(cases):
 # ---- representations -------------------------------------------------------------------------
 
 
-def person_identification(feats, names=None):
+def person_identification(feats, names=None, centre=False):
     """Person identification from features (P persons, M modalities, d), by cosine similarity.
 
     For each ordered pair of modalities (i, j), i != j, and each person p: is the feature of
     modality j nearest (highest cosine over the P persons) to p's feature of modality i p's own?
     Returns accuracy per pair ("i>j", names or indices), their mean "accuracy", "chance" = 1 / P,
     and the mean cosine between two modalities of the same person ("cos_same") and of two
-    different persons ("cos_other"). Ties count as misses."""
-    f = as_tensor(feats, "person_identification feats").double()
-    if f.ndim != 3 or f.shape[0] < 2 or f.shape[1] < 2:
-        raise ValueError(f"person_identification: expected (persons >= 2, modalities >= 2, d) features, "
-                         f"got shape {tuple(f.shape)}")
+    different persons ("cos_other"). Ties count as misses. centre=True first subtracts the grand
+    mean over persons and modalities: a shared offset dominates the cosine of raw vectors (two
+    persons who differ by a little around a large common vector have cosine ~1), and its removal
+    leaves what tells persons and modalities apart."""
+    f = _feature_table(feats, "person_identification")
+    if centre:
+        f = f - f.mean((0, 1), keepdim=True)
     n_p, n_m = f.shape[:2]
     names = [str(m) for m in (names or range(n_m))]
     f = f / f.norm(dim=-1, keepdim=True).clamp_min(1e-30)
@@ -907,3 +911,58 @@ def person_identification(feats, names=None):
     return {"pairs": pairs, "accuracy": float(np.mean(list(pairs.values()))), "chance": 1.0 / n_p,
             "cos_same": float(torch.cat(same).mean()), "cos_other": float(torch.cat(other).mean())}
 
+
+
+def _feature_table(feats, name):
+    f = as_tensor(feats, f"{name} feats").double()
+    if f.ndim != 3 or f.shape[0] < 2 or f.shape[1] < 2:
+        raise ValueError(f"{name}: expected (persons >= 2, modalities >= 2, d) features, got shape {tuple(f.shape)}")
+    return f
+
+
+def variance_decomposition(feats):
+    """The spread of features (P persons, M modalities, d) around their grand mean, split in the
+    two-way layout persons x modalities (sums of squares, each a fraction of the total):
+      between   the person means around the grand mean (what a personal representation has),
+      within    everything else: a person's modalities around the person's mean, = modality + residual,
+      modality  the modality means around the grand mean (what a modality-specific one has),
+      residual  the person x modality interaction and noise.
+    between + within = 1 (and every fraction 0 when the features do not vary at all).
+    "offset" is the grand mean's share of the features' raw second moment, ||mean||^2 /
+    (||mean||^2 + total / (P M)): near 1, raw cosines are ~1 whatever the persons."""
+    f = _feature_table(feats, "variance_decomposition")
+    n_p, n_m = f.shape[:2]
+    grand = f.mean((0, 1))
+    total = float(((f - grand) ** 2).sum())
+    between = float(n_m * ((f.mean(1) - grand) ** 2).sum())
+    modality = float(n_p * ((f.mean(0) - grand) ** 2).sum())
+    mean_sq = float((grand ** 2).sum())
+    offset = mean_sq / (mean_sq + total / (n_p * n_m)) if mean_sq + total > 0 else 0.0
+    # relative to the features' size: a total at rounding level is no spread at all
+    if total <= 1e-12 * max(mean_sq * n_p * n_m, 1e-300):
+        return {"between": 0.0, "within": 0.0, "modality": 0.0, "residual": 0.0, "offset": offset, "total": total}
+    within = total - between
+    return {"between": between / total, "within": within / total, "modality": modality / total,
+            "residual": (within - modality) / total, "offset": offset, "total": total}
+
+
+def representation_summary(feats, names=None):
+    """What tells whether features (P persons, M modalities, d) are personal, flat: the variance
+    decomposition, and person identification on the raw and on the centred vectors
+    ("accuracy", "cos_same", "cos_other" and the same with "_centred"), with "chance"."""
+    raw, centred = person_identification(feats, names), person_identification(feats, names, centre=True)
+    return {**variance_decomposition(feats), "accuracy": raw["accuracy"], "cos_same": raw["cos_same"],
+            "cos_other": raw["cos_other"], "accuracy_centred": centred["accuracy"],
+            "cos_same_centred": centred["cos_same"], "cos_other_centred": centred["cos_other"],
+            "chance": raw["chance"]}
+
+
+def attention_entropy(probs):
+    """Mean entropy (nats) of the rows of softmax probabilities (..., L) and its maximum log L:
+    ("entropy", "max", "ratio"). A ratio near 1 is a near-uniform softmax that selects nothing."""
+    p = as_tensor(probs, "attention_entropy probs").double()
+    if p.ndim < 1 or p.shape[-1] < 2:
+        raise ValueError(f"attention_entropy: expected probabilities over at least 2 keys, got shape {tuple(p.shape)}")
+    h = -(p * p.clamp_min(1e-300).log()).sum(-1).mean()
+    top = math.log(p.shape[-1])
+    return {"entropy": float(h), "max": top, "ratio": float(h) / top}

@@ -579,14 +579,22 @@ class PriorAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, query, prior):  # query: (b, L, E); prior: (L, E)
+    def _qkv(self, query, prior):
         wq, wk, wv = self.in_proj_weight.chunk(3)
         bq, bk, bv = self.in_proj_bias.chunk(3)
         q = rearrange(F.linear(query, wq, bq), "b l (h d) -> b h l d", h=self.heads)
         k = rearrange(F.linear(prior, wk, bk), "l (h d) -> h l d", h=self.heads)
         v = rearrange(F.linear(prior, wv, bv), "l (h d) -> h l d", h=self.heads)
-        out = prior_attention(q, k, v, self.backend)
+        return q, k, v
+
+    def forward(self, query, prior):  # query: (b, L, E); prior: (L, E)
+        out = prior_attention(*self._qkv(query, prior), self.backend)
         return self.out_proj(rearrange(out, "b h l d -> b l (h d)"))
+
+    def probabilities(self, query, prior):
+        """The softmax over the channel tokens of O for each channel token of z: (b, heads, L, L)."""
+        q, k, _ = self._qkv(query, prior)
+        return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
 
 
 class GridHead(nn.Module):
@@ -641,13 +649,25 @@ class PersonalizedSwinUNETR(SwinUNETR):
         """z (b, 16F, g, g, g) -> X_h' = Fuse([z, T(Attn(z, O, O))])."""
         if not self.use_prior:
             return z
+        return self.fuse(torch.cat([z, self.prior_branch(z)], 1))
+
+    def prior_branch(self, z):
+        """z' = T(Attn(z, O, O)), the prior branch's output."""
         if tuple(z.shape[2:]) != self.grid:
             raise ValueError(f"the prior was built for a bottleneck grid {self.grid} (roi {self.roi}); this input gives "
                              f"{tuple(z.shape[2:])} (input {tuple(32 * s for s in z.shape[2:])}): use inputs of the roi "
                              f"size (sliding windows) or build the model with that roi")
         zt = self.prior_attn(z.flatten(2), self.prior.flatten(1))  # (b, 16F, G): channels are tokens
-        z2 = self.transfer(zt.reshape(z.shape))
-        return self.fuse(torch.cat([z, z2], 1))
+        return self.transfer(zt.reshape(z.shape))
+
+    def representations(self, z):
+        """Where person information can be lost, for the mechanism metrics: z, z' (None without
+        the prior), X_h' and the prior attention's softmax over O's channel tokens (None without)."""
+        if not self.use_prior:
+            return {"z": z, "z'": None, "X_h'": z, "attention": None}
+        z2 = self.prior_branch(z)
+        return {"z": z, "z'": z2, "X_h'": self.fuse(torch.cat([z, z2], 1)),
+                "attention": self.prior_attn.probabilities(z.flatten(2), self.prior.flatten(1))}
 
     def prior_share(self, z, xh):
         """How much of X_h' the prior branch carries: ||X_h' - Fuse([z, 0])|| / ||X_h'|| (0

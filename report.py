@@ -2,7 +2,7 @@
 
     tables   transfer_matrix_table (Table 10), transfer_summary_table (Table 9),
              missing_modality_table (Table 11), autopet_table (Table 8), lesion_table (lesion-wise
-             BraTS 2024-2025 numbers), identification_table,
+             BraTS 2024-2025 numbers), identification_table, mechanism_table,
              write_table, markdown
     figures  figure_transfer (Figures 8, 10-12), figure_segmentation, figure_embedding (PCA of
              X_h', Figure 9), figure_prediction (predict.py's preview), figure_curves (the
@@ -144,6 +144,22 @@ def autopet_table(results):
                      "TPR": 100 * s["tpr"], "TNR": 100 * s["tnr"], "FNR": 100 * s["fnr"], "FPR": 100 * s["fpr"],
                      "FP vol (mL)": s["fp_volume_ml"], "FN vol (mL)": s["fn_volume_ml"],
                      "cases": s["n"], "true negatives": s["n_true_negative"]})
+    return rows
+
+
+def mechanism_table(result):
+    """Is the representation personal (metrics.representation_summary of z, z' and X_h'): a row
+    per representation with the between-person, modality and residual fractions of its spread,
+    the shared offset, person identification raw and centred, and the prior attention's entropy
+    over its maximum."""
+    rows = []
+    for rep, m in result["mechanism"].items():
+        rows.append({"representation": rep, "between": m["between"], "modality": m["modality"],
+                     "residual": m["residual"], "offset": m["offset"], "ID raw": m["accuracy"],
+                     "ID centred": m["accuracy_centred"], "chance": m["chance"],
+                     "cos same / other centred": f"{m['cos_same_centred']:.3f} / {m['cos_other_centred']:.3f}",
+                     "attention entropy / max": result.get("attention_entropy_ratio", math.nan) if rep == "z'"
+                     else math.nan})
     return rows
 
 

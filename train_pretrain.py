@@ -41,7 +41,8 @@ PRESETS["full"] = PRESETS["6"]
 TERMS = ("contr", "equ", "inv", "decom")
 # What log.jsonl holds beside the losses (docs/training.md, "What the log shows").
 DIAGNOSTICS = ("grad_norm", "grad_share", "prior_change", "prior_share", "xh_rms", "equ_acc", "contr_acc",
-               "id_acc", "id_cos_same", "id_cos_other")
+               "id_acc", "id_cos_same", "id_cos_other", "id_acc_centred", "id_between", "id_between_z", "id_between_zp",
+               "id_attention_entropy")
 
 
 @dataclass
@@ -112,12 +113,21 @@ def modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, n_classes):
 
 
 def identification(net, vols, names, roi, device):
-    """Person identification from X_h' (metrics.person_identification) on the volumes `vols`
-    (data.Volume) by the network in eval mode; the network is put back in training mode."""
+    """The mechanism on the volumes `vols` (data.Volume), by the network in eval mode (put back in
+    training mode after): person identification from X_h' raw and centred, the between-person
+    fraction of the spread of z, z' and X_h', and the prior attention's entropy over its maximum,
+    as the log's id_* entries."""
     net.eval()
-    feats = inference.feature_table(net, (v.image for v in vols), names, roi, device)
+    tables = inference.representation_tables(net, (v.image for v in vols), names, roi, device)
     net.train()
-    return metrics.person_identification(feats)
+    xh = metrics.representation_summary(tables["X_h'"])
+    out = {"id_acc": xh["accuracy"], "id_chance": xh["chance"], "id_cos_same": xh["cos_same"],
+           "id_cos_other": xh["cos_other"], "id_acc_centred": xh["accuracy_centred"], "id_between": xh["between"],
+           "id_between_z": metrics.variance_decomposition(tables["z"])["between"]}
+    if "z'" in tables:
+        out["id_between_zp"] = metrics.variance_decomposition(tables["z'"])["between"]
+        out["id_attention_entropy"] = float(tables["attention"].mean())
+    return out
 
 
 def main(argv=None):
@@ -225,9 +235,7 @@ def main(argv=None):
         if branch:
             diag["prior_change"] = float((net.prior.detach() - prior_init).norm() / prior_init.norm())
         if val_vols and (step % cfg.id_every == 0 or step == cfg.max_steps):
-            ident = identification(net, val_vols, spec.modalities, roi, d.device)
-            diag.update(id_acc=ident["accuracy"], id_chance=ident["chance"], id_cos_same=ident["cos_same"],
-                        id_cos_other=ident["cos_other"])
+            diag.update(identification(net, val_vols, spec.modalities, roi, d.device))
         R.log_step(jlog, bar, step, total, sums, lr, wait, timer, skipped, {**norms, **diag})
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             R.save_state(out / "last.pt", net, optim, sched, step, cfg, d, arch=arch,

@@ -404,6 +404,64 @@ def test_person_identification_against_brute_force():
         metrics.person_identification(torch.ones(1, 2, 5))
 
 
+def test_variance_decomposition_against_hand_computed_cases_and_loops():
+    rng = np.random.default_rng(5)
+    persons, mods, d = 6, 4, 9
+    offset = 50 * rng.standard_normal(d)
+    a, b = rng.standard_normal((persons, 1, d)), rng.standard_normal((1, mods, d))
+    # a constant representation has no spread: every fraction 0, all of it offset
+    const = metrics.variance_decomposition(torch.from_numpy(np.broadcast_to(offset, (persons, mods, d)).copy()))
+    assert const["between"] == const["within"] == const["modality"] == 0 and const["offset"] == pytest.approx(1)
+    # a function of the person alone: within-person fraction 0, whatever the offset
+    person = metrics.variance_decomposition(torch.from_numpy(offset + np.repeat(a, mods, 1)))
+    assert person["between"] == pytest.approx(1) and abs(person["within"]) < 1e-12
+    # a function of the modality alone: no between-person spread, all of it modality
+    modality = metrics.variance_decomposition(torch.from_numpy(offset + np.repeat(b, persons, 0)))
+    assert abs(modality["between"]) < 1e-12 and modality["modality"] == pytest.approx(1)
+    # the general case against sums of squares in loops
+    feats = offset + a + 0.5 * b + 0.3 * rng.standard_normal((persons, mods, d))
+    grand = feats.reshape(-1, d).mean(0)
+    total = sum(float(np.sum((feats[p, m] - grand) ** 2)) for p in range(persons) for m in range(mods))
+    between = sum(mods * float(np.sum((feats[p].mean(0) - grand) ** 2)) for p in range(persons))
+    mod = sum(persons * float(np.sum((feats[:, m].mean(0) - grand) ** 2)) for m in range(mods))
+    got = metrics.variance_decomposition(torch.from_numpy(feats))
+    assert got["total"] == pytest.approx(total) and got["between"] == pytest.approx(between / total)
+    assert got["modality"] == pytest.approx(mod / total)
+    assert got["residual"] == pytest.approx((total - between - mod) / total) and got["residual"] > 0
+    assert got["between"] + got["within"] == pytest.approx(1)
+    assert got["offset"] == pytest.approx(float(grand @ grand) / (float(grand @ grand) + total / (persons * mods)))
+
+
+def test_centred_identification_sees_persons_behind_a_shared_offset():
+    rng = np.random.default_rng(6)
+    persons, mods, d = 8, 3, 16
+    offset = 100 * rng.standard_normal(d)
+    feats = offset + rng.standard_normal((persons, 1, d)) + 0.3 * rng.standard_normal((persons, mods, d))
+    raw = metrics.person_identification(torch.from_numpy(feats))
+    centred = metrics.person_identification(torch.from_numpy(feats), centre=True)
+    # the raw cosines cannot tell the persons apart, the centred ones can
+    assert raw["cos_same"] > 0.999 and raw["cos_other"] > 0.999
+    assert centred["accuracy"] == 1.0 and centred["cos_same"] > 0.8 and abs(centred["cos_other"]) < 0.3
+    by_hand = metrics.person_identification(torch.from_numpy(feats - feats.reshape(-1, d).mean(0)))
+    assert centred["pairs"] == by_hand["pairs"]
+    assert all(centred[k] == pytest.approx(by_hand[k], abs=1e-12) for k in ("cos_same", "cos_other"))
+    summary = metrics.representation_summary(torch.from_numpy(feats))
+    assert summary["accuracy_centred"] == centred["accuracy"] and summary["cos_same"] == raw["cos_same"]
+    assert summary["between"] == metrics.variance_decomposition(torch.from_numpy(feats))["between"] > 0.8
+
+
+def test_attention_entropy_against_hand_computed_softmaxes():
+    uniform = torch.full((2, 3, 5, 5), 0.2)
+    assert metrics.attention_entropy(uniform)["ratio"] == pytest.approx(1)
+    assert metrics.attention_entropy(uniform)["max"] == pytest.approx(math.log(5))
+    assert metrics.attention_entropy(torch.eye(4))["entropy"] == pytest.approx(0)
+    got = metrics.attention_entropy(torch.tensor([[0.25, 0.75], [0.5, 0.5]]))
+    h = (-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)) + math.log(2)) / 2
+    assert got["entropy"] == pytest.approx(h) and got["ratio"] == pytest.approx(h / math.log(2))
+    with pytest.raises(ValueError):
+        metrics.attention_entropy(torch.ones(3, 1))
+
+
 def _truths(shape=(24, 22, 20), seed=4):
     """Truth of each modality kind in the data layer's unit, with its foreground: MRI z-scored over
     its nonzero (brain) voxels, CT in [-1, 1] with air -1 outside the body, PET SUV / 10 >= 0."""

@@ -39,7 +39,7 @@ def test_a_few_steps_lower_the_loss(tiny_brats, tmp_path):
     assert log[-1]["decom"] < log[0]["decom"]
     assert log[-1]["loss"] < log[0]["loss"]
     assert (tmp_path / "run" / "loss_curves.png").stat().st_size > 1000
-    diagnostics = set(train_pretrain.DIAGNOSTICS) - {"id_acc", "id_cos_same", "id_cos_other"}
+    diagnostics = {k for k in train_pretrain.DIAGNOSTICS if not k.startswith("id_")}
     for row in log:
         assert {"loss", "contr", "equ", "inv", "decom", "lr", "data_wait_s"} | diagnostics <= set(row)
         assert 0 <= row["grad_share"] <= 1 and 0 <= row["prior_share"] and row["xh_rms"] > 0
@@ -47,6 +47,10 @@ def test_a_few_steps_lower_the_loss(tiny_brats, tmp_path):
     # person identification on the 2 val persons at steps 2 and 4
     assert [r["step"] for r in log if "id_acc" in r] == [2, 4]
     assert all(r["id_chance"] == 0.5 and 0 <= r["id_acc"] <= 1 for r in log if "id_acc" in r)
+    for r in (r for r in log if "id_acc" in r):  # the mechanism: fractions, and an entropy below its maximum
+        assert {k for k in train_pretrain.DIAGNOSTICS if k.startswith("id_")} <= set(r)
+        assert all(0 <= r[k] <= 1 + 1e-9 for k in ("id_acc_centred", "id_between", "id_between_z", "id_between_zp",
+                                                   "id_attention_entropy"))
 
 
 def test_stage1_reads_no_label(tiny_brats, tmp_path):
@@ -181,6 +185,13 @@ def test_identify_command(tiny_brats, tmp_path):
     assert saved["summary"]["chance"] == 0.2 and set(saved["summary"]["pairs"]) == {"T1>T2", "T2>T1"}
     table = (tmp_path / "id" / "table_identification.md").read_text()
     assert "| T1 |" in table and "| all |" in table
+    # the mechanism of z, z' and X_h': the decomposition of the same features, raw and centred identification
+    mech = saved["summary"]["mechanism"]
+    assert set(mech) == {"z", "z'", "X_h'"} and 0 < saved["summary"]["attention_entropy_ratio"] <= 1
+    assert abs(mech["X_h'"]["between"] - metrics.variance_decomposition(feats)["between"]) < 1e-9
+    assert mech["X_h'"]["accuracy"] == saved["summary"]["accuracy"]
+    assert abs(mech["X_h'"]["accuracy_centred"] - metrics.person_identification(feats, centre=True)["accuracy"]) < 1e-9
+    assert "| z' |" in (tmp_path / "id" / "table_mechanism.md").read_text()
     assert (tmp_path / "id" / "figures" / "embedding.png").stat().st_size > 1000
     ck = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     fresh, _ = inference.load_pretrained(out / "last.pt", untrained=True)
