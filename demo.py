@@ -31,21 +31,27 @@ import layouts
 from files import atomic, git_commit, replace_section, write_json
 
 
-# Small enough for 2 CPU cores: F = 12, roi 32 x 64 x 64 (the rotations of pre-training turn the
-# sagittal y-z plane, the last two axes, which the crop holds almost whole).
-SMALL = ["--roi", "32,64,64", "--feature-size", "12", "--prior-heads", "2", "--workers", "1",
-         "--resume", "auto", "--save-every", "20"]
+# The network's geometry. "demo" is small enough for 2 CPU cores: F = 12, roi 32 x 64 x 64 (the
+# rotations of pre-training turn the sagittal y-z plane, the last two axes, which the crop holds
+# almost whole); its bottleneck grid is 1 x 2 x 2, so the prior attention's channel tokens hold 4
+# values. "mechanism": roi 64^3, a 2^3 grid (8 values, 2 heads of 4), the smallest at which the
+# mechanism can be judged. "paper": F = 48, roi 96^3, a 3^3 grid (27 values, 3 heads of 9).
+SIZES = {"demo": ["--roi", "32,64,64", "--feature-size", "12", "--prior-heads", "2"],
+         "mechanism": ["--roi", "64", "--feature-size", "12", "--prior-heads", "2"],
+         "paper": ["--roi", "96", "--feature-size", "48", "--prior-heads", "3"]}
+RUN = ["--workers", "1", "--resume", "auto", "--save-every", "20"]
 
 
-def pretrain(data_name, out, steps, preset, seed):
-    """train_pretrain.py in the demo configuration; returns the checkpoint path."""
+def pretrain(data_name, out, steps, preset, seed, size="demo"):
+    """train_pretrain.py in the demo configuration (at the geometry SIZES[size]); returns the
+    checkpoint path."""
     import train_pretrain
 
     return train_pretrain.main(["--data", data_name, "--out", str(out), "--max-steps", str(steps), "--preset", preset,
-                                "--lr", "5e-4", "--seed", str(seed), "--id-every", "20", *SMALL])
+                                "--lr", "5e-4", "--seed", str(seed), "--id-every", "20", *SIZES[size], *RUN])
 
 
-def tune(data_name, out, task, init, steps, seed, arch="full", labelled=0, val_every=-1):
+def tune(data_name, out, task, init, steps, seed, arch="full", labelled=0, val_every=-1, size="demo"):
     """train_downstream.py in the demo configuration, by default without validation (the test
     persons are scored by evaluate_once); labelled: tune on that many of the training persons.
     Validation, when asked for, uses the evaluation's window overlap (0.25)."""
@@ -54,7 +60,7 @@ def tune(data_name, out, task, init, steps, seed, arch="full", labelled=0, val_e
     train_downstream.main(["--data", data_name, "--out", str(out), "--task", task, "--init", init, "--arch", arch,
                            "--max-steps", str(steps), "--val-every", str(val_every), "--lr", "5e-4", "--seed", str(seed),
                            "--labelled", str(labelled), "--overlap", "0.25",
-                           *(["--fg-fraction", "0.7"] if task == "seg" else []), *SMALL])
+                           *(["--fg-fraction", "0.7"] if task == "seg" else []), *SIZES[size], *RUN])
 
 
 def stage(title):

@@ -2,7 +2,8 @@
 
 Stage 1: info_nce (L_contr), equivariance_loss (L_equ), invariance_loss with a running anchor
 (L_inv, scale-free), decomposition_loss (L_decom); accuracy of the contrastive and transform
-logits for the log. Stage 2 segmentation: seg_loss (Dice + weighted BCE).
+logits for the log. An option beside the paper's losses: person_nce (L_pers, other persons as
+negatives for X_h', so a constant X_h' no longer satisfies the losses). Stage 2 segmentation: seg_loss (Dice + weighted BCE).
 """
 import torch
 import torch.distributed as dist
@@ -100,6 +101,26 @@ def update_anchor(anchor, x):
     """Running stop-gradient anchor: sg(x) for the first modality, then (anchor + sg(x)) / 2."""
     x = x.detach()
     return x if anchor is None else (anchor + x) / 2
+
+
+def person_nce(xh, anchor, others, person, other_persons, tau=0.1):
+    """L_pers, not one of the paper's losses: InfoNCE on the flattened X_h^i' of each person
+    (b, ...) with its own anchor (the person's earlier modalities) as the positive and other
+    persons' anchors, others (n, ...), as negatives; both stop-gradient. person (b,) and
+    other_persons (n,) are person indices: an entry of the person itself among the others (its
+    own row of the global batch, an earlier step's) is left out. L_inv alone is satisfied by one
+    X_h' for every person; this term is not. Zero (no gradient path) without an anchor or without
+    another person."""
+    if anchor is None or others is None:
+        return xh.sum() * 0.0
+    same = person.view(-1, 1) == other_persons.view(1, -1)  # (b, n)
+    if same.all():
+        return xh.sum() * 0.0
+    q = F.normalize(xh.float().flatten(1), dim=-1)
+    pos = F.normalize(anchor.detach().float().flatten(1), dim=-1)
+    oth = F.normalize(others.detach().float().flatten(1), dim=-1)
+    s_oth = (q @ oth.t()).masked_fill(same, float("-inf"))
+    return nce_loss(torch.cat([(q * pos).sum(-1, keepdim=True), s_oth], 1) / tau)
 
 
 def decomposition_loss(pred, target, fg, w_fg=10.0):

@@ -14,7 +14,10 @@ MRI (BraTS layout: t1, t1ce, t2, flair)
   4. person identification from X_h' (untrained, SwinUNETR baseline, ours);
 PET/CT (AutoPET layout: ct, pet)
   5. each pre-training preset of --petct-presets (Table 7), tuned for lesion segmentation, its
-     person identification; and the same tuning from scratch.
+     person identification; and the same tuning from scratch (none with --petct-presets "").
+--preset-size sets the network's geometry (demo.SIZES; the mechanism needs a bottleneck grid of
+at least 2^3, which "demo" does not have); --option adds preset 6p (L_pers beside the paper's
+losses) to pre-training, identification and transfer; --section names the sections written.
 Every run resumes (OUT/.../last.pt) and a finished run or an evaluation newer than its
 checkpoint is reused, so an interrupted study continues where it stopped and never repeats
 finished work. Each stage prints a progress line with the time elapsed and an estimate of the
@@ -46,7 +49,10 @@ import report
 import runtime as R
 from files import atomic, git_commit, replace_section, write_json, write_text
 
-FIGURE = "study_learning_curves.png"  # copied beside the --results file
+OPTION = "6p"  # the preset of the option that keeps X_h' personal (train_pretrain.PRESETS)
+# Cost of a step (or an evaluation) at each --preset-size relative to the demo's, measured on 2
+# CPU cores: it scales RATE in the first estimate of the time left.
+COST = {"demo": 1.0, "mechanism": 4.0, "paper": 60.0}
 TABLE7 = {"1": "C + D + E", "2": "C + D + I", "3": "C + D + E + I (no prior)", "4": "C + D + E + prior",
           "5": "C + D + I + prior", "6": "C + D + E + I + prior (ours)"}
 MODS = ("t1", "t1ce", "t2", "flair")
@@ -124,8 +130,8 @@ class Progress:
     """A line per finished stage: its time, the time elapsed and an estimate of the time left
     (RATE scaled by what this study has measured for each kind of stage)."""
 
-    def __init__(self, stages, times=None):
-        self.stages, self.done, self.t0 = stages, 0, time.perf_counter()
+    def __init__(self, stages, times=None, cost=1.0):
+        self.stages, self.done, self.t0, self.cost = stages, 0, time.perf_counter(), cost
         self.scale = {}
         # seconds spent on each stage over every invocation (OUT/times.json): a resumed study
         # reports the time of all its parts, not of its last invocation
@@ -136,15 +142,15 @@ class Progress:
         return sum(self.took.get(name, 0.0) for name, _, _ in self.stages) / 60
 
     def estimate(self, kind, units):
-        return units * RATE[kind] * self.scale.get(kind, 1.0)
+        return units * RATE[kind] * self.cost * self.scale.get(kind, 1.0)
 
     def run(self, name, kind, units, fn):
         t = time.perf_counter()
         demo.stage(f"study [{self.done + 1}/{len(self.stages)}] {name}")
         result = fn()
         took = time.perf_counter() - t
-        if took > 0.2 * units * RATE[kind]:  # a reused stage says nothing about the speed
-            self.scale[kind] = took / (units * RATE[kind])
+        if took > 0.2 * units * RATE[kind] * self.cost:  # a reused stage says nothing about the speed
+            self.scale[kind] = took / (units * RATE[kind] * self.cost)
         self.took[name] = self.took.get(name, 0.0) + took
         if self.times:
             write_json(self.times, self.took)
@@ -184,10 +190,11 @@ def plan(args):
     seg_units = 3 if p.seg_subsets == "all" else 1  # a guess: the 15 subsets share the loading and metrics
 
     def pretrain(data_name, run, steps, preset, seed):
-        return lambda: finished(run, steps) or demo.pretrain(data_name, run, steps, preset, seed)
+        return lambda: finished(run, steps) or demo.pretrain(data_name, run, steps, preset, seed, p.preset_size)
 
     def tune(data_name, run, task, init, steps, seed, **kw):
-        return lambda: finished(run, steps) or demo.tune(data_name, run, task, init, steps, seed, **kw)
+        return lambda: finished(run, steps) or demo.tune(data_name, run, task, init, steps, seed, size=p.preset_size,
+                                                         **kw)
 
     def evaluate(run, task, data_name, extra=(), dest=None):
         dest = dest or run.parent / f"eval-{run.name}"
@@ -205,6 +212,9 @@ def plan(args):
              pretrain(p.data, mri / "pretrain", p.pretrain_steps, "full", seed)),
             (f"seed {seed}: MRI pre-training, SwinUNETR baseline", "pretrain-swinunetr", p.pretrain_steps,
              pretrain(p.data, mri / "pretrain-swinunetr", p.pretrain_steps, "swinunetr", seed))]
+        if p.option:
+            stages.append((f"seed {seed}: MRI pre-training, preset {OPTION}", "pretrain", p.pretrain_steps,
+                           pretrain(p.data, mri / f"pretrain-{OPTION}", p.pretrain_steps, OPTION, seed)))
         for regime, labelled in (("all", 0), ("few", p.labelled)):
             for init in ("ours", "scratch"):
                 run = mri / f"seg-{regime}-{init}"
@@ -214,14 +224,13 @@ def plan(args):
                           labelled=labelled, val_every=p.val_every)),
                     (f"seed {seed}: evaluation, segmentation {regime} {init}", "evaluate-seg", seg_units,
                      evaluate(run, "seg", p.data, seg_sets))]
-        for init, arch, ck in (("ours", "full", ours), ("swinunetr", "swinunetr", base)):
+        for init, arch, ck in transfer_runs(mri, p.option):
             run = mri / f"transfer-{init}"
             stages += [
                 (f"seed {seed}: transfer, {init}", "transfer", p.transfer_steps,
                  tune(p.data, run, "transfer", f"ours:{ck}", p.transfer_steps, seed, arch=arch)),
                 (f"seed {seed}: evaluation, transfer {init}", "evaluate-transfer", 1, evaluate(run, "transfer", p.data))]
-        for name, run, untrained in (("untrained", "pretrain", True), ("swinunetr", "pretrain-swinunetr", False),
-                                     ("ours", "pretrain", False)):
+        for name, run, untrained in identified(p.option):
             stages.append((f"seed {seed}: person identification, {name}", "identify", 1,
                            identify(mri / run, mri / f"id-{name}", p.data, untrained)))
     for seed in p.petct_seeds:
@@ -244,6 +253,18 @@ def plan(args):
             (f"seed {seed}: PET/CT evaluation, scratch", "evaluate-petct", 1,
              evaluate(run, "seg", p.data_petct, petct_sets))]
     return stages
+
+
+def transfer_runs(mri, option):
+    """(name, arch, pre-training checkpoint) of the transfer tunings."""
+    runs = [("ours", "full", mri / "pretrain" / "last.pt"), ("swinunetr", "swinunetr", mri / "pretrain-swinunetr" / "last.pt")]
+    return runs + ([(f"ours+{OPTION}", "full", mri / f"pretrain-{OPTION}" / "last.pt")] if option else [])
+
+
+def identified(option):
+    """(name, pre-training run, untrained) of the networks whose X_h' is identified."""
+    nets = [("untrained", "pretrain", True), ("swinunetr", "pretrain-swinunetr", False), ("ours", "pretrain", False)]
+    return nets + ([(f"ours+{OPTION}", f"pretrain-{OPTION}", False)] if option else [])
 
 
 # ---- tables ---------------------------------------------------------------------------------
@@ -273,8 +294,16 @@ def petct_numbers(res):
 
 
 def id_numbers(summary):
+    """Raw identification of X_h', and the mechanism (metrics.representation_summary): the
+    between-person fraction of X_h' and of z, centred identification, the prior attention's
+    entropy over its maximum (NaN without the prior)."""
+    mech = summary.get("mechanism", {})
+    xh, z = mech.get("X_h'", {}), mech.get("z", {})
     return {"person-ID accuracy": summary["accuracy"], "chance": summary["chance"], "cos same": summary["cos_same"],
-            "cos other": summary["cos_other"]}
+            "cos other": summary["cos_other"], "between (X_h')": xh.get("between", math.nan),
+            "within (X_h')": xh.get("within", math.nan), "between (z)": z.get("between", math.nan),
+            "ID centred": xh.get("accuracy_centred", math.nan),
+            "attention entropy / max": summary.get("attention_entropy_ratio", math.nan)}
 
 
 def aggregate(rows_per_seed, label_keys, digits):
@@ -303,15 +332,16 @@ def collect(args):
             for init in ("ours", "scratch"):
                 res = json.loads((mri / f"eval-seg-{regime}-{init}" / "results.json").read_text())
                 num["seg"].append({"labelled": regime, "init": init, "seed": seed, **seg_numbers(res)})
-        for init in ("ours", "swinunetr"):
+        for init, _, _ in transfer_runs(mri, args.option):
             res = json.loads((mri / f"eval-transfer-{init}" / "results.json").read_text())
             num["transfer"].append({"method": init, "seed": seed, **transfer_numbers(res)})
             if init == "ours":
                 num["transfer"].append({"method": "identity", "seed": seed, **transfer_numbers(res, "identity_")})
-        for name in ("untrained", "swinunetr", "ours"):
+        for name, _, _ in identified(args.option):
             res = json.loads((mri / f"id-{name}" / "results.json").read_text())["summary"]
             num["id"].append({"data": "MRI", "network": name, "seed": seed, **id_numbers(res)})
-        for run, terms in (("pretrain", ("equ", "decom")), ("pretrain-swinunetr", ("decom",))):
+        for run, terms in (("pretrain", ("equ", "decom")), ("pretrain-swinunetr", ("decom",)),
+                           *([(f"pretrain-{OPTION}", ("equ", "pers", "decom"))] if args.option else [])):
             log = read_log(mri / run)
             for t in terms:
                 gain, ok = flattened([r["step"] for r in log], [r.get(t) for r in log], "loss")
@@ -354,7 +384,7 @@ def claims(num, args):
 
     def claim(text, ours, other, unit):
         word, m, se = verdict(*paired(ours, other))
-        digits = 3 if unit in ("SSIM", "accuracy") else 2
+        digits = 3 if unit in ("SSIM", "accuracy", "fraction") else 2
         spread = f" ± {se:.{digits}f} (standard error)" if np.isfinite(se) else ""
         n = len(set(ours) & set(other))
         lines.append(f"- {word}: {text} (mean difference {m:+.{digits}f}{spread} {unit}, {n} seed{'s' * (n != 1)})")
@@ -366,6 +396,10 @@ def claims(num, args):
               "Dice points")
     claim("ours beats the SwinUNETR baseline in transfer (Table 10, strict PSNR)",
           per_seed(tr, "PSNR strict (dB)", method="ours"), per_seed(tr, "PSNR strict (dB)", method="swinunetr"), "dB")
+    if args.option:
+        claim(f"the option ({OPTION}) beats the SwinUNETR baseline in transfer (strict PSNR)",
+              per_seed(tr, "PSNR strict (dB)", method=f"ours+{OPTION}"),
+              per_seed(tr, "PSNR strict (dB)", method="swinunetr"), "dB")
     claim("transfer beats the identity baseline (strict PSNR)", per_seed(tr, "PSNR strict (dB)", method="ours"),
           per_seed(tr, "PSNR strict (dB)", method="identity"), "dB")
     claim("transfer beats the identity baseline (reference SSIM)", per_seed(tr, "SSIM reference", method="ours"),
@@ -381,6 +415,18 @@ def claims(num, args):
     claim("ours identifies persons better than the SwinUNETR baseline from X_h' (MRI)",
           per_seed(num["id"], "person-ID accuracy", data="MRI", network="ours"),
           per_seed(num["id"], "person-ID accuracy", data="MRI", network="swinunetr"), "accuracy")
+    # The mechanism (MRI): X_h' personal, i.e. between-person spread above the within-person one,
+    # more than the baseline's z and the untrained network's; identification once the shared
+    # offset is removed.
+    ids = lambda key, net: per_seed(num["id"], key, data="MRI", network=net)
+    for net in ["ours"] + ([f"ours+{OPTION}"] if args.option else []):
+        claim(f"{net}: X_h' is personal (between-person fraction above the within-person one)",
+              ids("between (X_h')", net), ids("within (X_h')", net), "fraction")
+        for other in ("swinunetr", "untrained"):
+            claim(f"{net}: between-person fraction of X_h' above that of the {other} network",
+                  ids("between (X_h')", net), ids("between (X_h')", other), "fraction")
+            claim(f"{net}: centred person identification from X_h' above the {other} network's",
+                  ids("ID centred", net), ids("ID centred", other), "accuracy")
     return lines
 
 
@@ -401,10 +447,16 @@ def learning_curves(args, png):
     return report.figure_curves(png, panels, "tuning step", "val Dice (%, mean of regions)")
 
 
+def figure_name(section):
+    """The learning curves of a study section, copied beside the --results file."""
+    return f"{section}_learning_curves.png"
+
+
 def made_by(args, meta, minutes):
     return (f"Made by `python study.py` (`make study`) on {'a GPU' if torch.cuda.is_available() else 'CPU'} in "
-            f"{minutes:.0f} min; seeds {', '.join(map(str, args.seeds))} (PET/CT: "
-            f"{', '.join(map(str, args.petct_seeds))}), commit {meta['commit']}.")
+            f"{minutes:.0f} min; seeds {', '.join(map(str, args.seeds))}"
+            + (f" (PET/CT: {', '.join(map(str, args.petct_seeds))})" if args.petct_seeds else " (no PET/CT)")
+            + f", commit {meta['commit']}.")
 
 
 def render(args, meta, tables, claim_lines, flat_rows, minutes):
@@ -416,9 +468,10 @@ def render(args, meta, tables, claim_lines, flat_rows, minutes):
              f"{meta['model']}. Each seed draws its own split (6 test persons). Mean ± standard deviation over "
              f"the seeds. Tables with their configuration: {args.out}/STUDY.json.", ""]
     for title, rows in tables:
-        lines += [f"**{title}**", "", report.markdown(rows, list(rows[0]), 2).rstrip(), ""]
+        if rows:
+            lines += [f"**{title}**", "", report.markdown(rows, list(rows[0]), 2).rstrip(), ""]
     lines += ["**Learning curves** (validation Dice of the val persons against tuning steps, mean ± std over the "
-              "seeds):", "", f"![learning curves]({FIGURE})", ""]
+              "seeds):", "", f"![learning curves]({figure_name(args.section)})", ""]
     unflat = [r for r in flat_rows if r["flattened"] != "yes"]
     lines += [f"**Budgets.** A curve counts as flattened when its last 20% improved it by less than "
               f"{FLAT['loss']:.0%} (losses, relative) or {FLAT['dice'] * 100:.0f} Dice points (validation). "
@@ -449,6 +502,14 @@ def main(argv=None):
     ap.add_argument("--petct-pretrain-steps", type=int, default=40, help="PET/CT pre-training steps per preset")
     ap.add_argument("--petct-seg-steps", type=int, default=60, help="PET/CT lesion tuning steps per run")
     ap.add_argument("--eval-overlap", type=float, default=0.25)
+    ap.add_argument("--preset-size", default="demo", choices=sorted(demo.SIZES),
+                    help="the network's geometry (demo.SIZES): demo (roi 32x64x64, F=12, a 1x2x2 bottleneck), "
+                         "mechanism (roi 64^3, F=12, 2^3) or paper (roi 96^3, F=48, 3^3)")
+    ap.add_argument("--option", action="store_true",
+                    help=f"add preset {OPTION} (L_pers: other persons as negatives for X_h'): its pre-training, "
+                         "identification and transfer")
+    ap.add_argument("--section", default="study",
+                    help="the name of the sections written into --results (NAME) and --readme (NAME-claims)")
     ap.add_argument("--results", default="", help="replace the study section of this Markdown file with the results")
     ap.add_argument("--readme", default="", help="replace the study-claims section of this Markdown file with the "
                                                  "claims")
@@ -457,13 +518,14 @@ def main(argv=None):
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.petct_seeds = [int(s) for s in args.petct_seeds.split(",") if s] or args.seeds
     args.petct_presets = [s for s in args.petct_presets.split(",") if s]
+    args.petct_seeds = args.petct_seeds if args.petct_presets else []
     if any(p not in TABLE7 for p in args.petct_presets):
         raise SystemExit(f"--petct-presets {','.join(args.petct_presets)}: choose among {', '.join(TABLE7)}")
     out = Path(args.out)
 
     stages = plan(args)
     progress = Progress([(name, kind, units) for name, kind, units, _ in stages],
-                        None if args.dry_run else out / "times.json")
+                        None if args.dry_run else out / "times.json", COST[args.preset_size])
     print(f"study: {len(stages)} stages, about {sum(progress.estimate(k, u) for _, k, u, _ in stages) / 60:.0f} min "
           f"on 2 CPU cores", file=sys.stderr, flush=True)
     if args.dry_run:
@@ -492,8 +554,10 @@ def main(argv=None):
          "source itself as the prediction)", tr),
         ("PET/CT lesion segmentation on the test persons after each pre-training preset and from scratch "
          "(Tables 7 and 8 format)", pet),
-        ("The mechanism: person identification from X_h' on the test persons (nearest neighbour over modalities, "
-         "cosine) and the mean cosine between two modalities of the same and of other persons", ids),
+        ("The mechanism on the test persons: person identification from X_h' (nearest neighbour over modalities, "
+         "cosine; centred: after removing the grand mean), the mean cosine between two modalities of the same and "
+         "of other persons, the between- and within-person fractions of the spread of X_h' and the between-person "
+         "fraction of z (metrics.variance_decomposition), the prior attention's entropy over its maximum", ids),
     ]
     claim_lines = claims(num, args)
     png = learning_curves(args, out / "learning_curves.png")
@@ -511,16 +575,17 @@ def write_sections(args, meta, md, claim_lines, png, minutes):
     --readme file with a link to the results."""
     if args.results:
         results = Path(args.results)
-        with atomic(results.parent / FIGURE) as tmp:
+        with atomic(results.parent / figure_name(args.section)) as tmp:
             shutil.copyfile(png, tmp)
-        print(f"{replace_section(results, 'study', md)}: study section replaced", file=sys.stderr)
+        print(f"{replace_section(results, args.section, md)}: {args.section} section replaced", file=sys.stderr)
     if args.readme:
         where = ""
         if args.results:
             link = Path(os.path.relpath(Path(args.results).resolve(), Path(args.readme).resolve().parent)).as_posix()
             where = f" Tables, learning curves and budgets: [{link}]({link})."
         text = "\n".join([made_by(args, meta, minutes) + where, "", *claim_lines])
-        print(f"{replace_section(args.readme, 'study-claims', text)}: study claims replaced", file=sys.stderr)
+        print(f"{replace_section(args.readme, args.section + '-claims', text)}: {args.section} claims replaced",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

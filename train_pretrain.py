@@ -27,18 +27,20 @@ import runtime as R
 import sampling
 from model import build_model
 
-# Table 7 of the supplementary: which constraints and whether the prior is used.
+# Table 7 of the supplementary: which constraints and whether the prior is used. "pers" is the
+# option beside the paper's losses (L_pers, losses.person_nce): off in presets 1-6 and swinunetr.
 PRESETS = {
-    "1": dict(contr=True, equ=True, inv=False, prior=False),
-    "2": dict(contr=True, equ=False, inv=True, prior=False),
-    "3": dict(contr=True, equ=True, inv=True, prior=False),
-    "4": dict(contr=True, equ=True, inv=False, prior=True),
-    "5": dict(contr=True, equ=False, inv=True, prior=True),
-    "6": dict(contr=True, equ=True, inv=True, prior=True),
-    "swinunetr": dict(contr=False, equ=False, inv=False, prior=False),
+    "1": dict(contr=True, equ=True, inv=False, prior=False, pers=False),
+    "2": dict(contr=True, equ=False, inv=True, prior=False, pers=False),
+    "3": dict(contr=True, equ=True, inv=True, prior=False, pers=False),
+    "4": dict(contr=True, equ=True, inv=False, prior=True, pers=False),
+    "5": dict(contr=True, equ=False, inv=True, prior=True, pers=False),
+    "6": dict(contr=True, equ=True, inv=True, prior=True, pers=False),
+    "6p": dict(contr=True, equ=True, inv=True, prior=True, pers=True),
+    "swinunetr": dict(contr=False, equ=False, inv=False, prior=False, pers=False),
 }
 PRESETS["full"] = PRESETS["6"]
-TERMS = ("contr", "equ", "inv", "decom")
+TERMS = ("contr", "equ", "inv", "pers", "decom")
 # What log.jsonl holds beside the losses (docs/training.md, "What the log shows").
 DIAGNOSTICS = ("grad_norm", "grad_share", "prior_change", "prior_share", "xh_rms", "equ_acc", "contr_acc",
                "id_acc", "id_cos_same", "id_cos_other", "id_acc_centred", "id_between", "id_between_z", "id_between_zp",
@@ -50,7 +52,8 @@ class Config(R.TrainConfig):
     out: str = R.opt("runs/pretrain", "folder for checkpoints, log and figures")
     clip: float = R.opt(0.0, "gradient norm clipping (0 = off, as in the reference code: clipping at 1 pushed the "
                              "prior's gradient below Adam's epsilon)")
-    preset: str = R.opt("full", "constraint set: 1..6 (Table 7), full (= 6) or swinunetr (plain, L_decom only)")
+    preset: str = R.opt("full", "constraint set: 1..6 (Table 7), full (= 6), swinunetr (plain, L_decom only) or 6p "
+                                "(6 + L_pers: other persons as negatives for X_h', an option beside the paper)")
     roi: str = R.opt("96", "crop size, one side or D,H,W, multiples of 32")
     feature_size: int = R.opt(48, "Swin feature size F (multiple of 12)")
     prior_heads: int = R.opt(3, "heads of the prior attention (must divide (roi/32)^3)")
@@ -62,6 +65,8 @@ class Config(R.TrainConfig):
     w_equ: float = R.opt(1.0, "weight of L_equ")
     w_inv: float = R.opt(1.0, "weight of L_inv")
     w_decom: float = R.opt(1.0, "weight of L_decom")
+    w_pers: float = R.opt(1.0, "weight of L_pers (preset 6p)")
+    pers_queue: int = R.opt(16, "L_pers: earlier persons kept as negatives (their anchors), beside the global batch")
     tau: float = R.opt(0.1, "InfoNCE temperature")
     grad_views: bool = R.opt(False, "back-propagate through the encodings of the positive and negative views")
     compile: bool = R.opt(False, "torch.compile the encoder and decoder blocks")
@@ -73,11 +78,13 @@ def per_sample(fn, x, ks, kind):
     return torch.stack([fn(x[b], int(ks[b]), kind) for b in range(x.shape[0])])
 
 
-def modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, n_classes):
+def modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, n_classes, queue=None, persons=None):
     """Losses of one modality i of the batch x (B, |M|, D, H, W); returns (terms, new anchor,
     diagnostics). rngs / gens: one numpy and one torch generator per person (its transforms and
-    views). Diagnostics: accuracy of F_equ and of the contrastive task on this batch, RMS of
-    X_h' and the prior's share of it (model.prior_share)."""
+    views). L_pers only: persons (B,) the batch's person indices, queue (anchors, persons) of
+    earlier persons, the negatives beside the global batch's. Diagnostics:
+    accuracy of F_equ and of the contrastive task on this batch, RMS of X_h' and the prior's
+    share of it (model.prior_share)."""
     b, m = x.shape[:2]
     ks = torch.as_tensor([r.integers(n_classes) for r in rngs], device=x.device)
     u = per_sample(sampling.phi, x[:, i:i + 1], ks, cfg.phi).repeat(1, m, 1, 1, 1)  # (B, |M|, roi)
@@ -106,10 +113,26 @@ def modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, n_classes):
         diag["prior_share"] = net.prior_share(z, xh)
     if use["inv"]:
         terms["inv"] = losses.invariance_loss(xh, anchor)  # on X_h', after the prior
+    if use["pers"]:
+        others, who = (None, None) if anchor is None else remember(queue, global_batch(anchor, persons), None)
+        terms["pers"] = losses.person_nce(xh, anchor, others, persons, who, cfg.tau)
+    if use["inv"] or use["pers"]:
         anchor = losses.update_anchor(anchor, xh)
     y = per_sample(sampling.phi_inverse, net.decode(xh, skips, u), ks, cfg.phi)
     terms["decom"] = losses.decomposition_loss(y, x, fg, cfg.w_fg)
     return terms, anchor, diag
+
+
+def global_batch(anchor, persons):
+    """(anchors, person indices) of every rank's batch, stop-gradient."""
+    return losses.gather_with_grad(anchor.detach())[0], losses.gather_with_grad(persons)[0]
+
+
+def remember(queue, new, size):
+    """The newest `size` (anchors, person indices) of L_pers: `new`'s before the queue's."""
+    if queue is None:
+        return tuple(t[:size] for t in new)
+    return tuple(torch.cat([a, b.to(a.device)])[:size] for a, b in zip(new, queue))
 
 
 def identification(net, vols, names, roi, device):
@@ -170,7 +193,7 @@ def main(argv=None):
     prior_init = net.prior.detach().clone() if branch else None
     sched = torch.optim.lr_scheduler.LambdaLR(optim, R.lr_lambda(cfg.warmup, cfg.max_steps, cfg.cosine))
 
-    start = 0
+    start, queue = 0, None
     ck_path = R.resume_path(out, cfg.resume)
     if ck_path is not None:
         ck = R.restore_state(ck_path, net, optim, sched, d)
@@ -183,13 +206,16 @@ def main(argv=None):
         start = ck["step"]
         if branch and ck.get("prior_init") is not None:
             prior_init = ck["prior_init"].to(d.device)
+        if ck.get("pers_queue") is not None:
+            queue = tuple(t.to(d.device) for t in ck["pers_queue"])
         R.log(f"resumed from {ck_path} at step {start}", d)
     cache = cfg.cache or None
+    index = {c: k for k, c in enumerate(split["train"])}  # person indices of L_pers
     loader = R.train_loader(spec, split["train"], roi, cfg.batch_size, cfg.max_steps, start, cfg.seed, d,
                             cfg.workers, 1.0, cache)
     jlog = R.JsonlLog(out / "log.jsonl", d.main, resume_step=start if ck_path else None)
     guard = R.NonFiniteGuard(cfg.max_nonfinite, d)
-    weights = {"contr": cfg.w_contr, "equ": cfg.w_equ, "inv": cfg.w_inv, "decom": cfg.w_decom}
+    weights = {"contr": cfg.w_contr, "equ": cfg.w_equ, "inv": cfg.w_inv, "pers": cfg.w_pers, "decom": cfg.w_decom}
     n_classes = sampling.n_phi(cfg.phi)
     identify = cfg.id_every > 0 and len(split["val"]) >= 2 and nm >= 2
     if cfg.id_every > 0 and not identify:
@@ -215,12 +241,14 @@ def main(argv=None):
         rngs = [np.random.default_rng([cfg.seed, step, first + j]) for j in range(x.shape[0])]
         gens = [torch.Generator(device=x.device).manual_seed(int(r.integers(2**62))) for r in rngs]
         order = np.random.default_rng([cfg.seed, step]).permutation(nm)  # same on every rank
+        persons = torch.as_tensor([index[c] for c in batch["id"]], device=d.device)
         optim.zero_grad(set_to_none=True)
         anchor, sums, diag = None, {t: 0.0 for t in TERMS if use[t]}, {}
         total = 0.0
         for i in order:
             with R.autocast(d, cfg.amp):
-                terms, anchor, seen = modality_step(net, x, fg, int(i), rngs, gens, cfg, use, anchor, n_classes)
+                terms, anchor, seen = modality_step(net, x, fg, int(i), rngs, gens, cfg, use, anchor, n_classes,
+                                                    queue, persons)
             loss = sum(weights[t] * v.float() for t, v in terms.items())
             loss.backward()  # frees this modality's graph
             total += loss.item() / nm
@@ -229,6 +257,8 @@ def main(argv=None):
             for k, v in seen.items():
                 diag[k] = diag.get(k, 0.0) + v / nm
         _, diag = R.mean_over_ranks([0.0, diag], d)
+        if use["pers"]:  # this step's persons become negatives of the next steps (the same on every rank)
+            queue = remember(queue, global_batch(anchor, persons), cfg.pers_queue)
         total, sums, skipped, lr, norms = R.optimizer_step(net, params, optim, sched, guard, cfg.clip, d, total,
                                                            sums, watch=branch)
         step += 1
@@ -240,7 +270,7 @@ def main(argv=None):
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             R.save_state(out / "last.pt", net, optim, sched, step, cfg, d, arch=arch,
                          contract=data.contract(spec), modalities=list(spec.modalities), split=split,
-                         kind="pretrain", prior_init=prior_init)
+                         kind="pretrain", prior_init=prior_init, pers_queue=queue)
         timer.lap()
     bar.close()
     if d.main:

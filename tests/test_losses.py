@@ -2,6 +2,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -104,3 +105,26 @@ def test_seg_loss_by_hand():
     got = losses.seg_loss(logits, target)
     bce1 = (-math.log(1 - p[0].item()) - math.log(p[1].item())) / 2
     assert abs(got.item() - (dice.item() + bce1)) < 1e-5
+
+
+def test_person_nce_against_a_hand_computed_value_and_leaves_the_person_out():
+    torch.manual_seed(0)
+    xh, anchor, others = torch.randn(2, 3, 2, 2), torch.randn(2, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    persons, other_persons = torch.tensor([5, 7]), torch.tensor([5, 1, 2, 7])  # rows 0 and 3: themselves
+    got = losses.person_nce(xh, anchor, others, persons, other_persons, tau=0.5)
+    unit = lambda t: t.flatten(1) / t.flatten(1).norm(dim=1, keepdim=True)
+    q, p, o = unit(xh), unit(anchor), unit(others)
+    want = []
+    for b, keep in ((0, [1, 2, 3]), (1, [0, 1, 2])):
+        pos = math.exp(float(q[b] @ p[b]) / 0.5)
+        neg = sum(math.exp(float(q[b] @ o[k]) / 0.5) for k in keep)
+        want.append(-math.log(pos / (pos + neg)))
+    assert float(got) == pytest.approx(sum(want) / 2, rel=1e-5)
+    # one X_h' for every person: the paper's L_inv is 0, L_pers is not
+    same = torch.ones(2, 3, 2, 2)
+    assert float(losses.invariance_loss(same, same)) == 0
+    assert float(losses.person_nce(same, same, torch.ones(4, 3, 2, 2), persons, other_persons, 0.5)) == \
+        pytest.approx(-math.log(1 / 4))
+    # nobody else yet (or only the person itself): no term
+    assert float(losses.person_nce(xh, None, others, persons, other_persons)) == 0
+    assert float(losses.person_nce(xh, anchor, others[:1], torch.tensor([5, 5]), torch.tensor([5]))) == 0

@@ -102,12 +102,12 @@ def test_optimizer_gives_the_prior_its_rate_without_weight_decay():
     ("1", {"contr", "equ", "decom"}, False), ("2", {"contr", "inv", "decom"}, False),
     ("3", {"contr", "equ", "inv", "decom"}, False), ("4", {"contr", "equ", "decom"}, True),
     ("5", {"contr", "inv", "decom"}, True), ("6", {"contr", "equ", "inv", "decom"}, True),
-    ("swinunetr", {"decom"}, False)])
+    ("6p", {"contr", "equ", "inv", "pers", "decom"}, True), ("swinunetr", {"decom"}, False)])
 def test_presets_switch_their_terms(tiny_brats, tmp_path, preset, terms, prior):
     out = tmp_path / preset
     train_pretrain.main(args(tiny_brats, out, 1, "--preset", preset))
     row = read_log(out)[0]
-    assert {k for k in ("contr", "equ", "inv", "decom") if k in row} == terms
+    assert {k for k in train_pretrain.TERMS if k in row} == terms
     sd = params(out / "last.pt")
     assert ("prior" in sd) == prior
     assert any(k.startswith("fuse.") for k in sd) == prior
@@ -116,8 +116,9 @@ def test_presets_switch_their_terms(tiny_brats, tmp_path, preset, terms, prior):
 
 def test_resume_is_exact(tiny_brats, tmp_path):
     # Adam's epsilon raised: gradient elements that are zero up to CPU rounding noise would
-    # otherwise be blown up to +-lr and hide what the test is about.
-    eps = ("--adam-eps", "1e-6")
+    # otherwise be blown up to +-lr and hide what the test is about. Preset 6p: every term, and
+    # L_pers's queue of earlier persons, which the checkpoint must carry.
+    eps = ("--adam-eps", "1e-6", "--preset", "6p")
     train_pretrain.main(args(tiny_brats, tmp_path / "once", 6, *eps))
     train_pretrain.main(args(tiny_brats, tmp_path / "twice", 3, *eps))
     train_pretrain.main(args(tiny_brats, tmp_path / "twice", 6, "--resume", "auto", *eps))
@@ -127,6 +128,9 @@ def test_resume_is_exact(tiny_brats, tmp_path):
     la, lb = read_log(tmp_path / "once"), read_log(tmp_path / "twice")
     assert [r["step"] for r in lb] == list(range(1, 7))
     assert abs(la[-1]["loss"] - lb[-1]["loss"]) < 1e-5
+    assert abs(la[-1]["pers"] - lb[-1]["pers"]) < 1e-5 and max(r["pers"] for r in la) > 0  # other persons met
+    queue = torch.load(tmp_path / "twice" / "last.pt", map_location="cpu", weights_only=True)["pers_queue"]
+    assert len(queue) == 2 and queue[0].shape[0] == queue[1].shape[0] == 6  # one person a step, 6 steps
 
 
 def free_port():

@@ -54,19 +54,24 @@ def test_study_runs_on_a_tiny_budget_writes_its_section_and_reruns_nothing(tiny_
     argv = ["--out", str(tmp_path / "study"), "--seeds", "0", "--data", str(brats), "--data-petct", str(autopet),
             "--pretrain-steps", "2", "--seg-steps", "2", "--val-every", "1", "--labelled", "2", "--seg-subsets",
             "given", "--transfer-steps", "1", "--petct-presets", "6", "--petct-seeds", "0",
-            "--petct-pretrain-steps", "1", "--petct-seg-steps", "1", "--results", str(results), "--readme", str(readme)]
+            "--petct-pretrain-steps", "1", "--petct-seg-steps", "1", "--results", str(results), "--readme", str(readme), "--option"]
     res = study.main(argv)
     text = results.read_text()
     assert text.startswith("# x\n\n" + begin) and text.endswith(end + "\n\ntail\n") and "OLD SECTION" not in text
     for title in ("MRI segmentation", "MRI transfer", "PET/CT lesion", "person identification", "Budgets",
                   "Learning curves"):
         assert title in text, title
-    assert (tmp_path / "docs" / study.FIGURE).stat().st_size > 0 and f"]({study.FIGURE})" in text
+    assert (tmp_path / "docs" / study.figure_name("study")).stat().st_size > 0 and f"]({study.figure_name('study')})" in text
     claims_text = readme.read_text()
     assert "OLD CLAIMS" not in claims_text and "[docs/results.md](docs/results.md)" in claims_text
     assert all(c in claims_text for c in res["claims"])
     assert all(c.startswith(("- holds:", "- does not hold:", "- within noise:")) for c in res["claims"])
-    assert len(res["claims"]) == 7  # 2 segmentation, 3 transfer, preset 6 vs scratch, identification
+    # 2 segmentation, 4 transfer (with the option's), preset 6 vs scratch, raw identification, and the
+    # mechanism of ours and of the option: personal, then against the baseline and the untrained network
+    assert len(res["claims"]) == 18
+    assert {r["network"] for r in res["per_seed"]["id"] if r["data"] == "MRI"} == {"untrained", "swinunetr", "ours",
+                                                                                  "ours+6p"}
+    assert all(0 <= r["between (X_h')"] <= 1 for r in res["per_seed"]["id"])
     seg = [r for r in res["per_seed"]["seg"] if r["labelled"] == "few"]
     assert sorted((r["seed"], r["init"]) for r in seg) == [(0, "ours"), (0, "scratch")]
     # the few-label runs tuned on 2 persons, the same two for ours and scratch
