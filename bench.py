@@ -858,12 +858,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    printed = io.StringIO()
+    from files import git_commit
+
+    commit, printed = git_commit(), io.StringIO()  # the code that runs, read before it runs
     with contextlib.redirect_stdout(_Tee(sys.stdout, printed)):
         print(f"torch {torch.__version__}, device {'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, threads {torch.get_num_threads()}")
         globals()["bench_" + args.what](args)
     if args.write:
-        write_section(args, printed.getvalue())
+        write_section(args, printed.getvalue(), commit)
 
 
 class _Tee(io.TextIOBase):
@@ -880,16 +882,15 @@ class _Tee(io.TextIOBase):
             s.flush()
 
 
-def write_section(args, printed):
+def write_section(args, printed, commit):
     """What one benchmark printed, as the section bench-NAME of args.write, headed by the command
     that made it, the date and the commit."""
-    from files import git_commit, replace_section
+    from files import replace_section
 
     flags = "".join(f" --{f}" for f in ("quick", "static") if getattr(args, f)) + \
         (f" --threads {args.threads}" if args.threads else "")
     name = f"bench-{args.what}" + ("-static" if args.static else "")
-    lines = [f"Made by `python bench.py {args.what}{flags}` on {time.strftime('%Y-%m-%d')}, commit "
-             f"{git_commit()}:", ""]
+    lines = [f"Made by `python bench.py {args.what}{flags}` on {time.strftime('%Y-%m-%d')}, commit {commit}:", ""]
     for line in printed.strip().splitlines():
         if lines[-1] and line and lines[-1].startswith("|") != line.startswith("|"):
             lines.append("")  # a table is a block of its own
