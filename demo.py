@@ -83,7 +83,7 @@ def main(argv=None):
                     help="replace the demo-pretrain section of this Markdown file with the pre-training diagnostics")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    times = {}
+    times, commit = {}, git_commit()  # the code that runs, read before it runs
 
     t = stage("1/6 demo data")
     root = layouts.ensure_demo(seed=args.seed)
@@ -113,13 +113,13 @@ def main(argv=None):
     where = predict_once(out, out / "predict")
     times["predict"] = time.perf_counter() - t
     times = add_times(out / "times.json", times)
-    text = summary(results, where, times)
+    text = summary(results, where, times, commit)
     print("\n" + text, file=sys.stderr)
     if args.readme:
         copy_figures(out, where, Path(args.readme).parent / "docs")
         replace_section(args.readme, "demo", text)
     if args.diagnostics:
-        replace_section(args.diagnostics, "demo-pretrain", pretrain_diagnostics(out / "pretrain" / "log.jsonl"))
+        replace_section(args.diagnostics, "demo-pretrain", pretrain_diagnostics(out / "pretrain" / "log.jsonl", commit))
     return results
 
 
@@ -153,20 +153,20 @@ def copy_figures(out, where, docs):
             shutil.copyfile(src, tmp)
 
 
-def summary(results, where, times):
+def summary(results, where, times, commit):
     """What make demo measured: the headline, the T1-alone segmentation, the stage times."""
     import torch
 
     voxels = json.loads((where / "report.json").read_text())["outputs"]["seg.nii.gz"]["voxels"]
     lines = [f"Made by `python demo.py` (`make demo`) on {'a GPU' if torch.cuda.is_available() else 'CPU'}, "
-             f"commit {git_commit()}; stage times (s, summed over its runs): "
+             f"commit {commit}; stage times (s, summed over its runs): "
              + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + f"; total {sum(times.values()):.0f}.",
              "", "```", headline(results),
              f"predict.py from T1 alone ({where.name}): {sum(voxels.values())} tumour voxels segmented", "```"]
     return "\n".join(lines)
 
 
-def pretrain_diagnostics(log, block=20):
+def pretrain_diagnostics(log, commit, block=20):
     """The pre-training's log.jsonl by blocks of steps: means of L_equ, F_equ's accuracy and L_inv,
     the range of the gradient norm, and the last value of the prior's change, its share of X_h'
     and the val persons' identification."""
@@ -186,7 +186,7 @@ def pretrain_diagnostics(log, block=20):
                    f"{max(have('grad_norm')):.0f} | {have('prior_change')[-1]:.3f} | {have('prior_share')[-1]:.2f} | "
                    f"{have('id_acc')[-1]:.2f} |")
     chance = next((r["id_chance"] for r in reversed(rows) if r.get("id_chance") is not None), float("nan"))
-    return (f"Made by `python demo.py --diagnostics` from {log} ({len(rows)} steps, commit {git_commit()}; "
+    return (f"Made by `python demo.py --diagnostics` from {log} ({len(rows)} steps, commit {commit}; "
             f"person identification chance {chance:.3f}):\n\n" + "\n".join(out))
 
 
