@@ -1,7 +1,7 @@
 """Benchmarks: our code and its peer (MONAI, scikit-image, PyTorch SDPA) in the same run.
 
-    python bench.py model | data | metrics | pretrain | downstream | predict | kernels [--quick] [--static]
-                    [--write docs/benchmarks.md]
+    python bench.py model | data | metrics | pretrain | downstream | predict | kernels | steps [--quick]
+                    [--static] [--against REV] [--write docs/benchmarks.md]
 
 Every benchmark prints a table with both sides and their ratio (ours / peer). Times are the
 median of several runs after warm-up; peak memory is measured in a fresh subprocess per side
@@ -13,6 +13,7 @@ Markdown file with what the run printed, so the docs quote no number a rerun wou
 import argparse
 import contextlib
 import io
+import math
 import sys
 import multiprocessing as mp
 import statistics
@@ -627,6 +628,76 @@ def bench_pretrain(args):
 
 
 # downstream benchmark: Algorithm-2 tuning step vs one summed backward; 15-subset inference in one pass
+# One pre-training step (full preset, 4 modalities with their views, backward, AdamW), timed in a
+# fresh process from the code of a folder: this checkout, or another commit's worktree. It uses
+# only train_pretrain.modality_step and the model's constructor, which both sides have.
+_STEP = """
+import math, sys, time
+import numpy as np, torch
+import model, sampling, train_pretrain
+fs, roi = {fs}, {roi}
+torch.manual_seed(0)
+x, fg = torch.randn(1, 4, *roi), torch.ones(1, 1, *roi, dtype=torch.bool)
+grid = math.prod(r // 32 for r in roi)
+net = model.PersonalizedSwinUNETR(4, 4, feature_size=fs, roi=roi, prior_heads=3 if grid % 3 == 0 else 2)
+cfg = train_pretrain.Config(roi=",".join(map(str, roi)), feature_size=fs)
+use = {{**train_pretrain.PRESETS["full"], "decom": True}}
+opt = torch.optim.AdamW(net.parameters(), lr=2e-4, weight_decay=1e-5)
+def step():
+    opt.zero_grad(set_to_none=True)
+    rngs, gens, anchor = [np.random.default_rng(0)], [torch.Generator().manual_seed(0)], None
+    for i in range(4):
+        terms, anchor, _ = train_pretrain.modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, sampling.n_phi())
+        sum(terms.values()).backward()
+    opt.step()
+step()
+t = time.perf_counter()
+step()
+print(time.perf_counter() - t)
+"""
+STEP_GEOMETRIES = [((32, 64, 64), 12), ((32, 64, 64), 24), ((64, 64, 64), 12), ((64, 64, 64), 24),
+                   ((96, 96, 96), 12), ((96, 96, 96), 24)]
+
+
+def _step_seconds(folder, fs, roi):
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-c", _STEP.format(fs=fs, roi=tuple(roi))], cwd=folder, capture_output=True,
+                         text=True)
+    if run.returncode:
+        raise SystemExit(f"pre-training step in {folder} failed: {run.stderr.strip().splitlines()[-1]}")
+    return float(run.stdout.split()[-1])
+
+
+def bench_steps(args):
+    """The pre-training step at every geometry (roi 32x64x64, 64^3, 96^3; F=12, 24): seconds per
+    step of this checkout and, with --against REV, of that commit (a temporary git worktree),
+    each in a fresh process, the two in turn at each geometry."""
+    import subprocess
+    import tempfile
+
+    here = Path(__file__).resolve().parent
+    geometries = STEP_GEOMETRIES[::2][:2] if args.quick else STEP_GEOMETRIES
+    with contextlib.ExitStack() as stack:
+        base = None
+        if args.against:
+            base = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "base"
+            subprocess.run(["git", "worktree", "add", "--detach", "-q", str(base), args.against], cwd=here, check=True)
+            stack.callback(subprocess.run, ["git", "worktree", "remove", "--force", str(base)], cwd=here)
+        rows = []
+        for roi, fs in geometries:
+            grid = "x".join(str(r // 32) for r in roi)
+            row = {"roi": "x".join(map(str, roi)), "F": fs, "bottleneck grid": grid,
+                   "token values": math.prod(r // 32 for r in roi), "s / step": _step_seconds(here, fs, roi)}
+            if base is not None:
+                row[f"s / step at {args.against}"] = _step_seconds(base, fs, roi)
+                row["ratio"] = row["s / step"] / row[f"s / step at {args.against}"]
+            rows.append(row)
+            print(f"roi {row['roi']}, F={fs}: {row['s / step']:.1f} s", file=sys.stderr, flush=True)
+    print_table("pre-training step, full preset, 4 modalities with their views, batch 1, one process "
+                "(ratio < 1: this checkout faster)", rows, list(rows[0]))
+
+
 def _downstream_prior_heads(roi):
     g = (roi[0] // 32) * (roi[1] // 32) * (roi[2] // 32)
     return 3 if g % 3 == 0 else 2
@@ -853,6 +924,8 @@ def main(argv=None):
                     help="kernels: registers, spills and shared memory of every kernel compiled for sm_80 / sm_90 "
                          "(no GPU needed)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--against", default="", metavar="REV",
+                    help="steps: also time the step of this commit (a temporary git worktree), in the same run")
     ap.add_argument("--write", default="", metavar="FILE",
                     help="replace the section bench-NAME of this Markdown file with the output (docs/benchmarks.md)")
     args = ap.parse_args(argv)
@@ -888,7 +961,7 @@ def write_section(args, printed, commit):
     from files import replace_section
 
     flags = "".join(f" --{f}" for f in ("quick", "static") if getattr(args, f)) + \
-        (f" --threads {args.threads}" if args.threads else "")
+        (f" --threads {args.threads}" if args.threads else "") + (f" --against {args.against}" if args.against else "")
     name = f"bench-{args.what}" + ("-static" if args.static else "")
     lines = [f"Made by `python bench.py {args.what}{flags}` on {time.strftime('%Y-%m-%d')}, commit {commit}:", ""]
     for line in printed.strip().splitlines():

@@ -394,6 +394,11 @@ class ConvOnly(nn.Module):
             # (faster than oneDNN's 1x1 conv, backward included)
             return F.linear(x.permute(0, 2, 3, 4, 1), weight.flatten(1), bias).permute(0, 4, 1, 2, 3)
         c = self.conv
+        if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            # oneDNN whatever the size: F.conv3d sends a batch-1 input whose N*C*D*H is below
+            # 20480 (every conv of stages 1-3 at F=12, roi 64) to its unfold-and-GEMM fallback,
+            # several times slower per voxel; the backward is the same kernel either way
+            return torch.ops.aten.mkldnn_convolution(x, weight, bias, c.padding, c.stride, c.dilation, c.groups)
         return F.conv3d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
 
 
