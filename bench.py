@@ -698,6 +698,51 @@ def bench_steps(args):
                 "(ratio < 1: this checkout faster)", rows, list(rows[0]))
 
 
+# bf16 dense tensor-core peak (TFLOP/s) of the GPUs a full-size run would use (H100 SXM, H200)
+GPU_PEAK = {"H100 / H200 (SXM)": 989.0}
+BRATS2021_CASES = 1251
+
+
+def pretrain_step_flops(fs, roi):
+    """FLOPs of one pre-training step (one person, 4 modalities: the input with gradient, forward
+    and backward; the two views without), counted by torch.utils.flop_counter on the meta
+    device (no memory, no compute); the heads and losses are negligible beside the network."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import model
+
+    meta = torch.device("meta")
+    grid = math.prod(r // 32 for r in roi)
+    net = model.PersonalizedSwinUNETR(4, 4, feature_size=fs, roi=roi, prior_heads=3 if grid % 3 == 0 else 2,
+                                      attn_backend="naive").to(meta)
+    u = torch.randn(1, 4, *roi, device=meta)
+    with FlopCounterMode(display=False) as counter:
+        for _ in range(4):
+            z, skips = net.encode(u)
+            with torch.no_grad():
+                net.embed(net.encode(torch.cat([u, u]))[0])
+            y = net.decode(net.personalize(z), skips, u)
+            (y.square().mean() + net.embed(z).sum() + net.equivariance_logits(z).sum()).backward()
+    return counter.get_total_flops()
+
+
+def bench_flops(args):
+    """FLOPs of a pre-training step at every geometry and at the paper's (F=48, roi 96^3), and
+    the GPU time they imply: at the bf16 peak, and at the utilisation --mfu; an epoch of BraTS
+    2021's training persons (60% of its cases, the default split) at batch 1 per GPU."""
+    rows = []
+    train = round(0.6 * BRATS2021_CASES)
+    for roi, fs in [*STEP_GEOMETRIES, ((96, 96, 96), 48)]:
+        flops = pretrain_step_flops(fs, roi)
+        for gpu, peak in GPU_PEAK.items():
+            at_peak = flops / (peak * 1e12)
+            rows.append({"roi": "x".join(map(str, roi)), "F": fs, "TFLOP / step": flops / 1e12, "GPU": gpu,
+                         "ms / step at peak": 1e3 * at_peak, f"ms / step at {args.mfu:.0%}": 1e3 * at_peak / args.mfu,
+                         f"min / epoch ({train} persons) at {args.mfu:.0%}": train * at_peak / args.mfu / 60})
+    print_table("pre-training step FLOPs (torch.utils.flop_counter) and the GPU time they imply, one GPU", rows,
+                list(rows[0]))
+
+
 def _downstream_prior_heads(roi):
     g = (roi[0] // 32) * (roi[1] // 32) * (roi[2] // 32)
     return 3 if g % 3 == 0 else 2
@@ -924,6 +969,7 @@ def main(argv=None):
                     help="kernels: registers, spills and shared memory of every kernel compiled for sm_80 / sm_90 "
                          "(no GPU needed)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--mfu", type=float, default=0.3, help="flops: the fraction of the GPU's peak a step reaches")
     ap.add_argument("--against", default="", metavar="REV",
                     help="steps: also time the step of this commit (a temporary git worktree), in the same run")
     ap.add_argument("--write", default="", metavar="FILE",

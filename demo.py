@@ -39,7 +39,9 @@ from files import atomic, git_commit, replace_section, write_json
 SIZES = {"demo": ["--roi", "32,64,64", "--feature-size", "12", "--prior-heads", "2"],
          "mechanism": ["--roi", "64", "--feature-size", "12", "--prior-heads", "2"],
          "paper": ["--roi", "96", "--feature-size", "48", "--prior-heads", "3"]}
-RUN = ["--workers", "1", "--resume", "auto", "--save-every", "20"]
+# No DataLoader worker: on 2 cores a worker process preparing the next crop competes with the two
+# threads of the step (crops are the same whatever the workers).
+RUN = ["--workers", "0", "--resume", "auto", "--save-every", "20"]
 
 
 def pretrain(data_name, out, steps, preset, seed, size="demo"):
