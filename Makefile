@@ -1,12 +1,13 @@
-# Entry points: `make demo`, `make test` and `make study` (the comparisons over three seeds;
-# `python study.py --dry-run` lists its stages and the time they should take on 2 CPU cores).
+# Entry points: `make demo`, `make test`, `make study` (the comparisons over three seeds;
+# `python study.py --dry-run` lists its stages and the time they should take on 2 CPU cores) and
+# `make study-mechanism` (the same at the geometry where the mechanism can be judged).
 # Each creates .venv and installs what it needs first (idempotent: a second run reuses the
 # environment). The demo and the study need only the runtime requirements; the tests
 # and bench.py add their reference peers (MONAI, scikit-image) and Triton's interpreter.
 PY := .venv/bin/python
 export TORCH_NUM_THREADS ?=
 
-.PHONY: demo test study venv venv-test clean
+.PHONY: demo test study study-mechanism venv venv-test clean
 
 .venv/.installed: requirements.txt
 	python3 -m venv .venv
@@ -32,6 +33,13 @@ demo: venv
 
 study: venv
 	$(PY) study.py --results docs/results.md --readme README.md
+
+# the mechanism at a 2^3 bottleneck grid (roi 64^3), with the option that keeps X_h' personal (6p);
+# MRI only, resumable like the study (`python study.py ... --dry-run` prints its time estimate)
+study-mechanism: venv
+	$(PY) study.py --preset-size mechanism --option --petct-presets "" --section study-mechanism \
+		--out runs/study-mechanism --pretrain-steps 40 --seg-steps 20 --val-every 10 --transfer-steps 8 \
+		--results docs/results.md --readme README.md
 
 test: venv-test
 	$(PY) -m pytest -q tests

@@ -32,8 +32,8 @@ def text_of(page):
 
 
 def prose(text):
-    """The page without its fenced blocks."""
-    return FENCE.sub("", text)
+    """The page without its fenced blocks, lines joined (a code span may wrap)."""
+    return FENCE.sub("", text).replace("\n", " ")
 
 
 def slug(heading):
@@ -42,7 +42,7 @@ def slug(heading):
 
 
 def anchors(page):
-    return {slug(h) for h in re.findall(r"^#+ (.*)$", prose(text_of(page)), re.M)}
+    return {slug(h) for h in re.findall(r"^#+ (.*)$", FENCE.sub("", text_of(page)), re.M)}
 
 
 def commands(page):
@@ -56,9 +56,9 @@ def commands(page):
                 if words:
                     yield words, f"{page.name}: {line.strip()}"
     for span in SPAN.findall(prose(text)):
-        words = shlex.split(span)
-        if len(words) > 1 and words[0] in RUNNERS or re.match(r"^[A-Z_]+=\S+ ", span):
-            yield words, f"{page.name}: `{span}`"
+        first = span.split()[0] if span.split() else ""
+        if len(span.split()) > 1 and first in RUNNERS or re.match(r"^[A-Z_]+=\S+ ", span):
+            yield shlex.split(span), f"{page.name}: `{span}`"
 
 
 class _Parsed(Exception):
@@ -82,7 +82,8 @@ def parse_only(monkeypatch, script, args):
 
 
 def make_targets():
-    return dict(re.findall(r"^([\w-]+):[^\n]*\n((?:\t[^\n]*\n)*)", (ROOT / "Makefile").read_text(), re.M))
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")  # continuation lines joined
+    return dict(re.findall(r"^([\w-]+):[^\n]*\n((?:\t[^\n]*\n)*)", text, re.M))
 
 
 def check_command(words, where, monkeypatch):
