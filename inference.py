@@ -15,8 +15,11 @@
                 channels, or only those a person has)
     to_source_grid
                 outputs on the preprocessed grid -> the case's source grid (data.restore)
-    person_features, feature_table, embed
-                X_h' of each modality of a person (central roi crop), of many persons
+    central_crop, person_features, embed
+                X_h' of each modality of a person (central roi crop)
+    representation_tables
+                z, z', X_h' and the prior attention's entropy of many persons, for the
+                mechanism metrics
 """
 import itertools
 
@@ -306,12 +309,6 @@ def person_features(net, image, names, roi, device="cpu", inputs=None):
             xh, _ = encode(net, single(x, names.index(m)))
         feats.append(rearrange(xh.float(), "1 c d h w -> (c d h w)").cpu())
     return feats
-
-
-def feature_table(net, images, names, roi, device="cpu"):
-    """person_features of every modality of each image (|M|, D, H, W) of `images` (an iterable,
-    one per person): a (persons, modalities, d) tensor for metrics.person_identification."""
-    return torch.stack([torch.stack(person_features(net, im, names, roi, device)) for im in images])
 
 
 def representation_tables(net, images, names, roi, device="cpu"):

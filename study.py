@@ -50,9 +50,10 @@ import runtime as R
 from files import atomic, git_commit, replace_section, write_json, write_text
 
 OPTION = "6p"  # the preset of the option that keeps X_h' personal (train_pretrain.PRESETS)
-# Cost of a step (or an evaluation) at each --preset-size relative to the demo's, measured on 2
-# CPU cores: it scales RATE in the first estimate of the time left.
-COST = {"demo": 1.0, "mechanism": 4.0, "paper": 60.0}
+# Cost of a step (or an evaluation) at each --preset-size relative to the demo's on 2 CPU cores:
+# it scales RATE in the first estimate of the time left (mechanism: the ratio of the pre-training
+# step times, bench.py steps; paper: of their FLOPs, bench.py flops).
+COST = {"demo": 1.0, "mechanism": 1.5, "paper": 80.0}
 TABLE7 = {"1": "C + D + E", "2": "C + D + I", "3": "C + D + E + I (no prior)", "4": "C + D + E + prior",
           "5": "C + D + I + prior", "6": "C + D + E + I + prior (ours)"}
 MODS = ("t1", "t1ce", "t2", "flair")
