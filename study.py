@@ -454,7 +454,7 @@ def figure_name(section):
 
 
 def made_by(args, meta, minutes):
-    return (f"Made by `python study.py` (`make study`) on {'a GPU' if torch.cuda.is_available() else 'CPU'} in "
+    return (f"Made by `python study.py` (`make {args.section}`) on {'a GPU' if torch.cuda.is_available() else 'CPU'} in "
             f"{minutes:.0f} min; seeds {', '.join(map(str, args.seeds))}"
             + (f" (PET/CT: {', '.join(map(str, args.petct_seeds))})" if args.petct_seeds else " (no PET/CT)")
             + f", commit {meta['commit']}.")
