@@ -204,10 +204,11 @@ def plan(args):
     def identify(run, dest, data_name, untrained=False):
         return evaluate(run, "identify", data_name, ["--untrained"] if untrained else [], dest)
 
+    # the pre-trainings and the identifications of every seed first: the mechanism's verdict does
+    # not wait for the downstream runs (and is all that --part mechanism runs)
     stages = []
     for seed in p.seeds:
         mri = out / f"seed{seed}" / "mri"
-        ours, base = mri / "pretrain" / "last.pt", mri / "pretrain-swinunetr" / "last.pt"
         stages += [
             (f"seed {seed}: MRI pre-training, full preset", "pretrain", p.pretrain_steps,
              pretrain(p.data, mri / "pretrain", p.pretrain_steps, "full", seed)),
@@ -216,6 +217,14 @@ def plan(args):
         if p.option:
             stages.append((f"seed {seed}: MRI pre-training, preset {OPTION}", "pretrain", p.pretrain_steps,
                            pretrain(p.data, mri / f"pretrain-{OPTION}", p.pretrain_steps, OPTION, seed)))
+        for name, run, untrained in identified(p.option):
+            stages.append((f"seed {seed}: person identification, {name}", "identify", 1,
+                           identify(mri / run, mri / f"id-{name}", p.data, untrained)))
+    if p.part == "mechanism":
+        return stages
+    for seed in p.seeds:
+        mri = out / f"seed{seed}" / "mri"
+        ours = mri / "pretrain" / "last.pt"
         for regime, labelled in (("all", 0), ("few", p.labelled)):
             for init in ("ours", "scratch"):
                 run = mri / f"seg-{regime}-{init}"
@@ -231,9 +240,6 @@ def plan(args):
                 (f"seed {seed}: transfer, {init}", "transfer", p.transfer_steps,
                  tune(p.data, run, "transfer", f"ours:{ck}", p.transfer_steps, seed, arch=arch)),
                 (f"seed {seed}: evaluation, transfer {init}", "evaluate-transfer", 1, evaluate(run, "transfer", p.data))]
-        for name, run, untrained in identified(p.option):
-            stages.append((f"seed {seed}: person identification, {name}", "identify", 1,
-                           identify(mri / run, mri / f"id-{name}", p.data, untrained)))
     for seed in p.petct_seeds:
         pet = out / f"seed{seed}" / "petct"
         for preset in p.petct_presets:
@@ -329,11 +335,12 @@ def collect(args):
     out, num = Path(args.out), {"seg": [], "transfer": [], "petct": [], "id": [], "flat": []}
     for seed in args.seeds:
         mri = out / f"seed{seed}" / "mri"
-        for regime in ("all", "few"):
+        downstream = args.part == "all"
+        for regime in ("all", "few") if downstream else ():
             for init in ("ours", "scratch"):
                 res = json.loads((mri / f"eval-seg-{regime}-{init}" / "results.json").read_text())
                 num["seg"].append({"labelled": regime, "init": init, "seed": seed, **seg_numbers(res)})
-        for init, _, _ in transfer_runs(mri, args.option):
+        for init, _, _ in transfer_runs(mri, args.option) if downstream else ():
             res = json.loads((mri / f"eval-transfer-{init}" / "results.json").read_text())
             num["transfer"].append({"method": init, "seed": seed, **transfer_numbers(res)})
             if init == "ours":
@@ -347,7 +354,7 @@ def collect(args):
             for t in terms:
                 gain, ok = flattened([r["step"] for r in log], [r.get(t) for r in log], "loss")
                 num["flat"].append({"run": f"MRI {run}", "curve": f"L_{t}", "seed": seed, "gain": gain, "flat": ok})
-        for regime in ("all", "few"):
+        for regime in ("all", "few") if downstream else ():
             for init in ("ours", "scratch"):
                 log = [r for r in read_log(mri / f"seg-{regime}-{init}") if "val_dice" in r]
                 gain, ok = flattened([r["step"] for r in log], [r["val_dice"] for r in log], "dice")
@@ -391,20 +398,24 @@ def claims(num, args):
         lines.append(f"- {word}: {text} (mean difference {m:+.{digits}f}{spread} {unit}, {n} seed{'s' * (n != 1)})")
 
     seg, tr, pet = num["seg"], num["transfer"], num["petct"]
-    for regime, what in (("all", "every training person labelled"), ("few", f"{args.labelled} labelled persons")):
+    downstream = args.part == "all"
+    for regime, what in (("all", "every training person labelled"), ("few", f"{args.labelled} labelled persons")
+                         ) if downstream else ():
         claim(f"pre-training beats scratch in MRI segmentation, {what} (WT Dice from all inputs)",
               per_seed(seg, "WT", labelled=regime, init="ours"), per_seed(seg, "WT", labelled=regime, init="scratch"),
               "Dice points")
-    claim("ours beats the SwinUNETR baseline in transfer (Table 10, strict PSNR)",
-          per_seed(tr, "PSNR strict (dB)", method="ours"), per_seed(tr, "PSNR strict (dB)", method="swinunetr"), "dB")
-    if args.option:
-        claim(f"the option ({OPTION}) beats the SwinUNETR baseline in transfer (strict PSNR)",
-              per_seed(tr, "PSNR strict (dB)", method=f"ours+{OPTION}"),
-              per_seed(tr, "PSNR strict (dB)", method="swinunetr"), "dB")
-    claim("transfer beats the identity baseline (strict PSNR)", per_seed(tr, "PSNR strict (dB)", method="ours"),
-          per_seed(tr, "PSNR strict (dB)", method="identity"), "dB")
-    claim("transfer beats the identity baseline (reference SSIM)", per_seed(tr, "SSIM reference", method="ours"),
-          per_seed(tr, "SSIM reference", method="identity"), "SSIM")
+    if downstream:
+        claim("ours beats the SwinUNETR baseline in transfer (Table 10, strict PSNR)",
+              per_seed(tr, "PSNR strict (dB)", method="ours"), per_seed(tr, "PSNR strict (dB)", method="swinunetr"),
+              "dB")
+        if args.option:
+            claim(f"the option ({OPTION}) beats the SwinUNETR baseline in transfer (strict PSNR)",
+                  per_seed(tr, "PSNR strict (dB)", method=f"ours+{OPTION}"),
+                  per_seed(tr, "PSNR strict (dB)", method="swinunetr"), "dB")
+        claim("transfer beats the identity baseline (strict PSNR)", per_seed(tr, "PSNR strict (dB)", method="ours"),
+              per_seed(tr, "PSNR strict (dB)", method="identity"), "dB")
+        claim("transfer beats the identity baseline (reference SSIM)", per_seed(tr, "SSIM reference", method="ours"),
+              per_seed(tr, "SSIM reference", method="identity"), "SSIM")
     presets = args.petct_presets
     if "6" in presets:
         claim("pre-training (preset 6) beats scratch in PET/CT lesion segmentation (Table 8)",
@@ -454,25 +465,32 @@ def figure_name(section):
 
 
 def made_by(args, meta, minutes):
-    return (f"Made by `python study.py` (`make {args.section}`) on {'a GPU' if torch.cuda.is_available() else 'CPU'} in "
+    how = (f"`python study.py` (`make {args.section}`)" if args.part == "all" else
+           f"`python study.py --part mechanism` (the pre-trainings and identifications of `make {args.section}`)")
+    return (f"Made by {how} on {'a GPU' if torch.cuda.is_available() else 'CPU'} in "
             f"{minutes:.0f} min; seeds {', '.join(map(str, args.seeds))}"
             + (f" (PET/CT: {', '.join(map(str, args.petct_seeds))})" if args.petct_seeds else " (no PET/CT)")
             + f", commit {meta['commit']}.")
 
 
 def render(args, meta, tables, claim_lines, flat_rows, minutes):
-    lines = [f"{made_by(args, meta, minutes)} Budgets: MRI pre-training "
-             f"{args.pretrain_steps} steps (full preset and SwinUNETR baseline), segmentation tuning "
-             f"{args.seg_steps} (val every {args.val_every}), few-label regime {args.labelled} of the training "
-             f"persons, transfer tuning {args.transfer_steps}; PET/CT presets {', '.join(args.petct_presets)}: "
-             f"pre-training {args.petct_pretrain_steps} steps, lesion tuning {args.petct_seg_steps}. "
+    budgets = f"MRI pre-training {args.pretrain_steps} steps (full preset, SwinUNETR baseline" + (
+        f", preset {OPTION})" if args.option else ")")
+    if args.part == "all":
+        budgets += (f", segmentation tuning {args.seg_steps} (val every {args.val_every}), few-label regime "
+                    f"{args.labelled} of the training persons, transfer tuning {args.transfer_steps}")
+    if args.petct_seeds:
+        budgets += (f"; PET/CT presets {', '.join(args.petct_presets)}: pre-training {args.petct_pretrain_steps} "
+                    f"steps, lesion tuning {args.petct_seg_steps}")
+    lines = [f"{made_by(args, meta, minutes)} Budgets: {budgets}. "
              f"{meta['model']}. Each seed draws its own split (6 test persons). Mean ± standard deviation over "
              f"the seeds. Tables with their configuration: {args.out}/STUDY.json.", ""]
     for title, rows in tables:
         if rows:
             lines += [f"**{title}**", "", report.markdown(rows, list(rows[0]), 2).rstrip(), ""]
-    lines += ["**Learning curves** (validation Dice of the val persons against tuning steps, mean ± std over the "
-              "seeds):", "", f"![learning curves]({figure_name(args.section)})", ""]
+    if args.part == "all":
+        lines += ["**Learning curves** (validation Dice of the val persons against tuning steps, mean ± std over "
+                  "the seeds):", "", f"![learning curves]({figure_name(args.section)})", ""]
     unflat = [r for r in flat_rows if r["flattened"] != "yes"]
     lines += [f"**Budgets.** A curve counts as flattened when its last 20% improved it by less than "
               f"{FLAT['loss']:.0%} (losses, relative) or {FLAT['dice'] * 100:.0f} Dice points (validation). "
@@ -514,15 +532,18 @@ def main(argv=None):
     ap.add_argument("--results", default="", help="replace the study section of this Markdown file with the results")
     ap.add_argument("--readme", default="", help="replace the study-claims section of this Markdown file with the "
                                                  "claims")
+    ap.add_argument("--part", default="all", choices=("all", "mechanism"),
+                    help="all: every stage; mechanism: the MRI pre-trainings and person identifications alone (the "
+                         "mechanism's verdict; the stages --part all runs first)")
     ap.add_argument("--dry-run", action="store_true", help="list the stages and the time estimate, run nothing")
     args = ap.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.petct_seeds = [int(s) for s in args.petct_seeds.split(",") if s] or args.seeds
     args.petct_presets = [s for s in args.petct_presets.split(",") if s]
-    args.petct_seeds = args.petct_seeds if args.petct_presets else []
+    args.petct_seeds = args.petct_seeds if args.petct_presets and args.part == "all" else []
     if any(p not in TABLE7 for p in args.petct_presets):
         raise SystemExit(f"--petct-presets {','.join(args.petct_presets)}: choose among {', '.join(TABLE7)}")
-    out = Path(args.out)
+    out, commit = Path(args.out), git_commit()  # the code that runs, read before it runs
 
     stages = plan(args)
     progress = Progress([(name, kind, units) for name, kind, units, _ in stages],
@@ -538,7 +559,7 @@ def main(argv=None):
     minutes = progress.minutes()
 
     num = collect(args)
-    meta = {"seeds": args.seeds, "petct_seeds": args.petct_seeds, "commit": git_commit(), "minutes": minutes,
+    meta = {"seeds": args.seeds, "petct_seeds": args.petct_seeds, "commit": commit, "minutes": minutes,
             "model": configuration(out / f"seed{args.seeds[0]}" / "mri" / "pretrain" / "last.pt"),
             "config": dict(vars(args))}
     seg = aggregate(num["seg"], ("labelled", "init"), 1)
@@ -561,7 +582,7 @@ def main(argv=None):
          "fraction of z (metrics.variance_decomposition), the prior attention's entropy over its maximum", ids),
     ]
     claim_lines = claims(num, args)
-    png = learning_curves(args, out / "learning_curves.png")
+    png = learning_curves(args, out / "learning_curves.png") if args.part == "all" else None
     md = render(args, meta, tables, claim_lines, flat, minutes)
     write_text(out / "STUDY.md", md)
     write_json(out / "STUDY.json", {"meta": meta, "tables": {t: rows for t, rows in tables}, "per_seed": num,
@@ -576,8 +597,9 @@ def write_sections(args, meta, md, claim_lines, png, minutes):
     --readme file with a link to the results."""
     if args.results:
         results = Path(args.results)
-        with atomic(results.parent / figure_name(args.section)) as tmp:
-            shutil.copyfile(png, tmp)
+        if png is not None:
+            with atomic(results.parent / figure_name(args.section)) as tmp:
+                shutil.copyfile(png, tmp)
         print(f"{replace_section(results, args.section, md)}: {args.section} section replaced", file=sys.stderr)
     if args.readme:
         where = ""

@@ -88,3 +88,21 @@ def test_study_runs_on_a_tiny_budget_writes_its_section_and_reruns_nothing(tiny_
     assert json.loads((tmp_path / "study" / "STUDY.json").read_text())["meta"]["minutes"] >= took > 0
     assert {p: p.stat().st_mtime_ns for p in logs} == before
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "study").rglob("results.json")} == results
+    # --part mechanism on the same runs: pre-trainings and identifications alone, reused; no
+    # downstream table, claim or figure, and its own sections
+    (mb, me), (mcb, mce) = section_markers("mech"), section_markers("mech-claims")
+    mech_results, mech_readme = tmp_path / "docs" / "mech.md", tmp_path / "MECH.md"
+    mech_results.write_text(f"{mb}\n{me}\n")
+    mech_readme.write_text(f"{mcb}\n{mce}\n")
+    part = [a for a in argv if a not in (str(results), str(readme))]
+    part = [a for a in part if a not in ("--results", "--readme")]
+    mech = study.main(part + ["--part", "mechanism", "--section", "mech", "--results", str(mech_results),
+                              "--readme", str(mech_readme)])
+    assert {p: p.stat().st_mtime_ns for p in logs} == before
+    assert not mech["per_seed"]["seg"] and not mech["per_seed"]["transfer"] and not mech["per_seed"]["petct"]
+    # raw identification, then ours and the option: personal, against the baseline and the untrained
+    assert len(mech["claims"]) == 11 and mech["claims"] == res["claims"][-11:]
+    text = mech_results.read_text()
+    assert "person identification" in text and "MRI segmentation" not in text and "Learning curves" not in text
+    assert "--part mechanism" in text and not (tmp_path / "docs" / study.figure_name("mech")).exists()
+    assert {r["run"] for r in mech["per_seed"]["flat"]} == {"MRI pretrain", "MRI pretrain-swinunetr", "MRI pretrain-6p"}
