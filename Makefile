@@ -38,11 +38,13 @@ study: venv
 # MRI only, resumable like the study (`python study.py ... --dry-run` prints its time estimate)
 study-mechanism: venv
 	$(PY) study.py --preset-size mechanism --option --petct-presets "" --section study-mechanism \
-		--out runs/study-mechanism --pretrain-steps 40 --seg-steps 20 --val-every 10 --transfer-steps 8 \
+		--out runs/study-mechanism --pretrain-steps 30 --seg-steps 20 --val-every 10 --transfer-steps 8 \
 		--results docs/results.md --readme README.md
 
+# the suite over TEST_WORKERS processes, each with its share of the cores (tests/conftest.py)
+TEST_WORKERS ?= 2
 test: venv-test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 clean:
 	rm -rf runs demo_data .cache

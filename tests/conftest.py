@@ -10,6 +10,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# under pytest-xdist (make test) each worker process gets its share of the cores: two workers of
+# two threads each on 2 cores would contend for them
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def smooth(shape, passes=4, seed=0):
     x = np.random.default_rng(seed).standard_normal(shape)

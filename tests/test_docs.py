@@ -92,7 +92,7 @@ def check_command(words, where, monkeypatch):
     runner, rest = words[0], words[1:]
     if runner == "make":
         targets = make_targets()
-        for target in rest:
+        for target in [w for w in rest if not re.match(r"^[A-Z_]+=", w)]:  # not variable settings
             assert target in targets, f"{where}: no target '{target}' in the Makefile"
             for line in targets[target].splitlines():
                 recipe = shlex.split(line.replace("$(PY)", "python"))
@@ -106,8 +106,10 @@ def check_command(words, where, monkeypatch):
         rest = rest[next(i for i, w in enumerate(rest) if w.endswith(".py")):]
     assert runner in RUNNERS, f"{where}: unknown runner {runner}"
     if rest[:2] == ["-m", "pytest"]:
-        for arg in rest[2:]:
-            if not arg.startswith("-"):
+        valued = {"-n", "--dist", "-k", "-p", "-m", "--durations"}  # options whose value is the next word
+        args = rest[2:]
+        for before, arg in zip(["-q", *args], args):
+            if not arg.startswith("-") and before not in valued:
                 assert (ROOT / arg.split("::")[0]).exists(), f"{where}: no {arg}"
         return
     script, args = rest[0], rest[1:]

@@ -188,12 +188,13 @@ def test_shift_mask_never_materialised(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch", [1, 2])
-def test_prior_attention_roi96(batch, dtype):
-    """Queries (B, 3, 768, 9) from a (B, 768, 27) projection, keys/values (3, 768, 9) shared by
-    the batch, as PriorAttention builds them at roi 96."""
+@pytest.mark.parametrize("batch, L", [(1, 768), (2, 192)])
+def test_prior_attention_roi96(batch, L, dtype):
+    """Queries (B, 3, L, 9) from a (B, L, 27) projection, keys/values (3, L, 9) shared by the
+    batch, as PriorAttention builds them at roi 96: L = 16F channel tokens, F = 48 (the paper's)
+    and, for a batch of 2, F = 12."""
     torch.manual_seed(batch)
-    heads, L, hd = 3, 768, 9
+    heads, hd = 3, 9
     x = torch.randn(batch, L, heads * hd, device=DEVICE).to(dtype).requires_grad_()
     k = torch.randn(heads, L, hd, device=DEVICE).to(dtype).requires_grad_()
     v = torch.randn(heads, L, hd, device=DEVICE).to(dtype).requires_grad_()
