@@ -302,14 +302,17 @@ def petct_numbers(res):
 
 def id_numbers(summary):
     """Raw identification of X_h', and the mechanism (metrics.representation_summary): the
-    between-person fraction of X_h' and of z, centred identification, the prior attention's
-    entropy over its maximum (NaN without the prior)."""
+    between-person fraction of X_h' and of z, centred identification from X_h', z and z' (where
+    person information is lost), the prior attention's entropy over its maximum (NaN without the
+    prior)."""
     mech = summary.get("mechanism", {})
     xh, z = mech.get("X_h'", {}), mech.get("z", {})
     return {"person-ID accuracy": summary["accuracy"], "chance": summary["chance"], "cos same": summary["cos_same"],
             "cos other": summary["cos_other"], "between (X_h')": xh.get("between", math.nan),
             "within (X_h')": xh.get("within", math.nan), "between (z)": z.get("between", math.nan),
             "ID centred": xh.get("accuracy_centred", math.nan),
+            "ID centred (z)": z.get("accuracy_centred", math.nan),
+            "ID centred (z')": mech.get("z'", {}).get("accuracy_centred", math.nan),
             "attention entropy / max": summary.get("attention_entropy_ratio", math.nan)}
 
 
@@ -579,7 +582,8 @@ def main(argv=None):
         ("The mechanism on the test persons: person identification from X_h' (nearest neighbour over modalities, "
          "cosine; centred: after removing the grand mean), the mean cosine between two modalities of the same and "
          "of other persons, the between- and within-person fractions of the spread of X_h' and the between-person "
-         "fraction of z (metrics.variance_decomposition), the prior attention's entropy over its maximum", ids),
+         "fraction of z (metrics.variance_decomposition), centred identification from z (the encoder's output) "
+         "and z' (the prior branch's), the prior attention's entropy over its maximum", ids),
     ]
     claim_lines = claims(num, args)
     png = learning_curves(args, out / "learning_curves.png") if args.part == "all" else None

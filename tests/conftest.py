@@ -16,6 +16,17 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
+# the longest tests first: make test spreads the suite over processes (pytest-xdist), and a long
+# test collected last would run alone at the end
+LONGEST_FIRST = ("test_study.py::test_study_runs_on_a_tiny_budget", "test_kernels.py::test_prior_attention_roi96",
+                 "test_kernels.py::test_window_full", "test_kernels.py::test_shift_mask_never_materialised")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = lambda item: next((i for i, name in enumerate(LONGEST_FIRST) if name in item.nodeid), len(LONGEST_FIRST))
+    items.sort(key=rank)  # stable: the order within each group stays
+
+
 def smooth(shape, passes=4, seed=0):
     x = np.random.default_rng(seed).standard_normal(shape)
     for axis, _ in itertools.product(range(3), range(passes)):
