@@ -419,7 +419,7 @@ def claims(num, args):
               per_seed(tr, "PSNR strict (dB)", method="identity"), "dB")
         claim("transfer beats the identity baseline (reference SSIM)", per_seed(tr, "SSIM reference", method="ours"),
               per_seed(tr, "SSIM reference", method="identity"), "SSIM")
-    presets = args.petct_presets
+    presets = args.petct_presets if args.petct_seeds else []  # --part mechanism runs no PET/CT
     if "6" in presets:
         claim("pre-training (preset 6) beats scratch in PET/CT lesion segmentation (Table 8)",
               per_seed(pet, "Dice (%)", ID="6"), per_seed(pet, "Dice (%)", ID="scratch"), "Dice points")
