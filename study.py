@@ -419,7 +419,7 @@ def claims(num, args):
               per_seed(tr, "PSNR strict (dB)", method="identity"), "dB")
         claim("transfer beats the identity baseline (reference SSIM)", per_seed(tr, "SSIM reference", method="ours"),
               per_seed(tr, "SSIM reference", method="identity"), "SSIM")
-    presets = args.petct_presets if args.petct_seeds else []  # --part mechanism runs no PET/CT
+    presets = args.petct_presets
     if "6" in presets:
         claim("pre-training (preset 6) beats scratch in PET/CT lesion segmentation (Table 8)",
               per_seed(pet, "Dice (%)", ID="6"), per_seed(pet, "Dice (%)", ID="scratch"), "Dice points")
@@ -542,8 +542,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.petct_seeds = [int(s) for s in args.petct_seeds.split(",") if s] or args.seeds
-    args.petct_presets = [s for s in args.petct_presets.split(",") if s]
-    args.petct_seeds = args.petct_seeds if args.petct_presets and args.part == "all" else []
+    # --part mechanism runs no PET/CT: no preset, no seed
+    args.petct_presets = [s for s in args.petct_presets.split(",") if s] if args.part == "all" else []
+    args.petct_seeds = args.petct_seeds if args.petct_presets else []
     if any(p not in TABLE7 for p in args.petct_presets):
         raise SystemExit(f"--petct-presets {','.join(args.petct_presets)}: choose among {', '.join(TABLE7)}")
     out, commit = Path(args.out), git_commit()  # the code that runs, read before it runs
