@@ -73,9 +73,11 @@ def stage(title):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--pretrain-steps", type=int, default=120)
-    ap.add_argument("--seg-steps", type=int, default=40)
-    ap.add_argument("--transfer-steps", type=int, default=12)
+    # about 11 s per pre-training step and 9 s per tuning step on 2 cores, plus 5 min of
+    # evaluation: the whole demo within 15 minutes there
+    ap.add_argument("--pretrain-steps", type=int, default=24)
+    ap.add_argument("--seg-steps", type=int, default=16)
+    ap.add_argument("--transfer-steps", type=int, default=6)
     ap.add_argument("--eval-overlap", type=float, default=0.25, help="sliding-window overlap of the evaluation")
     ap.add_argument("--seg-subsets", choices=("given", "all"), default="given",
                     help="segmentation evaluated from all four modalities, or from each of the 15 subsets (Table 11)")
@@ -108,7 +110,7 @@ def main(argv=None):
     results = {}
     for task in ("transfer", "seg"):
         extra = ["--subsets", args.seg_subsets] if task == "seg" else []
-        results[task] = evaluate_once(out / task, out / f"eval-{task}", task, args.eval_overlap, extra=extra)
+        results[task] = evaluate_once(out / task, out / f"eval-{task}", task, args.eval_overlap, extra=extra, figures=1)
     times["evaluate"] = time.perf_counter() - t
 
     t = stage("6/6 prediction for a held-out person from T1 alone (predict.py)")
@@ -168,7 +170,7 @@ def summary(results, where, times, commit):
     return "\n".join(lines)
 
 
-def pretrain_diagnostics(log, commit, block=20):
+def pretrain_diagnostics(log, commit, block=8):
     """The pre-training's log.jsonl by blocks of steps: means of L_equ, F_equ's accuracy and L_inv,
     the range of the gradient norm, and the last value of the prior's change, its share of X_h'
     and the val persons' identification."""
@@ -192,14 +194,15 @@ def pretrain_diagnostics(log, commit, block=20):
             f"person identification chance {chance:.3f}):\n\n" + "\n".join(out))
 
 
-def evaluate_once(run, dest, task, overlap, data_name="demo", extra=()):
-    """evaluate.py on the test persons of a tuned run, unless dest already holds the results of
-    this very checkpoint (a rerun reuses them). Returns the results.json content."""
+def evaluate_once(run, dest, task, overlap, data_name="demo", extra=(), figures=2):
+    """evaluate.py on the test persons of a tuned run (figures of the first `figures` of them),
+    unless dest already holds the results of this very checkpoint (a rerun reuses them). Returns
+    the results.json content."""
     import evaluate
 
     ckpt = run / "best.pt" if (run / "best.pt").exists() else run / "last.pt"
     results = dest / "results.json"
-    argv = ["--ckpt", str(ckpt), "--data", data_name, "--task", task, "--out", str(dest), "--figures", "2",
+    argv = ["--ckpt", str(ckpt), "--data", data_name, "--task", task, "--out", str(dest), "--figures", str(figures),
             "--overlap", str(overlap), *extra]
     if results.exists() and results.stat().st_mtime > ckpt.stat().st_mtime:
         old = json.loads(results.read_text())
