@@ -52,7 +52,7 @@ def test_study_runs_on_a_tiny_budget_writes_its_section_and_reruns_nothing(tiny_
     results.write_text(f"# x\n\n{begin}\nOLD SECTION\n{end}\n\ntail\n")
     readme.write_text(f"# r\n{cbegin}\nOLD CLAIMS\n{cend}\n")
     argv = ["--out", str(tmp_path / "study"), "--seeds", "0", "--data", str(brats), "--data-petct", str(autopet),
-            "--pretrain-steps", "2", "--seg-steps", "2", "--val-every", "1", "--labelled", "2", "--seg-subsets",
+            "--pretrain-steps", "1", "--seg-steps", "1", "--val-every", "1", "--labelled", "2", "--seg-subsets",
             "given", "--transfer-steps", "1", "--petct-presets", "6", "--petct-seeds", "0",
             "--petct-pretrain-steps", "1", "--petct-seg-steps", "1", "--results", str(results), "--readme", str(readme), "--option"]
     res = study.main(argv)
