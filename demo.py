@@ -165,7 +165,7 @@ def summary(results, where, times, commit):
     lines = [f"Made by `python demo.py` (`make demo`) on {'a GPU' if torch.cuda.is_available() else 'CPU'}, "
              f"commit {commit}; stage times (s, summed over its runs): "
              + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + f"; total {sum(times.values()):.0f}.",
-             "", "```", headline(results),
+             "", "```text", headline(results),
              f"predict.py from T1 alone ({where.name}): {sum(voxels.values())} tumour voxels segmented", "```"]
     return "\n".join(lines)
 
@@ -190,7 +190,7 @@ def pretrain_diagnostics(log, commit, block=8):
                    f"{max(have('grad_norm')):.0f} | {have('prior_change')[-1]:.3f} | {have('prior_share')[-1]:.2f} | "
                    f"{have('id_acc')[-1]:.2f} |")
     chance = next((r["id_chance"] for r in reversed(rows) if r.get("id_chance") is not None), float("nan"))
-    return (f"Made by `python demo.py --diagnostics` from {log} ({len(rows)} steps, commit {commit}; "
+    return (f"Made by `make demo` (demo.py --diagnostics) from {log} ({len(rows)} steps, commit {commit}; "
             f"person identification chance {chance:.3f}):\n\n" + "\n".join(out))
 
 
