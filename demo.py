@@ -73,8 +73,8 @@ def stage(title):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo")
-    # about 11 s per pre-training step and 9 s per tuning step on 2 cores, plus 5 min of
-    # evaluation: the whole demo within 15 minutes there
+    # budgets sized so that the whole demo, set-up included, ends within 15 minutes on 2 CPU
+    # cores (the stage times it measured: the README's demo section)
     ap.add_argument("--pretrain-steps", type=int, default=24)
     ap.add_argument("--seg-steps", type=int, default=16)
     ap.add_argument("--transfer-steps", type=int, default=6)
