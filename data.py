@@ -35,7 +35,7 @@ import numpy as np
 from einops import rearrange
 
 from files import atomic, atomic_dir, json_text, locked, write_json
-from layouts import ensure_demo, read_json, resolve
+from layouts import ensure_demo, read_json, resolve, with_labels
 from metrics import LABELS  # label kind -> (allowed values, regions: name -> label values, in channel order)
 
 HERE = Path(__file__).resolve().parent
@@ -191,18 +191,29 @@ def _values(a):
 
 def check_case(case, spec):
     """Every problem of one case, one line each (empty when the case is usable)."""
+    return _check_case(case, spec)[0]
+
+
+def _check_case(case, spec):
+    """check_case's problems, and the label values the case holds (None without a readable label)."""
     problems, arrays, _ = _read_checked(case, spec, first_only=False)
     if arrays is not None and not problems and not _foreground({m: arrays[m] for m in case.images}).any():
         problems.append(f"{next(iter(case.images.values()))}: no foreground (the image is empty or has no body)")
-    return problems
+    present = _values(arrays["label"]) if arrays is not None and "label" in arrays else None
+    return problems, present
 
 
-def check_dataset(spec):
+def check_dataset(spec, recognise=True):
     """Every problem of a dataset, one line each: missing or unreadable files, shape or affine
-    mismatches, NaN/Inf, wrong dimensionality, label values outside the set, empty foreground."""
-    problems = []
+    mismatches, NaN/Inf, wrong dimensionality, label values outside the set, empty foreground.
+    Returns (problems, spec). recognise: BraTS 2023 file names whose labels hold a 4 can only be
+    BraTS 2024 (BraTS 2023 has no label 4), so the returned spec then has the brats2024
+    convention; recognise=False (a convention the user forced) checks against spec's own."""
     if not spec.cases:
-        return [f"{spec.root}: no cases"]
+        return [f"{spec.root}: no cases"], spec
+    probe = recognise and spec.label_kind == "brats2023"
+    checked = with_labels(spec, "brats2024") if probe else spec  # 4 allowed while reading
+    problems, with4 = [], 0
     ids = [c.id for c in spec.cases]
     for cid in sorted({i for i in ids if ids.count(i) > 1}):
         problems.append(f"{spec.root}: case id {cid!r} appears more than once")
@@ -211,8 +222,10 @@ def check_dataset(spec):
         if 0 < with_label < len(spec.cases) and c.label is None:
             first = next(iter(c.images.values()))
             problems.append(f"{first.parent}: case {c.id} has no label file, other cases have one")
-        problems += check_case(c, spec)
-    return problems
+        found, present = _check_case(c, checked)
+        problems += found
+        with4 += present is not None and 4 in present
+    return problems, checked if with4 else spec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -616,7 +629,7 @@ def main(argv=None):
     ap.add_argument("--data", default="demo", help="dataset folder, datalist .json, demo or demo-petct")
     ap.add_argument("--modalities", default=None, help="subset in channel order, e.g. t1,t2")
     ap.add_argument("--labels", default=None, choices=sorted(LABELS),
-                    help="label convention (default: the layout's; BraTS 2024 files look like BraTS 2023's)")
+                    help="label convention (default: the layout's; check takes brats2024 for BraTS 2023 names with a label 4)")
     ap.add_argument("--cache", default=None, help=f"cache folder (default {CACHE_DIR})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--val", type=float, default=0.2)
@@ -634,11 +647,13 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.command == "check":
-        problems = check_dataset(spec)
+        problems, found = check_dataset(spec, recognise=not args.labels)
         for p in problems:
             print(p)
+        why = (" recognised from label 4, which BraTS 2023 does not have (--labels brats2023 to check as BraTS 2023)"
+               if found.label_kind != spec.label_kind else "")
         print(f"{spec.root}: {spec.layout}, {len(spec.cases)} cases, modalities {','.join(spec.modalities)}, "
-              f"labels {spec.label_kind} ({', '.join(f'{k}={list(v)}' for k, v in spec.regions.items() if v)}): "
+              f"labels {found.label_kind}{why} ({', '.join(f'{k}={list(v)}' for k, v in found.regions.items() if v)}): "
               f"{len(problems)} problem(s)", file=sys.stderr)
         return 1 if problems else 0
     if args.command == "prepare":

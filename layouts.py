@@ -271,12 +271,15 @@ def resolve(data, modalities=None, labels=None):
     labels: a label convention of LABELS that overrides the detected one (BraTS 2024 keeps the
     BraTS 2023 file names, so its labels 0-4 are chosen here: labels="brats2024")."""
     spec = _resolve(data, modalities)
-    if labels:
-        if labels not in LABELS:
-            raise ValueError(f"labels {labels!r}: choose among {', '.join(LABELS)}")
-        spec.label_kind, (spec.label_values, regions) = labels, LABELS[labels]
-        spec.regions = dict(regions)
-    return spec
+    return with_labels(spec, labels) if labels else spec
+
+
+def with_labels(spec, labels):
+    """The same cases read with the label convention `labels` of LABELS."""
+    if labels not in LABELS:
+        raise ValueError(f"labels {labels!r}: choose among {', '.join(LABELS)}")
+    values, regions = LABELS[labels]
+    return replace(spec, label_kind=labels, label_values=values, regions=dict(regions))
 
 
 def _resolve(data, modalities=None):

@@ -382,7 +382,7 @@ def test_bad_input_messages(tmp_path, problem):
     with pytest.raises(exc, match=message):
         data.load_case(spec.cases[0], spec, tmp_path / "cache")
     assert not (tmp_path / "cache").exists() or not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
-    problems = data.check_dataset(spec)
+    problems, _ = data.check_dataset(spec)
     assert len(problems) == 1 and __import__("re").search(message, problems[0]), problems
     assert "\n" not in problems[0]
 
@@ -413,6 +413,43 @@ def test_bad_folders_and_check_command(tmp_path, capsys):
     run = subprocess.run([sys.executable, str(Path(data.__file__)), "check", "--data", str(root)],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and len(run.stdout.strip().splitlines()) == 2
+
+
+def test_check_recognises_brats2024_from_label_4(tmp_path, capsys):
+    """BraTS 2023 file names with a label 4 (the resection cavity) can only be BraTS 2024: check
+    takes that convention by itself; forced to brats2023 the 4 is a problem again; without a 4
+    the set stays BraTS 2023."""
+    root = tmp_path / "brats2024"
+    make_brats(root, n=3, style="2023")
+    seg = root / "case_01" / "case_01-seg.nii.gz"
+    a = np.asanyarray(nib.load(str(seg)).dataobj).copy()
+    a[:2] = 4  # a cavity slab, beside labels 1-3
+    save(seg, a)
+    spec = layouts.resolve(root)
+    assert spec.label_kind == "brats2023"
+    problems, found = data.check_dataset(spec)
+    assert problems == [] and found.label_kind == "brats2024" and found.regions["rc"] == (4,)
+    assert found.label_values == (0, 1, 2, 3, 4) and spec.label_kind == "brats2023"  # spec itself unchanged
+    assert data.main(["check", "--data", str(root)]) == 0
+    err = capsys.readouterr().err
+    assert "labels brats2024 recognised from label 4" in err and "0 problem(s)" in err
+    assert data.main(["check", "--data", str(root), "--labels", "brats2023"]) == 1
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines() == [l for l in out.strip().splitlines() if "case_01-seg.nii.gz" in l]
+    assert "label values [4] outside the brats2023 set" in out and "labels brats2023 (" in err
+    plain = tmp_path / "brats2023"
+    make_brats(plain, n=2, style="2023")
+    problems, found = data.check_dataset(layouts.resolve(plain))
+    assert problems == [] and found.label_kind == "brats2023"
+    # a BraTS 2021 set with a stray 3 is not "recognised" as anything: the 3 stays a problem
+    old = tmp_path / "brats2021"
+    make_brats(old, n=1)
+    seg = old / "case_00" / "case_00_seg.nii.gz"
+    a = np.asanyarray(nib.load(str(seg)).dataobj).copy()
+    a[:1] = 3
+    save(seg, a)
+    problems, found = data.check_dataset(layouts.resolve(old))
+    assert len(problems) == 1 and "[3]" in problems[0] and found.label_kind == "brats"
 
 
 def test_nnunet_duplicate_channel_names_fail(tmp_path):
@@ -491,7 +528,7 @@ def test_demo_data_set(tmp_path):
     mri = layouts.resolve(root / "brats")
     pet = layouts.resolve(root / "autopet")
     assert [c.id for c in mri.cases] == [c.id for c in pet.cases] == [p["id"] for p in manifest["persons"]]
-    assert data.check_dataset(mri) == [] and data.check_dataset(pet) == []
+    assert data.check_dataset(mri)[0] == [] and data.check_dataset(pet)[0] == []
     tumours = [p["tumour"] for p in manifest["persons"]]
     assert sum(tumours) == 3
     brains = []

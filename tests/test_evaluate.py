@@ -282,8 +282,8 @@ def test_modality_order_mismatch_and_corrupt_file_stop_with_one_line_and_no_outp
 
 def test_brats2024_labels_through_check_training_and_evaluation(tmp_path, capsys):
     """BraTS 2024 keeps the BraTS 2023 file names and adds 4 = resection cavity: data.py check
-    refuses label 4 under the detected BraTS 2023 convention (naming --labels brats2024) and
-    accepts it with the flag; tuning records the convention and the RC region; the evaluation
+    recognises it by its label 4, refuses the 4 when forced to BraTS 2023 (naming --labels
+    brats2024) and accepts it with that flag; tuning records the convention and the RC region; the evaluation
     reads it back from the checkpoint, keeps RC out of WT / TC / ET and writes 0-4 label maps."""
     root = write_brats(tmp_path / "b24", n=3, shape=SHAPE, seed=5, convention="brats2023")
     for cid in ("Case_000", "Case_001"):
@@ -292,7 +292,9 @@ def test_brats2024_labels_through_check_training_and_evaluation(tmp_path, capsys
         lab = np.asarray(img.dataobj).copy()
         lab[13:17, 10:13, 36:42] = 4  # a cavity inside the brain, beside the tumour
         nib.save(nib.Nifti1Image(lab, img.affine), str(path))
-    assert data.main(["check", "--data", str(root)]) == 1
+    assert data.main(["check", "--data", str(root)]) == 0  # BraTS 2023 names with a 4: BraTS 2024
+    assert "labels brats2024 recognised from label 4" in capsys.readouterr().err
+    assert data.main(["check", "--data", str(root), "--labels", "brats2023"]) == 1
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and all("--labels brats2024" in line for line in out)
     assert data.main(["check", "--data", str(root), "--labels", "brats2024"]) == 0
