@@ -190,12 +190,8 @@ def _values(a):
 
 
 def check_case(case, spec):
-    """Every problem of one case, one line each (empty when the case is usable)."""
-    return _check_case(case, spec)[0]
-
-
-def _check_case(case, spec):
-    """check_case's problems, and the label values the case holds (None without a readable label)."""
+    """Every problem of one case, one line each (empty when the case is usable), and the label
+    values the case holds (None without a readable label)."""
     problems, arrays, _ = _read_checked(case, spec, first_only=False)
     if arrays is not None and not problems and not _foreground({m: arrays[m] for m in case.images}).any():
         problems.append(f"{next(iter(case.images.values()))}: no foreground (the image is empty or has no body)")
@@ -222,7 +218,7 @@ def check_dataset(spec, recognise=True):
         if 0 < with_label < len(spec.cases) and c.label is None:
             first = next(iter(c.images.values()))
             problems.append(f"{first.parent}: case {c.id} has no label file, other cases have one")
-        found, present = _check_case(c, checked)
+        found, present = check_case(c, checked)
         problems += found
         with4 += present is not None and 4 in present
     return problems, checked if with4 else spec
