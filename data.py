@@ -1,5 +1,5 @@
 """Data: reading and checking the files of a case, preprocessing with an exact inverse, a
-memory-mapped cache, label maps and regions, split files and the data contract stored in
+cache of preprocessed cases (its file format: cache.py), label maps and regions, split files and the data contract stored in
 checkpoints. Which files make the cases of a data set is layouts.py; what training draws from the
 cached cases (random roi crops, the transforms Phi and Augment) is sampling.py.
 
@@ -13,18 +13,20 @@ Preprocessing of a case (all steps recorded, restore() inverts them voxel-exactl
 Arrays are (C, x, y, z) with the spatial axes pointing to R, A, S; the code calls them (C, D, H, W).
 
     python data.py check --data PATH [--modalities t1,t2] [--labels brats2024]   # every problem, one line each
-    python data.py prepare --data PATH                      # fill the cache before a long run
+    python data.py prepare --data PATH [--workers 8] [--format b2nd]  # fill the cache before a long run
     python data.py split --data PATH --seed 0 --out split.json
     python data.py demo [--persons 32 --seed 0 --spacing 2]
 """
 import argparse
 import base64
+import contextlib
 import hashlib
 import itertools
 import json
 import os
 import re
 import sys
+import time
 import zlib
 from dataclasses import dataclass
 from functools import cached_property
@@ -34,6 +36,7 @@ import nibabel as nib
 import numpy as np
 from einops import rearrange
 
+import cache
 from files import atomic, atomic_dir, json_text, locked, write_json
 from layouts import ensure_demo, read_json, resolve, with_labels
 from metrics import LABELS  # label kind -> (allowed values, regions: name -> label values, in channel order)
@@ -443,6 +446,7 @@ def source_spacing(record):
 @dataclass
 class Volume:
     id: str
+    # numpy arrays, or their cache.read() stand-ins (memory maps, cache.Stored) that a crop slices
     image: np.ndarray  # (C, D, H, W) float32, normalised
     fg: np.ndarray  # (D, H, W) bool, brain/body mask
     label: np.ndarray | None  # (D, H, W) uint8, raw dataset labels
@@ -465,13 +469,7 @@ class Volume:
     def __setstate__(self, state):
         self.__dict__.update(state)
         if self.entry is not None:
-            self.image, self.fg, self.label = _map_arrays(self.entry)
-
-
-def _map_arrays(entry):
-    label = entry / "label.npy"
-    return (np.load(entry / "image.npy", mmap_mode="r"), np.load(entry / "fg.npy", mmap_mode="r"),
-            np.load(label, mmap_mode="r") if label.exists() else None)
+            self.image, self.fg, self.label = cache.read(self.entry, self.record)
 
 
 def _sources(case):
@@ -494,56 +492,96 @@ def _entry_name(case, pad_to):
     return f"{safe}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
 
 
-def _open_entry(entry, case, spec, sources):
-    """The cached volume, or None when missing or built from other source files."""
+def _open_entry(entry, case, spec, sources, fmt=None):
+    """The cached volume, or None when missing, built from other source files or (fmt given)
+    stored in another format."""
     try:
         record = json.loads((entry / "record.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     if record.get("sources") != sources or record.get("version") != VERSION:
         return None
-    image, fg, label = _map_arrays(entry)
+    if fmt is not None and record.get("format", "npy") != fmt:
+        return None
+    image, fg, label = cache.read(entry, record)
     return Volume(case.id, image, fg, label, record, dict(spec.regions), entry)
 
 
 
-def load_case(case, spec, cache_dir=None, use_cache=True, pad_to=None):
+def load_case(case, spec, cache_dir=None, use_cache=True, pad_to=None, fmt=None):
     """Reads, checks and preprocesses one case -> Volume. With the cache (default CACHE_DIR)
-    a case is decoded once into uncompressed .npy files and later memory-mapped; an entry is
-    rebuilt when a source file changes (size or mtime), written in a temp folder and renamed
-    so an interrupted build leaves nothing half-written, and built under a file lock so ranks
-    and workers sharing the folder build it once. pad_to pads the crop to at least that size."""
+    a case is decoded once into an entry of cache.py's format and later read from it (an entry
+    of either format is used; fmt names the one to build, default cache.DEFAULT, and when given
+    rebuilds entries of the other); an entry is rebuilt when a source file changes (size or
+    mtime), written in a temp folder and renamed so an interrupted build leaves nothing
+    half-written, and built under a file lock so ranks and workers sharing the folder build it
+    once. pad_to pads the crop to at least that size."""
     if not use_cache:
         problems, arrays, img = _read_checked(case, spec, first_only=True)
         image, fg, label, record = _preprocess(case, spec, arrays, img, pad_to)
         return Volume(case.id, image, fg, label, record, dict(spec.regions))
+    return _cached(case, spec, cache_dir, pad_to, fmt)[0]
+
+
+def _cached(case, spec, cache_dir, pad_to, fmt):
+    """load_case with the cache: (Volume, whether this call built its entry)."""
     cache_dir = Path(cache_dir) if cache_dir is not None else CACHE_DIR
     entry = cache_dir / _entry_name(case, pad_to)
     sources = _sources(case)
-    vol = _open_entry(entry, case, spec, sources)
+    vol = _open_entry(entry, case, spec, sources, fmt)
     if vol is not None:
-        return vol
+        return vol, False
     with locked(cache_dir / (entry.name + ".lock")):
-        vol = _open_entry(entry, case, spec, sources)  # another rank may have built it meanwhile
+        vol = _open_entry(entry, case, spec, sources, fmt)  # another rank may have built it meanwhile
         if vol is not None:
-            return vol
+            return vol, False
         problems, arrays, img = _read_checked(case, spec, first_only=True)
         image, fg, label, record = _preprocess(case, spec, arrays, img, pad_to)
         record["sources"] = sources
         with atomic_dir(entry) as tmp:  # a stale entry is moved aside: readers keep their open maps
-            np.save(tmp / "image.npy", image)
-            np.save(tmp / "fg.npy", fg)
-            if label is not None:
-                np.save(tmp / "label.npy", label)
+            record.update(cache.write(tmp, image, fg, label, fmt or cache.DEFAULT))
             (tmp / "record.json").write_text(json_text(record, indent=None))
-    return _open_entry(entry, case, spec, sources)
+    return _open_entry(entry, case, spec, sources, fmt), True
 
 
-def prepare(spec, cache_dir=None, rank=0, world=1):
-    """Builds the cache entries of every case (this rank's share: case i when i % world == rank)."""
-    for i, c in enumerate(spec.cases):
-        if i % world == rank:
-            load_case(c, spec, cache_dir)
+def _build(case, spec, cache_dir, fmt):
+    """One case of prepare(): (entry, bytes, whether this call built it)."""
+    vol, built = _cached(case, spec, cache_dir, None, fmt)
+    return vol.entry, sum(p.stat().st_size for p in vol.entry.iterdir()), built
+
+
+def _one_thread():
+    import blosc2
+
+    blosc2.set_nthreads(1)  # the processes share the cores
+
+
+def prepare(spec, cache_dir=None, rank=0, world=1, workers=1, fmt=None, progress=False):
+    """Builds the cache entries of every case (this rank's share: case i when i % world == rank)
+    over `workers` processes. Entries already there are kept, so a prepare that was stopped goes
+    on where it was; ranks or processes on other nodes sharing the folder build each entry once
+    (load_case's lock). Returns (entries built, entries kept, bytes of this share)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from tqdm import tqdm
+
+    mine = [c for i, c in enumerate(spec.cases) if i % world == rank]
+    args = [(c, spec, cache_dir, fmt) for c in mine]
+    bar = tqdm(total=len(mine), desc="prepare", unit="case", dynamic_ncols=True, disable=not progress)
+    built = kept = size = 0
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
+                                                           initializer=_one_thread))
+            results = pool.map(_build, *zip(*args)) if args else []
+        else:
+            results = (_build(*a) for a in args)
+        for _, nbytes, new in results:
+            built, kept, size = built + new, kept + (not new), size + nbytes
+            bar.update()
+    bar.close()
+    return built, kept, size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -627,6 +665,9 @@ def main(argv=None):
     ap.add_argument("--labels", default=None, choices=sorted(LABELS),
                     help="label convention (default: the layout's; check takes brats2024 for BraTS 2023 names with a label 4)")
     ap.add_argument("--cache", default=None, help=f"cache folder (default {CACHE_DIR})")
+    ap.add_argument("--format", default=None, choices=cache.FORMATS,
+                    help=f"prepare: entries of this format (default {cache.DEFAULT}; given, entries of the other are rebuilt)")
+    ap.add_argument("--workers", type=int, default=1, help="prepare: processes building entries")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--val", type=float, default=0.2)
     ap.add_argument("--test", type=float, default=0.2)
@@ -653,8 +694,14 @@ def main(argv=None):
               f"{len(problems)} problem(s)", file=sys.stderr)
         return 1 if problems else 0
     if args.command == "prepare":
-        prepare(spec, args.cache)
-        print(f"cached {len(spec.cases)} cases of {spec.root}")
+        t = time.perf_counter()
+        try:
+            built, kept, size = prepare(spec, args.cache, workers=args.workers, fmt=args.format, progress=True)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"cached {len(spec.cases)} cases of {spec.root} in {args.cache or CACHE_DIR}: {built} built, {kept} "
+              f"already there, {size / 2**20:.1f} MB, {time.perf_counter() - t:.1f} s")
         return 0
     split = make_split(spec, args.seed, args.val, args.test, args.out)
     print(json.dumps({k: len(v) for k, v in split.items()}))

@@ -122,8 +122,11 @@ def augment(x, generator, max_drop=0.3, max_block=0.25, scale=0.1, shift=0.1):
 
 
 def _crop(a, start, roi, fill):
-    """a[..., start:start+roi] per spatial axis, with `fill` beyond the array (start may be < 0)."""
-    out = np.full(a.shape[:-3] + tuple(roi), fill, dtype=a.dtype)
+    """a[..., start:start+roi] per spatial axis, with `fill` beyond the array (start may be < 0;
+    one fill, or one per channel of a (C, D, H, W) array). One slice of `a`: a compressed cache
+    array (cache.Stored) decodes only the blocks under the crop."""
+    out = np.empty(a.shape[:-3] + tuple(roi), dtype=a.dtype)
+    out[...] = np.reshape(fill, np.shape(fill) + (1, 1, 1)) if np.ndim(fill) else fill
     src, dst = [], []
     for s, r, n in zip(start, roi, a.shape[-3:]):
         lo, hi = max(s, 0), min(s + r, n)
@@ -198,7 +201,7 @@ class CropDataset(torch.utils.data.Dataset):
                 start.append(int(np.clip(centre[axis] - r // 2, 0, n - r)))
             else:
                 start.append(int(rng.integers(0, n - r + 1)))
-        image = np.stack([_crop(vol.image[c], start, self.roi, v) for c, v in enumerate(vol.record["pad_value"])])
+        image = _crop(vol.image, start, self.roi, np.asarray(vol.record["pad_value"], np.float32))
         out = {"image": torch.from_numpy(image.astype(np.float32, copy=False)),
                "fg": torch.from_numpy(_crop(vol.fg, start, self.roi, False))[None],
                "id": vol.id, "start": torch.tensor(start)}

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cache  # noqa: E402
 import data  # noqa: E402
 import layouts  # noqa: E402
 import demo_data  # noqa: E402
@@ -263,34 +264,55 @@ def test_round_trip_restore(folders, tmp_path, name):
 # Cache
 
 
-def test_cache_reuse_invalidation_and_interrupted_write(tmp_path, monkeypatch):
+def within_quantisation(stored, ref):
+    """cache.py's stated error of a b2nd image: at most max|x| / 65534 of each channel (and
+    float32's rounding of the product)."""
+    stored = np.asarray(stored)
+    peak = np.abs(ref).reshape(len(ref), -1).max(axis=1)
+    bound = peak / 65534 + 2 * np.finfo(np.float32).eps * peak
+    return stored.shape == ref.shape and bool(np.all(np.abs(stored - ref) <= bound[:, None, None, None]))
+
+
+@pytest.mark.parametrize("fmt", cache.FORMATS)
+def test_cache_reuse_invalidation_and_interrupted_write(tmp_path, monkeypatch, fmt):
     make_brats(tmp_path / "ds", n=1)
     spec = layouts.resolve(tmp_path / "ds")
     case = spec.cases[0]
-    cache = tmp_path / "cache"
+    store = tmp_path / "cache"
     calls = []
     real = data._preprocess
     monkeypatch.setattr(data, "_preprocess", lambda *a, **k: calls.append(1) or real(*a, **k))
+    same = np.array_equal if fmt == "npy" else within_quantisation
 
     # several threads (as ranks/workers would) ask at once: one build, one entry
     out = []
-    threads = [threading.Thread(target=lambda: out.append(data.load_case(case, spec, cache))) for _ in range(4)]
+    threads = [threading.Thread(target=lambda: out.append(data.load_case(case, spec, store, fmt=fmt)))
+               for _ in range(4)]
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert len(calls) == 1 and len(out) == 4
-    entries = [p for p in cache.iterdir() if p.is_dir()]
+    entries = [p for p in store.iterdir() if p.is_dir()]
     assert len(entries) == 1
     vol = out[0]
-    assert isinstance(vol.image, np.memmap) and vol.image.dtype == np.float32
+    assert isinstance(vol.image, np.memmap if fmt == "npy" else cache.Stored) and vol.image.dtype == np.float32
     ref = data.load_case(case, spec, use_cache=False)
-    assert np.array_equal(vol.image, ref.image) and np.array_equal(vol.label, ref.label)
     assert len(calls) == 2  # the uncached load above
-    # reuse: no rebuild
-    again = data.load_case(case, spec, cache)
+    assert same(vol.image, ref.image) and np.array_equal(vol.label, ref.label) and np.array_equal(vol.fg, ref.fg)
+    if fmt == "b2nd":  # the error is what quantisation alone gives, and background stays 0
+        q, scale = cache.quantise(ref.image)
+        assert np.array_equal(np.asarray(vol.image), q * scale[:, None, None, None])
+        assert np.array_equal(np.asarray(vol.image) == 0, ref.image == 0)
+    # reuse: no rebuild, whichever format is asked for next (an entry of either is read)
+    again = data.load_case(case, spec, store)
     assert len(calls) == 2 and np.array_equal(again.image, vol.image)
     # pickles (DataLoader workers with spawn) carry the path, not the voxels
     blob = pickle.dumps(again)
     assert len(blob) < 20_000 and np.array_equal(pickle.loads(blob).image, vol.image)
+    # asking for the other format by name rebuilds the entry in it
+    other = next(f for f in cache.FORMATS if f != fmt)
+    assert data.load_case(case, spec, store, fmt=other).record["format"] == other and len(calls) == 3
+    vol = data.load_case(case, spec, store, fmt=fmt)
+    assert len(calls) == 4 and len([p for p in store.iterdir() if p.is_dir()]) == 1
 
     # a changed source is rebuilt
     t1 = case.images["t1"]
@@ -298,27 +320,60 @@ def test_cache_reuse_invalidation_and_interrupted_write(tmp_path, monkeypatch):
     save(t1, np.where(arr > 0, arr + np.random.default_rng(9).integers(0, 300, arr.shape), 0).astype(np.int16))
     st = os.stat(t1)
     os.utime(t1, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    changed = data.load_case(case, spec, cache)
-    assert len(calls) == 3
+    changed = data.load_case(case, spec, store, fmt=fmt)
+    assert len(calls) == 5
     assert not np.array_equal(changed.image[0], vol.image[0]) and np.array_equal(changed.image[1:], vol.image[1:])
     assert changed.record["sources"] != vol.record["sources"]
-    assert np.array_equal(changed.image, data.load_case(case, spec, use_cache=False).image)
+    assert same(changed.image, data.load_case(case, spec, use_cache=False).image)
 
-    # an interrupted build leaves no entry and no temp folder behind
-    cache2 = tmp_path / "cache2"
-    real_save = np.save
+    # an interrupted build (arrays written, record not yet) leaves no entry and no temp folder
+    store2 = tmp_path / "cache2"
+    real_text = data.json_text
 
-    def dying_save(path, arr, *a, **k):
-        if str(path).endswith("fg.npy"):
-            raise KeyboardInterrupt("killed")
-        return real_save(path, arr, *a, **k)
+    def dying(*a, **k):
+        raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(data.np, "save", dying_save)
+    monkeypatch.setattr(data, "json_text", dying)
     with pytest.raises(KeyboardInterrupt):
-        data.load_case(case, spec, cache2)
-    assert [p for p in cache2.iterdir() if p.is_dir()] == []
-    monkeypatch.setattr(data.np, "save", real_save)
-    assert np.array_equal(data.load_case(case, spec, cache2).image, changed.image)
+        data.load_case(case, spec, store2, fmt=fmt)
+    assert [p for p in store2.iterdir() if p.is_dir()] == []
+    monkeypatch.setattr(data, "json_text", real_text)
+    # a builder killed outright leaves its temp folder: it is never read, and the next build
+    # (under the lock) removes it
+    entry = store2 / data._entry_name(case, None)
+    left = entry.with_name(f".{entry.name}.999.1.tmp")
+    left.mkdir()
+    (left / "image.npy").write_bytes(b"half")
+    assert same(data.load_case(case, spec, store2, fmt=fmt).image, changed.image if fmt == "npy" else
+                data.load_case(case, spec, use_cache=False).image)
+    assert sorted(p.name for p in store2.iterdir() if p.is_dir()) == [entry.name]
+
+
+def test_stored_slices_like_numpy(tmp_path):
+    """cache.Stored against the numpy array it stores: the slices a crop, a figure and a full
+    read take, an int channel then its slices, and the crop of sampling._crop (fills beyond)."""
+    import sampling
+
+    rng = np.random.default_rng(0)
+    image = (rng.normal(size=(3, 37, 70, 21)) * (rng.random((3, 37, 70, 21)) > 0.3)).astype(np.float32)
+    fg, label = image[0] != 0, rng.integers(0, 4, image.shape[1:]).astype(np.uint8)
+    rec = cache.write(tmp_path, image, fg, label, "b2nd", chunk=16, block=8)
+    im, f, lab = cache.read(tmp_path, rec)
+    ref = np.asarray(im)  # compared with the decoded whole: slicing must not change a value
+    assert within_quantisation(ref, image) and np.array_equal(np.asarray(f), fg)
+    assert np.array_equal(np.asarray(lab), label) and im.shape == image.shape and len(im) == 3
+    for idx in [(slice(None), slice(3, 20), slice(60, 70), slice(0, 5)), (1, slice(30, 37)), (Ellipsis, 5),
+                (slice(1, 3),), (2, 4, 5, 6), (Ellipsis, slice(2, 9), slice(0, 1), slice(20, 21))]:
+        assert np.array_equal(im[idx], ref[idx]), idx
+    ch = im[2]
+    assert isinstance(ch, cache.Stored) and ch.shape == image.shape[1:] and np.array_equal(ch[5:9, :, 3], ref[2, 5:9, :, 3])
+    assert np.array_equal(np.asarray(ch), ref[2]) and np.array_equal(lab[1:4, 2], label[1:4, 2])
+    for start in [(0, 0, 0), (-3, 50, 10), (30, -2, -5)]:
+        fill = np.array([0.0, -1.0, 2.0], np.float32)
+        assert np.array_equal(sampling._crop(im, start, (16, 24, 16), fill), sampling._crop(ref, start, (16, 24, 16), fill))
+        assert np.array_equal(sampling._crop(lab, start, (16, 24, 16), 0), sampling._crop(label, start, (16, 24, 16), 0))
+    with pytest.raises(TypeError):
+        im[::2]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,134 @@
+"""The on-disk format of a preprocessed case: the arrays of one cache entry of data.load_case
+(image (C, D, H, W), fg and label (D, H, W)), written into an entry's folder and read back as
+arrays that a random roi crop can slice without decoding the whole volume.
+
+Formats (FORMATS; the default chosen by `python bench.py data`, docs/data.md):
+    b2nd  blosc2 NDArrays (the format nnU-Net v2 keeps its preprocessed data in), zstd over
+          byte-shuffled chunks of CHUNK^3 voxels made of BLOCK^3 blocks; a slice decodes only
+          the blocks it touches. The image is stored as int16 with one scale per channel,
+          value = q * scale, scale = max|x| / 32767: the error of a voxel is at most scale / 2,
+          i.e. max|x| / 65534 of its channel, plus float32's rounding of the product (an MRI
+          z-score reaching 10: 1.5e-4; CT's [-1, 1]: 1.5e-5); 0 stays exactly 0.
+    npy   uncompressed float32 / bool / uint8 .npy files, memory-mapped (exact, about 3-6x the
+          bytes, the fastest crop when the page cache holds the file).
+"""
+import numpy as np
+
+FORMATS = ("b2nd", "npy")
+DEFAULT = "b2nd"
+CHUNK, BLOCK = 64, 16  # voxels per side of a chunk and of a block (bench.py data compares sizes)
+LEVELS = 32767  # int16 steps from 0 to the channel's largest magnitude
+CLEVEL = 5
+
+
+def _blosc2():
+    import blosc2  # imported when a b2nd entry is written or read: npy entries need no blosc2
+
+    return blosc2
+
+
+def quantise(image):
+    """(C, ...) float32 -> (int16 array, per-channel scales): image ~= q * scale[c]."""
+    peak = np.abs(image.reshape(len(image), -1)).max(axis=1).astype(np.float64)
+    scale = np.where(peak > 0, peak / LEVELS, 1.0).astype(np.float32)
+    q = np.empty(image.shape, np.int16)
+    for c in range(len(image)):
+        q[c] = np.rint(image[c] / scale[c])
+    return q, scale
+
+
+def write(folder, image, fg, label, fmt=DEFAULT, chunk=CHUNK, block=BLOCK, clevel=CLEVEL):
+    """Writes the arrays of one entry into `folder`; returns what the entry's record must hold
+    to read them back (format and, for b2nd, the image's per-channel scales)."""
+    arrays = {"image": image, "fg": fg, "label": label}
+    if fmt == "npy":
+        for name, a in arrays.items():
+            if a is not None:
+                np.save(folder / f"{name}.npy", a)
+        return {"format": "npy"}
+    if fmt != "b2nd":
+        raise ValueError(f"cache format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    b2 = _blosc2()
+    q, scale = quantise(image)
+    arrays["image"] = q
+    cparams = {"codec": b2.Codec.ZSTD, "clevel": clevel, "filters": [b2.Filter.SHUFFLE]}
+    for name, a in arrays.items():
+        if a is None:
+            continue
+        spatial = a.shape[-3:]
+        lead = (1,) * (a.ndim - 3)
+        chunks = lead + tuple(min(chunk, n) for n in spatial)
+        blocks = lead + tuple(min(block, n) for n in chunks[-3:])
+        b2.asarray(np.ascontiguousarray(a), urlpath=str(folder / f"{name}.b2nd"), mode="w", chunks=chunks,
+                   blocks=blocks, cparams=cparams)
+    return {"format": "b2nd", "scale": [float(s) for s in scale]}
+
+
+def read(folder, record):
+    """(image, fg, label) of an entry written by write(); label None when it has none. npy:
+    read-only memory maps; b2nd: Stored arrays decoded by the slice."""
+    fmt = record.get("format", "npy")  # entries written before the format was recorded are npy
+    if fmt == "npy":
+        label = folder / "label.npy"
+        return (np.load(folder / "image.npy", mmap_mode="r"), np.load(folder / "fg.npy", mmap_mode="r"),
+                np.load(label, mmap_mode="r") if label.exists() else None)
+    b2 = _blosc2()
+    label = folder / "label.b2nd"
+    return (Stored(b2.open(str(folder / "image.b2nd"), mode="r"), record["scale"]),
+            Stored(b2.open(str(folder / "fg.b2nd"), mode="r")),
+            Stored(b2.open(str(label), mode="r")) if label.exists() else None)
+
+
+def files(folder):
+    return sorted(p for p in folder.iterdir() if p.suffix in (".npy", ".b2nd"))
+
+
+class Stored:
+    """A read-only array kept compressed on disk (a blosc2 NDArray, optionally int16 with one
+    scale per channel of its first axis): indexing with ints and slices decodes only the blocks
+    the selection touches and returns a numpy array; `a[c]` of an image is the channel, still
+    on disk; np.asarray(a) decodes it all."""
+
+    def __init__(self, arr, scale=None, channel=None):
+        self.arr, self.channel = arr, channel
+        self.scale = None if scale is None else np.asarray(scale, np.float32)
+
+    @property
+    def shape(self):
+        return tuple(self.arr.shape[0 if self.channel is None else 1:])
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    @property
+    def dtype(self):
+        return np.dtype(np.float32) if self.scale is not None else np.dtype(self.arr.dtype)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def _full_index(self, idx):
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if any(i is Ellipsis for i in idx):
+            k = idx.index(Ellipsis)
+            idx = idx[:k] + (slice(None),) * (self.ndim - len(idx) + 1) + idx[k + 1:]
+        for i in idx:
+            if not isinstance(i, (slice, int, np.integer)) or (isinstance(i, slice) and i.step not in (None, 1)):
+                raise TypeError(f"Stored arrays take ints and unit-step slices, not {i!r}")
+        idx = idx + (slice(None),) * (self.ndim - len(idx))
+        return idx if self.channel is None else (self.channel, *idx)
+
+    def __getitem__(self, idx):
+        if self.channel is None and self.scale is not None and isinstance(idx, (int, np.integer)):
+            return Stored(self.arr, self.scale, int(idx))  # a channel: still on disk
+        full = self._full_index(idx)
+        out = np.asarray(self.arr[full])
+        if self.scale is None:
+            return out
+        s = self.scale[full[0]]
+        return out * (s if np.ndim(s) == 0 else s.reshape(-1, *[1] * (out.ndim - 1)))
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[...]
+        return out if dtype is None else out.astype(dtype, copy=False)
