@@ -334,91 +334,11 @@ def _kernels_train_step(backend, size, steps):
 
 
 def bench_data(args):
-    """Load + preprocess N BraTS-sized cases (4 x 240x240x155 int16 .nii.gz + seg): ours cold
-    (gzip, preprocess, cache write), ours warm (memory-mapped cache, arrays copied into memory)
-    and MONAI's LoadImaged, EnsureChannelFirstd, NormalizeIntensityd(nonzero, channel_wise),
-    CropForegroundd, plain and behind a PersistentDataset disk cache, in the same run."""
-    import shutil
-    import tempfile
-    from pathlib import Path
+    """The data layer at the real data sets' size (bench_data.py): preprocessing against MONAI,
+    the cache formats, and the DataLoader workers a GPU needs."""
+    import bench_data
 
-    import numpy as np
-    from monai.data import PersistentDataset
-    from monai.transforms import Compose, CropForegroundd, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd
-
-    import data
-    import demo_data
-    import layouts
-
-    n_cases = 2 if args.quick else 8
-    repeats = 1 if args.quick else 3
-    tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
-    try:
-        # one 1 mm demo person in the BraTS 2021 grid (240 x 240 x 155, LPS), copied to N cases
-        template, origin, tsp, tshape = demo_data.load_template(1.0)
-        person, _ = demo_data.make_person(1, 0, True, template, origin, tsp, tshape, 1.0)
-        pad = lambda a: np.pad(a.numpy()[:, :, :155], ((21, 22), (3, 4), (0, 0)))  # noqa: E731
-        affine = np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, 239], [0, 0, 1.0, 0], [0, 0, 0, 1]])
-        arrays = {k: pad(v)[::-1, ::-1] for k, v in person["mri"].items()}
-        arrays["seg"] = pad(person["seg"])[::-1, ::-1]
-        for i in range(n_cases):
-            cid = f"BraTS2021_{i:05d}"
-            (tmp / "ds" / cid).mkdir(parents=True)
-            for k, a in arrays.items():
-                demo_data.save(np.ascontiguousarray(a), affine, tmp / "ds" / cid / f"{cid}_{k}.nii.gz")
-        spec = layouts.resolve(tmp / "ds")
-        size_mb = sum(p.stat().st_size for p in (tmp / "ds").rglob("*.nii.gz")) / n_cases / 2**20
-        print(f"{n_cases} cases of 4 x {arrays['t1'].shape} + seg, {size_mb:.1f} MB gzip each")
-
-        def ours_cold():
-            cache = Path(tempfile.mkdtemp(dir=tmp))
-            for c in spec.cases:
-                data.load_case(c, spec, cache)
-            shutil.rmtree(cache)
-
-        warm_cache = tmp / "warm"
-        for c in spec.cases:
-            data.load_case(c, spec, warm_cache)
-
-        def ours_warm():
-            for c in spec.cases:
-                v = data.load_case(c, spec, warm_cache)
-                np.array(v.image), np.array(v.fg), np.array(v.label)  # touch every voxel
-
-        keys = ["image", "label"]
-        monai = Compose([LoadImaged(keys), EnsureChannelFirstd(keys),
-                         NormalizeIntensityd("image", nonzero=True, channel_wise=True),
-                         CropForegroundd(keys, source_key="image")])
-        items = [{"image": [str(p) for p in c.images.values()], "label": str(c.label)} for c in spec.cases]
-
-        def monai_plain():
-            for d in items:
-                monai(d)
-
-        persistent = PersistentDataset(items, monai, cache_dir=tmp / "monai_cache")
-        for i in range(len(persistent)):
-            persistent[i]
-
-        def monai_persistent():
-            for i in range(len(persistent)):
-                persistent[i]
-
-        # same output check: our crop equals MONAI's (BraTS affines need no reorientation here
-        # beyond flips, which the crop box absorbs), so both sides do the same work
-        ref = monai(items[0])
-        ours = data.load_case(spec.cases[0], spec, warm_cache)
-        same = np.allclose(np.asarray(ours.image), ref["image"].numpy()[:, ::-1, ::-1], atol=1e-5)
-        rows = []
-        t_monai = median_time(monai_plain, repeats, warmup=0)
-        for name, fn in [("ours, cold (gzip -> cache)", ours_cold), ("ours, warm (memory-mapped cache)", ours_warm),
-                         ("MONAI, plain", monai_plain), ("MONAI, PersistentDataset warm", monai_persistent)]:
-            t = t_monai if fn is monai_plain else median_time(fn, repeats, warmup=0 if fn is ours_cold else 1)
-            rows.append({"pipeline": name, "cases/s": n_cases / t, "s/case": t / n_cases,
-                         "x MONAI plain": t_monai / t})
-        print_table(f"data: load + preprocess {n_cases} BraTS-sized cases (same output as MONAI: {same})",
-                    rows, ["pipeline", "cases/s", "s/case", "x MONAI plain"])
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    bench_data.bench_data(args)
 
 
 # metrics benchmark: 3-D SSIM vs scikit-image, HD95 vs MONAI, 18-connected components vs scipy

@@ -3,7 +3,7 @@
 arrays that a random roi crop can slice without decoding the whole volume.
 
 Formats (FORMATS; the default chosen by `python bench.py data`, docs/data.md):
-    b2nd  blosc2 NDArrays (the format nnU-Net v2 keeps its preprocessed data in), zstd over
+    b2nd  blosc2 NDArrays (the format nnU-Net v2 keeps its preprocessed data in), CODEC over
           byte-shuffled chunks of CHUNK^3 voxels made of BLOCK^3 blocks; a slice decodes only
           the blocks it touches. The image is stored as int16 with one scale per channel,
           value = q * scale, scale = max|x| / 32767: the error of a voxel is at most scale / 2,
@@ -18,13 +18,18 @@ FORMATS = ("b2nd", "npy")
 DEFAULT = "b2nd"
 CHUNK, BLOCK = 64, 16  # voxels per side of a chunk and of a block (bench.py data compares sizes)
 LEVELS = 32767  # int16 steps from 0 to the channel's largest magnitude
-CLEVEL = 5
+CODEC, CLEVEL = "zstd", 5
 
 
 def _blosc2():
     import blosc2  # imported when a b2nd entry is written or read: npy entries need no blosc2
 
     return blosc2
+
+
+def worker_init(*_):
+    """One blosc2 thread per process: DataLoader workers and prepare()'s processes share the cores."""
+    _blosc2().set_nthreads(1)
 
 
 def quantise(image):
@@ -37,7 +42,7 @@ def quantise(image):
     return q, scale
 
 
-def write(folder, image, fg, label, fmt=DEFAULT, chunk=CHUNK, block=BLOCK, clevel=CLEVEL):
+def write(folder, image, fg, label, fmt=DEFAULT, chunk=CHUNK, block=BLOCK, codec=CODEC, clevel=CLEVEL):
     """Writes the arrays of one entry into `folder`; returns what the entry's record must hold
     to read them back (format and, for b2nd, the image's per-channel scales)."""
     arrays = {"image": image, "fg": fg, "label": label}
@@ -51,7 +56,7 @@ def write(folder, image, fg, label, fmt=DEFAULT, chunk=CHUNK, block=BLOCK, cleve
     b2 = _blosc2()
     q, scale = quantise(image)
     arrays["image"] = q
-    cparams = {"codec": b2.Codec.ZSTD, "clevel": clevel, "filters": [b2.Filter.SHUFFLE]}
+    cparams = {"codec": getattr(b2.Codec, codec.upper()), "clevel": clevel, "filters": [b2.Filter.SHUFFLE]}
     for name, a in arrays.items():
         if a is None:
             continue

@@ -550,12 +550,6 @@ def _build(case, spec, cache_dir, fmt):
     return vol.entry, sum(p.stat().st_size for p in vol.entry.iterdir()), built
 
 
-def _one_thread():
-    import blosc2
-
-    blosc2.set_nthreads(1)  # the processes share the cores
-
-
 def prepare(spec, cache_dir=None, rank=0, world=1, workers=1, fmt=None, progress=False):
     """Builds the cache entries of every case (this rank's share: case i when i % world == rank)
     over `workers` processes. Entries already there are kept, so a prepare that was stopped goes
@@ -573,7 +567,7 @@ def prepare(spec, cache_dir=None, rank=0, world=1, workers=1, fmt=None, progress
     with contextlib.ExitStack() as stack:
         if workers > 1:
             pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
-                                                           initializer=_one_thread))
+                                                           initializer=cache.worker_init))
             results = pool.map(_build, *zip(*args)) if args else []
         else:
             results = (_build(*a) for a in args)

@@ -75,7 +75,8 @@ class Config:
     hd95: bool = R.opt(False, "seg: also HD95 per region (results.json)")
     untrained: bool = R.opt(False, "identify: the checkpoint's network with its run's initial weights")
     modalities: str = R.opt("", "the data's channels, in order (default: the checkpoint's)")
-    cache: str = R.opt("", "preprocessed-data cache folder (default: data.py's)")
+    cache: str = R.opt("", "preprocessed-data cache folder of --task identify (default: data.py's); "
+                              "transfer and seg score against the source files")
     device: str = R.opt("auto", "auto | cuda | cpu | cuda:N")
     seed: int = R.opt(0, "recorded with the results (inference is deterministic)")
 
@@ -107,11 +108,12 @@ def input_subsets(inputs, which):
     return [list(s) for k in range(1, len(inputs) + 1) for s in itertools.combinations(inputs, k)]
 
 
-def _load_volume(spec, case_id, cache):
+def _load_volume(spec, case_id, cache, exact=False):
     """Reads, checks and preprocesses one case; bad input stops with data.py's one-line message
-    (it names the file and the problem)."""
+    (it names the file and the problem). exact reads the source files, not the cache, whose
+    default format is quantised (cache.py): what is scored is the data itself."""
     try:
-        return data.load_case(spec.case(case_id), spec, cache)
+        return data.load_case(spec.case(case_id), spec, cache, use_cache=not exact)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise SystemExit(" ".join(str(e).split()).strip("'\"")) from None
 
@@ -125,7 +127,7 @@ def _transfer_case(net, vol, meta, cfg, dev, stage, figures):
     protocol with the identity baseline (scored on the original grid), NIfTI per source and
     target, one figure per source."""
     names, sources, targets, rec = meta["modalities"], meta["inputs"], meta["targets"], vol.record
-    image = torch.from_numpy(np.array(vol.image, dtype=np.float32)).to(dev)  # a copy: the cache is read-only
+    image = torch.from_numpy(np.array(vol.image, dtype=np.float32)).to(dev)  # a float32 copy of the case
     preds = inference.predict_subsets(net, image, [[s] for s in sources], meta, overlap=cfg.overlap,
                                       sw_batch_size=cfg.sw_batch_size, device=dev)
     on_source = inference.to_source_grid(vol.image, rec, names)
@@ -340,7 +342,6 @@ def main(argv=None):
         raise SystemExit(f"{spec.root}: the data's regions {list(regions)} differ from the checkpoint's "
                          f"{list(meta['regions'])}")
     ids = _cases(cfg, meta, spec)
-    cache = Path(cfg.cache) if cfg.cache else None
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"--out {out}: exists and is not a folder")
@@ -354,7 +355,7 @@ def main(argv=None):
     with staging(out) as stage:
         rows, feats, who, which = [], [], [], []
         for n, cid in enumerate(tqdm(ids, desc=f"evaluate {task}", unit="case", dynamic_ncols=True)):
-            vol = _load_volume(spec, cid, cache)
+            vol = _load_volume(spec, cid, None, exact=True)
             figures = n < cfg.figures
             try:
                 if task == "transfer":
