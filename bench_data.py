@@ -132,7 +132,7 @@ def _write_variant(folder, vol, name):
     import cache
 
     if name.startswith("b2nd"):
-        rec = cache.write(folder, vol.image, vol.fg, vol.label, "b2nd", codec=name.split()[-1])
+        rec = cache.write(folder, vol.image, vol.fg, vol.label, "b2nd", **VARIANTS[name])
         return lambda: cache.read(folder, rec)
     if name == "npy float32":
         rec = cache.write(folder, vol.image, vol.fg, vol.label, "npy")
@@ -165,11 +165,10 @@ def _drop(folder):
 
 def _crops_per_second(vol, roi, n):
     """Crops per second of one DataLoader worker (after its first crop) over CropDataset."""
-    import cache
     import sampling
 
     ds = sampling.CropDataset([vol], roi, fg_fraction=0.5, seed=0, samples_per_epoch=n + 1)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1, worker_init_fn=cache.worker_init)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1)
     it = iter(loader)
     next(it)
     t = time.perf_counter()
@@ -178,7 +177,11 @@ def _crops_per_second(vol, roi, n):
     return n / (time.perf_counter() - t)
 
 
-VARIANTS = ["npy float32", "npy float16", "npy int16 + scale", "b2nd zstd", "b2nd lz4"]
+VARIANTS = {"npy float32": {}, "npy float16": {}, "npy int16 + scale": {},  # name -> cache.write's b2nd options
+            "b2nd zstd 5, blocks 16^3": dict(codec="zstd", clevel=5, block=16),
+            "b2nd zstd 1, blocks 32^3": dict(codec="zstd", clevel=1, block=32),
+            "b2nd lz4 1, blocks 32^3": dict(codec="lz4", clevel=1, block=32),
+            "b2nd lz4 5, blocks 32^3": dict(codec="lz4", clevel=5, block=32)}
 
 
 def _formats(tmp, spec, kind, roi, n_crops, n_loader):
@@ -277,7 +280,9 @@ def bench_data(args):
         print_table(f"cache formats: one case each (after the crop to the foreground: BraTS {shapes['BraTS']}, "
                     f"AutoPET {shapes['AutoPET']}), roi {roi[0]}^3 crops, one DataLoader worker", rows, list(rows[0]))
 
-        default = {r["case"]: r for r in rows if r["format"] == "b2nd zstd"}
+        import cache
+        name = next(n for n, o in VARIANTS.items() if o == dict(codec=cache.CODEC, clevel=cache.CLEVEL, block=cache.BLOCK))
+        default = {r["case"]: r for r in rows if r["format"] == name}
         gpu_rows = []
         for task, flops in [("pre-training", pretrain_step_flops(48, roi)), ("tuning (segmentation)",
                                                                             tuning_step_flops(48, roi))]:
@@ -289,6 +294,6 @@ def bench_data(args):
                                      "crops/s needed": 1 / step, "crops/s / worker": r["crops/s / worker"],
                                      "workers / GPU": math.ceil(1 / step / r["crops/s / worker"])})
         print_table(f"the GPU's appetite: one crop (batch 1 per GPU) per step at F=48, roi 96^3; workers on this "
-                    f"machine's cores, default format (b2nd zstd)", gpu_rows, list(gpu_rows[0]))
+                    f"machine's cores, the default format ({name})", gpu_rows, list(gpu_rows[0]))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -22,14 +22,14 @@ CODEC, CLEVEL = "zstd", 5
 
 
 def _blosc2():
-    import blosc2  # imported when a b2nd entry is written or read: npy entries need no blosc2
+    """blosc2, imported when a b2nd entry is written or read (npy entries need none), with one
+    thread: a process whose blosc2 has started its thread pool forks children that hang on their
+    first decode, and DataLoader workers are forked. Parallel reads come from the workers."""
+    import blosc2
 
+    if blosc2.nthreads != 1:
+        blosc2.set_nthreads(1)
     return blosc2
-
-
-def worker_init(*_):
-    """One blosc2 thread per process: DataLoader workers and prepare()'s processes share the cores."""
-    _blosc2().set_nthreads(1)
 
 
 def quantise(image):
@@ -82,10 +82,6 @@ def read(folder, record):
     return (Stored(b2.open(str(folder / "image.b2nd"), mode="r"), record["scale"]),
             Stored(b2.open(str(folder / "fg.b2nd"), mode="r")),
             Stored(b2.open(str(label), mode="r")) if label.exists() else None)
-
-
-def files(folder):
-    return sorted(p for p in folder.iterdir() if p.suffix in (".npy", ".b2nd"))
 
 
 class Stored:

@@ -14,6 +14,7 @@ Arrays are (C, x, y, z) with the spatial axes pointing to R, A, S; the code call
 
     python data.py check --data PATH [--modalities t1,t2] [--labels brats2024]   # every problem, one line each
     python data.py prepare --data PATH [--workers 8] [--format b2nd]  # fill the cache before a long run
+    torchrun --nnodes N --nproc-per-node 1 data.py prepare --data PATH --cache SHARED  # nodes share the cases
     python data.py split --data PATH --seed 0 --out split.json
     python data.py demo [--persons 32 --seed 0 --spacing 2]
 """
@@ -523,15 +524,18 @@ def load_case(case, spec, cache_dir=None, use_cache=True, pad_to=None, fmt=None)
     return _cached(case, spec, cache_dir, pad_to, fmt)[0]
 
 
-def _cached(case, spec, cache_dir, pad_to, fmt):
-    """load_case with the cache: (Volume, whether this call built its entry)."""
+def _cached(case, spec, cache_dir, pad_to, fmt, wait=True):
+    """load_case with the cache: (Volume, whether this call built its entry); with wait=False,
+    (None, False) when another process holds the entry's lock (it is building it)."""
     cache_dir = Path(cache_dir) if cache_dir is not None else CACHE_DIR
     entry = cache_dir / _entry_name(case, pad_to)
     sources = _sources(case)
     vol = _open_entry(entry, case, spec, sources, fmt)
     if vol is not None:
         return vol, False
-    with locked(cache_dir / (entry.name + ".lock")):
+    with locked(cache_dir / (entry.name + ".lock"), wait) as held:
+        if not held:
+            return None, False
         vol = _open_entry(entry, case, spec, sources, fmt)  # another rank may have built it meanwhile
         if vol is not None:
             return vol, False
@@ -544,36 +548,40 @@ def _cached(case, spec, cache_dir, pad_to, fmt):
     return _open_entry(entry, case, spec, sources, fmt), True
 
 
-def _build(case, spec, cache_dir, fmt):
-    """One case of prepare(): (entry, bytes, whether this call built it)."""
-    vol, built = _cached(case, spec, cache_dir, None, fmt)
-    return vol.entry, sum(p.stat().st_size for p in vol.entry.iterdir()), built
+def _build(case, spec, cache_dir, fmt, wait):
+    """One case of prepare(): (case, bytes, whether this call built it), bytes None when
+    another process is building it (wait=False)."""
+    vol, built = _cached(case, spec, cache_dir, None, fmt, wait)
+    return case, None if vol is None else sum(p.stat().st_size for p in vol.entry.iterdir()), built
 
 
 def prepare(spec, cache_dir=None, rank=0, world=1, workers=1, fmt=None, progress=False):
     """Builds the cache entries of every case (this rank's share: case i when i % world == rank)
     over `workers` processes. Entries already there are kept, so a prepare that was stopped goes
     on where it was; ranks or processes on other nodes sharing the folder build each entry once
-    (load_case's lock). Returns (entries built, entries kept, bytes of this share)."""
+    (load_case's lock): a case another process is building is passed over and waited for at the
+    end, so two prepares of one set share the work. Returns (entries built, entries kept, bytes
+    of this share)."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
     from tqdm import tqdm
 
-    mine = [c for i, c in enumerate(spec.cases) if i % world == rank]
-    args = [(c, spec, cache_dir, fmt) for c in mine]
-    bar = tqdm(total=len(mine), desc="prepare", unit="case", dynamic_ncols=True, disable=not progress)
+    todo = [c for i, c in enumerate(spec.cases) if i % world == rank]
+    bar = tqdm(total=len(todo), desc="prepare", unit="case", dynamic_ncols=True, disable=not progress)
     built = kept = size = 0
     with contextlib.ExitStack() as stack:
-        if workers > 1:
-            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
-                                                           initializer=cache.worker_init))
-            results = pool.map(_build, *zip(*args)) if args else []
-        else:
-            results = (_build(*a) for a in args)
-        for _, nbytes, new in results:
-            built, kept, size = built + new, kept + (not new), size + nbytes
-            bar.update()
+        pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=get_context("spawn"))) if workers > 1 else None
+        for wait in (False, True):
+            args = [(c, spec, cache_dir, fmt, wait) for c in todo]
+            results = pool.map(_build, *zip(*args)) if pool and args else (_build(*a) for a in args)
+            todo = []
+            for case, nbytes, new in results:
+                if nbytes is None:
+                    todo.append(case)
+                    continue
+                built, kept, size = built + new, kept + (not new), size + nbytes
+                bar.update()
     bar.close()
     return built, kept, size
 
@@ -689,12 +697,14 @@ def main(argv=None):
         return 1 if problems else 0
     if args.command == "prepare":
         t = time.perf_counter()
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
         try:
-            built, kept, size = prepare(spec, args.cache, workers=args.workers, fmt=args.format, progress=True)
+            built, kept, size = prepare(spec, args.cache, rank, world, args.workers, args.format, progress=rank == 0)
         except (ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-        print(f"cached {len(spec.cases)} cases of {spec.root} in {args.cache or CACHE_DIR}: {built} built, {kept} "
+        share = f"rank {rank} of {world}: " if world > 1 else ""
+        print(f"{share}cached {built + kept} cases of {spec.root} in {args.cache or CACHE_DIR}: {built} built, {kept} "
               f"already there, {size / 2**20:.1f} MB, {time.perf_counter() - t:.1f} s")
         return 0
     split = make_split(spec, args.seed, args.val, args.test, args.out)

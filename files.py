@@ -83,14 +83,20 @@ def atomic_dir(path):
 
 
 @contextmanager
-def locked(path):
-    """Exclusive lock shared by processes (DDP ranks, DataLoader workers) and threads."""
+def locked(path, wait=True):
+    """Exclusive lock shared by processes (DDP ranks, DataLoader workers, other nodes: Linux
+    takes flock on NFS as a POSIX lock the server arbitrates) and threads. Yields True once held;
+    with wait=False, yields False at once when another holder has it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 

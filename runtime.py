@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import cache
 import data
 import layouts
 import sampling
@@ -451,8 +450,7 @@ def train_loader(spec, ids, roi, batch, steps, start, seed, d, workers=2, fg_fra
     ds = sampling.CropDataset(cases, roi, fg_fraction=fg_fraction, seed=seed, spec=spec, cache_dir=cache_dir)
     sampler = StepSampler(len(ds), batch, steps, start, seed, d.rank, d.world)
     return torch.utils.data.DataLoader(EpochIndexed(ds), batch_size=batch, sampler=sampler, num_workers=workers,
-                                       persistent_workers=workers > 0, pin_memory=d.device.type == "cuda",
-                                       worker_init_fn=cache.worker_init if workers > 0 else None)
+                                       persistent_workers=workers > 0, pin_memory=d.device.type == "cuda")
 
 
 def save_state(path, model, opt, sched, step, cfg, d, **extra):

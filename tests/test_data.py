@@ -3,6 +3,7 @@ import itertools
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import threading
@@ -349,6 +350,40 @@ def test_cache_reuse_invalidation_and_interrupted_write(tmp_path, monkeypatch, f
     assert sorted(p.name for p in store2.iterdir() if p.is_dir()) == [entry.name]
 
 
+def _prepare_line(proc):
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    m = re.search(r"cached (\d+) cases of .*: (\d+) built, (\d+) already there", out)
+    assert m, out
+    return [int(g) for g in m.groups()]
+
+
+def test_prepare_processes_sharing_one_cache(tmp_path):
+    """Two `data.py prepare` at once on one cache folder (as jobs on two nodes would): every entry
+    built once in all, one entry per case, no temp folder left; then a resumed prepare with two
+    workers builds nothing, and torchrun-style ranks split the cases."""
+    n = 6
+    make_brats(tmp_path / "ds", n=n, shape=(80, 96, 64))
+    store = tmp_path / "cache"
+    cmd = [sys.executable, str(Path(data.__file__)), "prepare", "--data", str(tmp_path / "ds"), "--cache", str(store)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    lines = [_prepare_line(p) for p in procs]
+    assert [a for a, _, _ in lines] == [n, n]
+    assert sum(b for _, b, _ in lines) == n  # each entry built by one of them
+    entries = sorted(p.name for p in store.iterdir() if p.is_dir())
+    assert len(entries) == n and not [e for e in entries if ".tmp" in e]
+    spec = layouts.resolve(tmp_path / "ds")
+    for case in spec.cases:  # what they built is what one process builds
+        got, ref = data.load_case(case, spec, store), data.load_case(case, spec, use_cache=False)
+        assert within_quantisation(got.image, ref.image) and np.array_equal(got.label, ref.label)
+    again = subprocess.Popen(cmd + ["--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _prepare_line(again) == [n, 0, n]
+    ranks = [subprocess.Popen(cmd[:-1] + [str(tmp_path / "ranks")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"}) for r in range(2)]
+    assert [_prepare_line(p) for p in ranks] == [[n // 2, n // 2, 0]] * 2
+    assert len([p for p in (tmp_path / "ranks").iterdir() if p.is_dir()]) == n
+
+
 def test_stored_slices_like_numpy(tmp_path):
     """cache.Stored against the numpy array it stores: the slices a crop, a figure and a full
     read take, an int channel then its slices, and the crop of sampling._crop (fills beyond)."""
@@ -374,6 +409,27 @@ def test_stored_slices_like_numpy(tmp_path):
         assert np.array_equal(sampling._crop(lab, start, (16, 24, 16), 0), sampling._crop(label, start, (16, 24, 16), 0))
     with pytest.raises(TypeError):
         im[::2]
+
+
+def test_b2nd_crops_in_forked_workers_after_the_parent_decoded(tmp_path):
+    """DataLoader workers are forked from a process that has decoded entries (validation,
+    figures): blosc2 with a thread pool there makes forked workers hang on their first decode."""
+    import torch
+
+    import sampling
+
+    make_brats(tmp_path / "ds", n=1, shape=(64, 72, 48))
+    spec = layouts.resolve(tmp_path / "ds")
+    vol = data.load_case(spec.cases[0], spec, tmp_path / "cache", fmt="b2nd")
+    assert isinstance(vol.image, cache.Stored)
+    np.asarray(vol.image)  # the parent decodes the whole image
+    ds = sampling.CropDataset([vol], (32, 32, 32), fg_fraction=0.5, samples_per_epoch=3, seed=0)
+    here = [ds[i] for i in range(3)]
+    forked = list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1, timeout=60,
+                                              multiprocessing_context="fork"))
+    assert len(forked) == 3
+    for a, b in zip(here, forked):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
 
 
 # ---------------------------------------------------------------------------------------------
