@@ -1,6 +1,6 @@
 """Benchmarks: our code and its peer (MONAI, scikit-image, PyTorch SDPA) in the same run.
 
-    python bench.py model | data | metrics | pretrain | downstream | predict | kernels | steps [--quick]
+    python bench.py model | data | prepare | metrics | pretrain | downstream | predict | kernels | steps [--quick]
                     [--static] [--against REV] [--write docs/benchmarks.md]
 
 Every benchmark prints a table with both sides and their ratio (ours / peer). Times are the
@@ -339,6 +339,13 @@ def bench_data(args):
     import bench_data
 
     bench_data.bench_data(args)
+
+
+def bench_prepare(args):
+    """A full-size dry run of `data.py prepare` (bench_data.py): a sample, extrapolated."""
+    import bench_data
+
+    bench_data.bench_prepare(args)
 
 
 # metrics benchmark: 3-D SSIM vs scikit-image, HD95 vs MONAI, 18-connected components vs scipy

@@ -3,8 +3,8 @@
 1. Load + preprocess BraTS-sized cases: ours (gzip -> cache, and the cache read back) against
    MONAI's LoadImaged / NormalizeIntensityd / CropForegroundd, plain and behind PersistentDataset.
 2. The cache formats on a BraTS-sized case (4 x 240x240x155, 1 mm) and an AutoPET-sized study
-   (CT + PET, 400x400x300): today's float32 .npy memory map, float16 and int16 + per-channel
-   scale memory maps, and blosc2 (cache.py's b2nd) with zstd and with lz4. Bytes per case, time
+   (CT + PET, 400x400x300): the float32 .npy memory map (cache.py's npy), float16 and int16 +
+   per-channel scale memory maps (npy-int16), and blosc2 (b2nd) with zstd and lz4, two chunkings. Bytes per case, time
    to write the entry, the largest error, one random roi crop read cold (the entry's pages
    dropped from the page cache, posix_fadvise) and warm, and the crops per second that one
    DataLoader worker delivers (CropDataset: crop, regions, tensors).
@@ -48,7 +48,7 @@ def _brats_cases(folder, n):
     return person
 
 
-def _autopet_case(folder, person):
+def _autopet_case(folder, person, patient="PETCT_000"):
     """One AutoPET-named study (CTres, SUV, SEG) of AUTOPET_GRID voxels, the demo head's CT and
     PET mirrored to fill it."""
     import demo_data
@@ -59,7 +59,7 @@ def _autopet_case(folder, person):
         pad = [(0, (r - 1) * n) for r, n in zip(reps, a.shape)]
         return np.ascontiguousarray(np.pad(a, pad, mode="symmetric")[tuple(slice(0, g) for g in AUTOPET_GRID)])
 
-    study = folder / "PETCT_000" / "01-01-2000-NA-PET-CT"
+    study = folder / patient / "01-01-2000-NA-PET-CT"
     study.mkdir(parents=True)
     affine = np.diag([2.0, 2.0, 3.0, 1.0])
     seg = grow(np.isin(person["seg"].numpy(), (1, 4)).astype(np.uint8))
@@ -134,22 +134,13 @@ def _write_variant(folder, vol, name):
     if name.startswith("b2nd"):
         rec = cache.write(folder, vol.image, vol.fg, vol.label, "b2nd", **VARIANTS[name])
         return lambda: cache.read(folder, rec)
-    if name == "npy float32":
-        rec = cache.write(folder, vol.image, vol.fg, vol.label, "npy")
+    if name in ("npy float32", "npy int16 + scale"):
+        rec = cache.write(folder, vol.image, vol.fg, vol.label, "npy" if name == "npy float32" else "npy-int16")
         return lambda: cache.read(folder, rec)
-    if name == "npy float16":
-        image, scale = vol.image.astype(np.float16), None
-    else:  # npy int16 + scale
-        image, scale = cache.quantise(vol.image)
-    np.save(folder / "image.npy", image)
+    np.save(folder / "image.npy", vol.image.astype(np.float16))  # npy float16
     np.save(folder / "fg.npy", vol.fg)
     np.save(folder / "label.npy", vol.label)
-
-    def open_():
-        maps = [np.load(folder / f"{k}.npy", mmap_mode="r") for k in ("image", "fg", "label")]
-        return (maps[0] if scale is None else cache.Stored(maps[0], scale)), maps[1], maps[2]
-
-    return open_
+    return lambda: tuple(np.load(folder / f"{k}.npy", mmap_mode="r") for k in ("image", "fg", "label"))
 
 
 def _drop(folder):
@@ -178,10 +169,10 @@ def _crops_per_second(vol, roi, n):
 
 
 VARIANTS = {"npy float32": {}, "npy float16": {}, "npy int16 + scale": {},  # name -> cache.write's b2nd options
-            "b2nd zstd 5, blocks 16^3": dict(codec="zstd", clevel=5, block=16),
-            "b2nd zstd 1, blocks 32^3": dict(codec="zstd", clevel=1, block=32),
-            "b2nd lz4 1, blocks 32^3": dict(codec="lz4", clevel=1, block=32),
-            "b2nd lz4 5, blocks 32^3": dict(codec="lz4", clevel=5, block=32)}
+            "b2nd zstd 5, chunks 64^3, blocks 16^3": dict(codec="zstd", clevel=5, chunk=64, block=16),
+            "b2nd zstd 1, chunks 32^3": dict(codec="zstd", clevel=1, chunk=32, block=32),
+            "b2nd lz4 1, chunks 64^3, blocks 32^3": dict(codec="lz4", clevel=1, chunk=64, block=32),
+            "b2nd lz4 1, chunks 32^3": dict(codec="lz4", clevel=1, chunk=32, block=32)}
 
 
 def _formats(tmp, spec, kind, roi, n_crops, n_loader):
@@ -281,7 +272,8 @@ def bench_data(args):
                     f"AutoPET {shapes['AutoPET']}), roi {roi[0]}^3 crops, one DataLoader worker", rows, list(rows[0]))
 
         import cache
-        name = next(n for n, o in VARIANTS.items() if o == dict(codec=cache.CODEC, clevel=cache.CLEVEL, block=cache.BLOCK))
+        name = next(n for n, o in VARIANTS.items()
+                    if o == dict(codec=cache.CODEC, clevel=cache.CLEVEL, chunk=cache.CHUNK, block=cache.BLOCK))
         default = {r["case"]: r for r in rows if r["format"] == name}
         gpu_rows = []
         for task, flops in [("pre-training", pretrain_step_flops(48, roi)), ("tuning (segmentation)",
@@ -295,5 +287,66 @@ def bench_data(args):
                                      "workers / GPU": math.ceil(1 / step / r["crops/s / worker"])})
         print_table(f"the GPU's appetite: one crop (batch 1 per GPU) per step at F=48, roi 96^3; workers on this "
                     f"machine's cores, the default format ({name})", gpu_rows, list(gpu_rows[0]))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- part 4: a full-size dry run of data.py prepare -----------------------------------------
+
+FULL_COUNT = {"BraTS 2021": 1251, "AutoPET": 1014}
+
+
+def _prepare_cli(root, cache_dir, fmt, workers):
+    """`data.py prepare` as a user runs it: (built, seconds, bytes) from its summary line."""
+    import re
+    import subprocess
+    import sys
+
+    here = Path(__file__).resolve().parent
+    cmd = [sys.executable, str(here / "data.py"), "prepare", "--data", str(root), "--cache", str(cache_dir),
+           "--format", fmt, "--workers", str(workers)]
+    t = time.perf_counter()
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    m = re.search(r": (\d+) built, (\d+) already there, ([\d.]+) MB", run.stdout)
+    if run.returncode or not m:
+        raise SystemExit(f"data.py prepare failed: {run.stderr.strip().splitlines()[-1:]}")
+    return int(m.group(1)), seconds, float(m.group(3)) * 2**20
+
+
+def bench_prepare(args):
+    """`data.py prepare` on a sample of BraTS-sized cases and AutoPET-sized studies, each format,
+    1 and 2 worker processes, then again (the resumed run finds every entry), extrapolated to the
+    case counts of BraTS 2021 and AutoPET. The sample's cases are copies of one demo person, so
+    sizes are a person's, not a cohort's spread."""
+    import layouts
+
+    here = Path(__file__).resolve().parent / ".cache"
+    here.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_prepare_", dir=here))
+    try:
+        n = 4 if args.quick else 12
+        person = _brats_cases(tmp / "brats", n)
+        studies = 2 if args.quick else 4
+        for i in range(studies):
+            _autopet_case(tmp / "autopet", person, f"PETCT_{i:03d}")
+        sets = [("BraTS 2021", tmp / "brats", n), ("AutoPET", tmp / "autopet", studies)]
+        rows = []
+        for name, root, count in sets:
+            layouts.resolve(root)
+            for fmt in ("npy", "b2nd"):
+                for workers in (1, 2):
+                    store = tmp / f"cache-{name}-{fmt}-{workers}".replace(" ", "_")
+                    built, seconds, size = _prepare_cli(root, store, fmt, workers)
+                    again, resumed, _ = _prepare_cli(root, store, fmt, workers)
+                    full = FULL_COUNT[name]
+                    rows.append({"set": name, "format": fmt, "--workers": workers, "cases": count, "built": built,
+                                 "s": seconds, "s / case": seconds / count, "MB / case": size / count / 2**20,
+                                 "resumed s (0 built)": resumed if again == 0 else float("nan"),
+                                 "GB at full count": size / count * full / 2**30,
+                                 "h at full count": seconds / count * full / 3600})
+        print_table(f"data.py prepare on a sample, extrapolated to the full count (BraTS 2021 "
+                    f"{FULL_COUNT['BraTS 2021']} cases, AutoPET {FULL_COUNT['AutoPET']} studies; "
+                    f"s includes the process start)", rows, list(rows[0]))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

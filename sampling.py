@@ -124,15 +124,19 @@ def augment(x, generator, max_drop=0.3, max_block=0.25, scale=0.1, shift=0.1):
 def _crop(a, start, roi, fill):
     """a[..., start:start+roi] per spatial axis, with `fill` beyond the array (start may be < 0;
     one fill, or one per channel of a (C, D, H, W) array). One slice of `a`: a compressed cache
-    array (cache.Stored) decodes only the blocks under the crop."""
-    out = np.empty(a.shape[:-3] + tuple(roi), dtype=a.dtype)
-    out[...] = np.reshape(fill, np.shape(fill) + (1, 1, 1)) if np.ndim(fill) else fill
+    array (cache.Stored) decodes only the blocks under the crop; a crop inside the array is that
+    slice itself, copied once."""
     src, dst = [], []
     for s, r, n in zip(start, roi, a.shape[-3:]):
         lo, hi = max(s, 0), min(s + r, n)
         src.append(slice(lo, hi))
         dst.append(slice(lo - s, hi - s))
-    out[(Ellipsis, *dst)] = a[(Ellipsis, *src)]
+    part = a[(Ellipsis, *src)]
+    if part.shape[-3:] == tuple(roi):
+        return np.array(part, copy=isinstance(part, np.memmap) or not part.flags.owndata or None)
+    out = np.empty(a.shape[:-3] + tuple(roi), dtype=a.dtype)
+    out[...] = np.reshape(fill, np.shape(fill) + (1, 1, 1)) if np.ndim(fill) else fill
+    out[(Ellipsis, *dst)] = part
     return out
 
 
