@@ -15,99 +15,13 @@ import contextlib
 import io
 import math
 import sys
-import multiprocessing as mp
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
-
-def median_times(fns, repeats=5, warmup=1):
-    """{name: median wall time} of several functions run in turn (ours, peer, ours, peer, ...),
-    so that a change in machine load during the benchmark hits both sides alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(median_time(fn, 1, warmup=0))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def median_time(fn, repeats=5, warmup=1):
-    """Median wall time of fn() in seconds (CUDA synchronised when on GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _rss_kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def _reset_peak():
-    """Resets this process's memory high-water mark; returns the resident size it starts from.
-    Linux keeps ru_maxrss across exec, so a child would inherit the parent's peak; the
-    process's own high-water mark (VmHWM) is read after resetting it instead."""
-    base = _rss_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    return base
-
-
-def _peak_since(base):
-    """Peak memory (MiB) added since _reset_peak returned base (CUDA: peak allocated)."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return (_rss_kib("VmHWM") - base) / 1024
-
-
-def _peak_child(conn, fn, args):
-    base = _reset_peak()
-    fn(*args)
-    conn.send(_peak_since(base))
-
-
-def in_fresh_process(target, *args):
-    """What target(conn, *args) sends on conn, run in a fresh (spawned) process; target must be
-    a module-level function (picklable)."""
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    p = ctx.Process(target=target, args=(child, *args))
-    p.start()
-    value = parent.recv()
-    p.join()
-    return value
-
-
-def peak_memory_mb(fn, *args):
-    """Peak memory (MiB) that fn(*args) adds, measured in a fresh process.
-    fn must be a module-level function (picklable)."""
-    return in_fresh_process(_peak_child, fn, args)
-
-
-def print_table(title, rows, columns):
-    """rows: list of dicts; columns: list of keys. Prints a Markdown table."""
-    print(f"\n### {title}\n")
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for r in rows:
-        cells = [f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in columns]
-        print("| " + " | ".join(cells) + " |")
+from measure import (GPU_PEAK, peak_since, reset_peak, in_fresh_process, median_time, median_times, peak_memory_mb,
+                     pretrain_step_flops, print_table)
 
 
 # ---- benchmarks (bench_<name>(args) functions) ----
@@ -625,32 +539,7 @@ def bench_steps(args):
                 "(ratio < 1: this checkout faster)", rows, list(rows[0]))
 
 
-# bf16 dense tensor-core peak (TFLOP/s) of the GPUs a full-size run would use (H100 SXM, H200)
-GPU_PEAK = {"H100 / H200 (SXM)": 989.0}
 BRATS2021_CASES = 1251
-
-
-def pretrain_step_flops(fs, roi):
-    """FLOPs of one pre-training step (one person, 4 modalities: the input with gradient, forward
-    and backward; the two views without), counted by torch.utils.flop_counter on the meta
-    device (no memory, no compute); the heads and losses are negligible beside the network."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    import model
-
-    meta = torch.device("meta")
-    grid = math.prod(r // 32 for r in roi)
-    net = model.PersonalizedSwinUNETR(4, 4, feature_size=fs, roi=roi, prior_heads=3 if grid % 3 == 0 else 2,
-                                      attn_backend="naive").to(meta)
-    u = torch.randn(1, 4, *roi, device=meta)
-    with FlopCounterMode(display=False) as counter:
-        for _ in range(4):
-            z, skips = net.encode(u)
-            with torch.no_grad():
-                net.embed(net.encode(torch.cat([u, u]))[0])
-            y = net.decode(net.personalize(z), skips, u)
-            (y.square().mean() + net.embed(z).sum() + net.equivariance_logits(z).sum()).backward()
-    return counter.get_total_flops()
 
 
 def bench_flops(args):
@@ -825,7 +714,7 @@ def _predict_child(conn, which, t1, out, fs, roi, overlap, sw_batch_size):
         cfg = P.parse_args(["--seg-ckpt", "bench", "--input", f"t1={t1}", "--out", str(out), "--device", "cpu",
                             "--overlap", str(overlap), "--sw-batch-size", str(sw_batch_size), "--quiet"])
         case = P.case_from_inputs(cfg.input, mods)
-    base_rss = _reset_peak()
+    base_rss = reset_peak()
     t0 = time.perf_counter()
     if which == "ours":
         P.predict_case(case, networks, cfg, Path(out))
@@ -844,7 +733,7 @@ def _predict_child(conn, which, t1, out, fs, roi, overlap, sw_batch_size):
         label = np.where(wt, 2, 0).astype(np.uint8)
         label[tc], label[et] = 1, 4
         nib.save(nib.Nifti1Image(label, img.affine), str(Path(out) / "seg.nii.gz"))
-    conn.send((time.perf_counter() - t0, _peak_since(base_rss)))
+    conn.send((time.perf_counter() - t0, peak_since(base_rss)))
 
 
 def bench_predict(args):

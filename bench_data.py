@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench import GPU_PEAK, median_time, pretrain_step_flops, print_table
+from measure import GPU_PEAK, median_time, pretrain_step_flops, print_table, tuning_step_flops
 
 AUTOPET_GRID = (400, 400, 300)
 
@@ -217,32 +217,6 @@ def _formats(tmp, spec, kind, roi, n_crops, n_loader):
 
 
 # ---- part 3: the GPU's appetite -----------------------------------------------------------------
-
-
-def tuning_step_flops(fs, roi, nm=4):
-    """FLOPs of one tuning step of Algorithm 2 (segmentation, batch 1): each of nm modalities
-    encoded and decoded alone and the fused path decoded, forward and backward, on the meta
-    device (torch.utils.flop_counter)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    import inference as I
-    import model
-
-    meta = torch.device("meta")
-    grid = math.prod(r // 32 for r in roi)
-    net = model.PersonalizedSwinUNETR(nm, 3, feature_size=fs, roi=roi, prior_heads=3 if grid % 3 == 0 else 2,
-                                      attn_backend="naive").to(meta)
-    x = torch.randn(1, nm, *roi, device=meta)
-    with FlopCounterMode(display=False) as counter:
-        feats, total = [], 0.0
-        for i in range(nm):
-            u = I.single(x, i)
-            xh, skips = I.encode(net, u)
-            feats.append((xh, skips, u))
-            total = total + net.decode(xh, skips, u).square().mean()
-        total = total + net.decode(*I.fuse(feats, torch.ones(nm, 1, device=meta))).square().mean()
-        total.backward()
-    return counter.get_total_flops()
 
 
 def bench_data(args):

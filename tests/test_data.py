@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cache  # noqa: E402
@@ -409,6 +410,32 @@ def test_stored_slices_like_numpy(tmp_path):
         assert np.array_equal(sampling._crop(lab, start, (16, 24, 16), 0), sampling._crop(label, start, (16, 24, 16), 0))
     with pytest.raises(TypeError):
         im[::2]
+
+
+@pytest.mark.parametrize("fmt", [f for f in cache.FORMATS if f != "npy"])
+def test_crops_of_each_format_are_those_of_the_float32_cache(tmp_path, fmt):
+    """The training crops (CropDataset: foreground draws, crops past the border, region maps)
+    drawn from an entry of each format are the float32 npy entry's, the image within the
+    quantisation error."""
+    import sampling
+
+    make_brats(tmp_path / "ds", n=2, shape=(40, 44, 36))
+    spec = layouts.resolve(tmp_path / "ds")
+    crops = {}
+    for f in ("npy", fmt):
+        ds = sampling.CropDataset(spec.cases, (24, 48, 16), fg_fraction=0.5, samples_per_epoch=12, seed=1,
+                                  spec=spec, cache_dir=tmp_path / f)
+        data.prepare(spec, tmp_path / f, fmt=f)
+        crops[f] = [ds[i] for i in range(12)]
+    peak = {c.id: np.abs(data.load_case(c, spec, use_cache=False).image).reshape(4, -1).max(axis=1)
+            for c in spec.cases}  # the stated error is relative to the channel's peak in the volume
+    for a, b in zip(crops["npy"], crops[fmt]):
+        assert a["id"] == b["id"] and torch.equal(a["start"], b["start"])
+        for k in ("fg", "label", "regions"):
+            assert torch.equal(a[k], b[k]), k
+        bound = (peak[a["id"]] / 65534 + 2 * np.finfo(np.float32).eps * peak[a["id"]]).astype(np.float32)
+        assert (b["image"] - a["image"]).abs().amax(dim=(1, 2, 3)).le(torch.from_numpy(bound)).all()
+    assert any((c["start"] < 0).any() for c in crops["npy"])  # some crops reach past the volume (filled)
 
 
 def test_b2nd_crops_in_forked_workers_after_the_parent_decoded(tmp_path):
