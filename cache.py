@@ -86,9 +86,12 @@ def read(folder, record):
                 np.load(label, mmap_mode="r") if label.exists() else None)
     b2 = _blosc2()
     label = folder / "label.b2nd"
-    return (Stored(b2.open(str(folder / "image.b2nd"), mode="r"), record["scale"]),
-            Stored(b2.open(str(folder / "fg.b2nd"), mode="r")),
-            Stored(b2.open(str(label), mode="r")) if label.exists() else None)
+
+    def open_(path):  # memory-mapped: a crop reads its chunks from the page cache without a read() each
+        return b2.open(str(path), mode="r", mmap_mode="r")
+
+    return (Stored(open_(folder / "image.b2nd"), record["scale"]), Stored(open_(folder / "fg.b2nd")),
+            Stored(open_(label)) if label.exists() else None)
 
 
 class Stored:
