@@ -6,8 +6,10 @@
    (CT + PET, 400x400x300): the float32 .npy memory map (cache.py's npy), float16 and int16 +
    per-channel scale memory maps (npy-int16), and blosc2 (b2nd) with zstd and lz4, two chunkings. Bytes per case, time
    to write the entry, the largest error, one random roi crop read cold (the entry's pages
-   dropped from the page cache, posix_fadvise) and warm, and the crops per second that one
-   DataLoader worker delivers (CropDataset: crop, regions, tensors).
+   dropped from the page cache, posix_fadvise) and warm as a worker delivers it
+   (sampling.crop_image: float32, or the int16 formats' int16 values and scales, dequantised
+   where the step runs), and the crops per second that one DataLoader worker delivers
+   (CropDataset: crop, regions, tensors).
 3. The GPU's appetite: the FLOPs of one pre-training and one tuning step at the paper's size
    (F=48, roi 96^3), the step time they imply on an H100 / H200 at --mfu of the bf16 peak, and
    the DataLoader workers per GPU that feed it with the default format.
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from measure import GPU_PEAK, median_time, pretrain_step_flops, print_table, tuning_step_flops
+from measure import GPU_PEAK, median_time, median_times, pretrain_step_flops, print_table, tuning_step_flops
 
 AUTOPET_GRID = (400, 400, 300)
 
@@ -172,7 +174,8 @@ VARIANTS = {"npy float32": {}, "npy float16": {}, "npy int16 + scale": {},  # na
             "b2nd zstd 5, chunks 64^3, blocks 16^3": dict(codec="zstd", clevel=5, chunk=64, block=16),
             "b2nd zstd 1, chunks 32^3": dict(codec="zstd", clevel=1, chunk=32, block=32),
             "b2nd lz4 1, chunks 64^3, blocks 32^3": dict(codec="lz4", clevel=1, chunk=64, block=32),
-            "b2nd lz4 1, chunks 32^3": dict(codec="lz4", clevel=1, chunk=32, block=32)}
+            "b2nd lz4 1, chunks 32^3": dict(codec="lz4", clevel=1, chunk=32, block=32),
+            "b2nd lz4 1, chunks 32^3, blocks 16^3": dict(codec="lz4", clevel=1, chunk=32, block=16)}
 
 
 def _formats(tmp, spec, kind, roi, n_crops, n_loader):
@@ -184,23 +187,28 @@ def _formats(tmp, spec, kind, roi, n_crops, n_loader):
     rng = np.random.default_rng(0)
     starts = [[int(rng.integers(0, max(n - r, 0) + 1)) for n, r in zip(shape[1:], roi)] for _ in range(n_crops)]
     fill = np.asarray(vol.record["pad_value"], np.float32)
-    rows, base = [], None
+
+    def crop(image, s):  # what a worker delivers: float32, or int16 and its scales
+        return sampling.crop_image(image, s, roi, fill)
+
+    def crops(image):  # as a worker's loop: each crop dropped before the next (its memory reused)
+        return lambda: [crop(image, s) and None for s in starts]
+
+    written = {}
     for name in VARIANTS:
         folder = tmp / f"{kind}-{name.replace(' ', '_')}"
         folder.mkdir()
         t = time.perf_counter()
         open_ = _write_variant(folder, vol, name)
         write_s = time.perf_counter() - t
-        size = sum(p.stat().st_size for p in folder.iterdir())
-        image, fg, label = open_()
-        err = float(np.abs(np.asarray(image, dtype=np.float32) - vol.image).max())
-        def crop(image, s):
-            return sampling._crop(image, s, roi, fill)
-
-        for s in starts[:2]:
-            crop(image, s)  # the warm runs read pages already in memory
-        warm = median_time(lambda: [crop(image, s) for s in starts], repeats=3, warmup=0) / len(starts)
-        del image, fg, label
+        err = float(np.abs(np.asarray(open_()[0], dtype=np.float32) - vol.image).max())
+        written[name] = (folder, open_, write_s, sum(p.stat().st_size for p in folder.iterdir()), err)
+    images = {name: w[1]()[0] for name, w in written.items()}
+    # warm: pages already in memory, the formats in turn so that a change of load hits them alike
+    warm = {name: t / len(starts) for name, t in median_times({n: crops(im) for n, im in images.items()}, 7).items()}
+    del images
+    rows, base = [], None
+    for name, (folder, open_, write_s, size, err) in written.items():
         cold = []
         for s in starts[: max(3, n_crops // 4)]:
             _drop(folder)
@@ -209,10 +217,11 @@ def _formats(tmp, spec, kind, roi, n_crops, n_loader):
             cold.append(time.perf_counter() - t)
         view = data.Volume("bench", *open_(), vol.record, vol.region_values)
         per_worker = _crops_per_second(view, roi, n_loader)
-        base = base or {"bytes": size, "warm": warm}
+        base = base or {"bytes": size, "warm": warm[name]}
         rows.append({"case": kind, "format": name, "MB / case": size / 2**20, "x float32 bytes": size / base["bytes"],
                      "write s": write_s, "max error": err, "crop cold ms": 1e3 * float(np.median(cold)),
-                     "crop warm ms": 1e3 * warm, "x float32 warm": warm / base["warm"], "crops/s / worker": per_worker})
+                     "crop warm ms": 1e3 * warm[name], "x float32 warm": warm[name] / base["warm"],
+                     "crops/s / worker": per_worker})
     return rows, {"shape": shape}
 
 
@@ -239,7 +248,7 @@ def bench_data(args):
         roi = (96, 96, 96)
         rows, shapes = [], {}
         for kind, s in [("BraTS", spec), ("AutoPET", pet)]:
-            got, info = _formats(tmp, s, kind, roi, 8 if quick else 24, 8 if quick else 30)
+            got, info = _formats(tmp, s, kind, roi, 8 if quick else 24, 8 if quick else 80)
             rows += got
             shapes[kind] = "x".join(map(str, info["shape"][1:])) + f" x {info['shape'][0]} channels"
         print_table(f"cache formats: one case each (after the crop to the foreground: BraTS {shapes['BraTS']}, "

@@ -8,7 +8,8 @@ Formats (FORMATS; the default chosen by `python bench.py data`, docs/data.md):
           the blocks it touches. The image is stored as int16 with one scale per channel,
           value = q * scale, scale = max|x| / 32767: the error of a voxel is at most scale / 2,
           i.e. max|x| / 65534 of its channel, plus float32's rounding of the product (an MRI
-          z-score reaching 10: 1.5e-4; CT's [-1, 1]: 1.5e-5); 0 stays exactly 0.
+          z-score reaching 10: 1.5e-4; CT's [-1, 1]: 1.5e-5); 0 stays exactly 0. A training crop
+          stays int16 until the step (sampling.crop_image / dequantise).
     npy-int16  the same int16 image and scales in an uncompressed .npy memory map, masks as npy:
           about 0.56x npy's bytes, the fastest crop when the page cache holds the files.
     npy   uncompressed float32 / bool / uint8 .npy files, memory-mapped (exact, about 4x the
@@ -18,7 +19,7 @@ import numpy as np
 
 FORMATS = ("b2nd", "npy-int16", "npy")
 DEFAULT = "b2nd"
-CHUNK, BLOCK = 32, 32  # voxels per side of a chunk and of a block (bench.py data compares sizes)
+CHUNK, BLOCK = 32, 16  # voxels per side of a chunk and of a block (bench.py data compares sizes)
 LEVELS = 32767  # int16 steps from 0 to the channel's largest magnitude
 CODEC, CLEVEL = "lz4", 1
 
@@ -103,6 +104,11 @@ class Stored:
     def __init__(self, arr, scale=None, channel=None):
         self.arr, self.channel = arr, channel
         self.scale = None if scale is None else np.asarray(scale, np.float32)
+
+    @property
+    def raw(self):
+        """The stored values themselves (the int16 image without its scales)."""
+        return Stored(self.arr, None, self.channel)
 
     @property
     def shape(self):

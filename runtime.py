@@ -450,7 +450,8 @@ def train_loader(spec, ids, roi, batch, steps, start, seed, d, workers=2, fg_fra
     ds = sampling.CropDataset(cases, roi, fg_fraction=fg_fraction, seed=seed, spec=spec, cache_dir=cache_dir)
     sampler = StepSampler(len(ds), batch, steps, start, seed, d.rank, d.world)
     return torch.utils.data.DataLoader(EpochIndexed(ds), batch_size=batch, sampler=sampler, num_workers=workers,
-                                       persistent_workers=workers > 0, pin_memory=d.device.type == "cuda")
+                                       collate_fn=sampling.collate, persistent_workers=workers > 0,
+                                       pin_memory=d.device.type == "cuda")
 
 
 def save_state(path, model, opt, sched, step, cfg, d, **extra):

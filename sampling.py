@@ -7,6 +7,8 @@ transforms Phi (exactly invertible rotations, labels alike) and Augment (intensi
     augment(x, generator)                                   intensity scale / shift, patch drop
     CropDataset(volumes_or_cases, roi, fg_fraction, ...)    crops reproducible from (seed, epoch,
                                                              index), whatever the workers or ranks
+    crop_image, dequantise(image, scale), collate           int16 cache crops, made float32 where
+                                                             the step runs
 """
 import itertools
 
@@ -140,6 +142,37 @@ def _crop(a, start, roi, fill):
     return out
 
 
+def crop_image(image, start, roi, fill):
+    """(crop, scale) of an image (C, D, H, W), value = crop * scale[c]: an int16 cache image
+    (cache.Stored with scales) is cropped as its int16 values, to be dequantised where the step
+    runs (half the bytes through the loader and to the GPU, no float pass in the worker); any
+    other image as float32 with scale 1. `fill` (one, or one per channel) in image values."""
+    fill = np.asarray(fill, np.float32)
+    scale = getattr(image, "scale", None)
+    if scale is None:
+        return _crop(image, start, roi, fill).astype(np.float32, copy=False), np.ones(len(image), np.float32)
+    levels = np.iinfo(np.int16).max
+    return _crop(image.raw, start, roi, np.clip(np.rint(fill / scale), -levels, levels).astype(np.int16)), scale
+
+
+def dequantise(image, scale):
+    """The float32 image of crop_image's (crop, scale), single or batched ((B, C, ...), (B, C)),
+    on the crop's device; a float32 crop (scale 1) is returned as it is."""
+    if image.dtype == torch.float32:
+        return image
+    scale = scale.to(image.device, torch.float32)
+    return image.float().mul_(scale.view(*scale.shape, *[1] * (image.dim() - scale.dim())))
+
+
+def collate(samples):
+    """default_collate of CropDataset samples; a batch mixing int16 and float32 crops (entries of
+    several cache formats) is made float32."""
+    if len({s["image"].dtype for s in samples}) > 1:
+        samples = [{**s, "image": dequantise(s["image"], s["scale"]), "scale": torch.ones_like(s["scale"])}
+                   for s in samples]
+    return torch.utils.data.default_collate(samples)
+
+
 class CropDataset(torch.utils.data.Dataset):
     """Random roi crops of volumes (or of cases, loaded lazily through the cache in each worker).
 
@@ -148,8 +181,10 @@ class CropDataset(torch.utils.data.Dataset):
     set_epoch(e) before each epoch. With probability fg_fraction the crop is centred on a random
     labelled voxel (any label > 0; the foreground mask when the case has no label), else placed
     uniformly. Axes shorter than the roi are padded (CT with air, others with 0).
-    Returns image (C, *roi) float32, fg (1, *roi) bool, id, start (3,) and, for labelled
-    volumes, label (1, *roi) uint8 (raw values) and regions (K, *roi) float32."""
+    Returns image (C, *roi) and its scale (C,) (crop_image: int16 from an int16 cache entry,
+    else float32 with scale 1; `dequantise` makes it the float32 crop), fg (1, *roi) bool, id,
+    start (3,) and, for labelled volumes, label (1, *roi) uint8 (raw values) and regions
+    (K, *roi) float32. Batch them with `collate`."""
 
     def __init__(self, volumes_or_cases, roi, fg_fraction=0.5, samples_per_epoch=None, seed=0,
                  spec=None, cache_dir=None):
@@ -205,8 +240,8 @@ class CropDataset(torch.utils.data.Dataset):
                 start.append(int(np.clip(centre[axis] - r // 2, 0, n - r)))
             else:
                 start.append(int(rng.integers(0, n - r + 1)))
-        image = _crop(vol.image, start, self.roi, np.asarray(vol.record["pad_value"], np.float32))
-        out = {"image": torch.from_numpy(image.astype(np.float32, copy=False)),
+        image, scale = crop_image(vol.image, start, self.roi, vol.record["pad_value"])
+        out = {"image": torch.from_numpy(image), "scale": torch.from_numpy(scale),
                "fg": torch.from_numpy(_crop(vol.fg, start, self.roi, False))[None],
                "id": vol.id, "start": torch.tensor(start)}
         if vol.label is not None:

@@ -35,6 +35,7 @@ import losses
 import metrics
 import model as M
 import runtime as R
+import sampling
 from files import git_commit, save_checkpoint, write_json
 from inference import encode, fuse, predict, predict_subsets, single
 from model import build_model
@@ -496,7 +497,7 @@ def main(argv=None):
     for batch in loader:
         wait = timer.lap()
         batch = {k: v.to(d.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        x = batch["image"]
+        x = batch["image"] = sampling.dequantise(batch["image"], batch["scale"])
         order, w = step_randomness(cfg.seed, step, d.rank * x.shape[0], x.shape[0], len(inputs))
         optim.zero_grad(set_to_none=True)
         terms = tuning_step(net, x, batch, cfg, input_idx, target_idx, order, w.to(d.device), d)

@@ -233,7 +233,7 @@ def main(argv=None):
     timer = R.Timer()
     for batch in loader:
         wait = timer.lap()
-        x = batch["image"].to(d.device, non_blocking=True)
+        x = sampling.dequantise(batch["image"].to(d.device, non_blocking=True), batch["scale"])
         fg = batch["fg"].to(d.device, non_blocking=True)
         # All randomness of a step comes from (seed, step, person index in the global batch):
         # resume is exact and the split of the global batch over ranks does not matter.

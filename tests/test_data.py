@@ -416,7 +416,8 @@ def test_stored_slices_like_numpy(tmp_path):
 def test_crops_of_each_format_are_those_of_the_float32_cache(tmp_path, fmt):
     """The training crops (CropDataset: foreground draws, crops past the border, region maps)
     drawn from an entry of each format are the float32 npy entry's, the image within the
-    quantisation error."""
+    quantisation error once dequantised (int16 entries give int16 crops and their scales), in a
+    batch too, and in one that mixes formats."""
     import sampling
 
     make_brats(tmp_path / "ds", n=2, shape=(40, 44, 36))
@@ -434,7 +435,17 @@ def test_crops_of_each_format_are_those_of_the_float32_cache(tmp_path, fmt):
         for k in ("fg", "label", "regions"):
             assert torch.equal(a[k], b[k]), k
         bound = (peak[a["id"]] / 65534 + 2 * np.finfo(np.float32).eps * peak[a["id"]]).astype(np.float32)
-        assert (b["image"] - a["image"]).abs().amax(dim=(1, 2, 3)).le(torch.from_numpy(bound)).all()
+        assert a["image"].dtype == torch.float32 and torch.equal(a["scale"], torch.ones(4))
+        assert b["image"].dtype == torch.int16 and np.allclose(b["scale"], peak[b["id"]] / cache.LEVELS)
+        image = sampling.dequantise(b["image"], b["scale"])
+        assert (image - a["image"]).abs().amax(dim=(1, 2, 3)).le(torch.from_numpy(bound)).all()
+    mixed = sampling.collate([crops["npy"][0], crops[fmt][1]])  # entries of two formats in one batch
+    assert mixed["image"].dtype == torch.float32 and torch.equal(mixed["scale"], torch.ones(2, 4))
+    assert torch.equal(mixed["image"][1], sampling.dequantise(crops[fmt][1]["image"], crops[fmt][1]["scale"]))
+    batch = sampling.collate(crops[fmt][:3])
+    assert batch["image"].dtype == torch.int16
+    assert torch.equal(sampling.dequantise(batch["image"], batch["scale"]),
+                       torch.stack([sampling.dequantise(c["image"], c["scale"]) for c in crops[fmt][:3]]))
     assert any((c["start"] < 0).any() for c in crops["npy"])  # some crops reach past the volume (filled)
 
 

@@ -55,7 +55,9 @@ def trained_batch(tiny_brats, out, cache, steps):
     ids = json.loads((out / "split.json").read_text())["train"]
     ds = R.EpochIndexed(sampling.CropDataset([spec.case(i) for i in ids], ROI, spec=spec, cache_dir=cache))
     keys = list(R.StepSampler(len(ids), 1, steps, seed=0))
-    return torch.utils.data.default_collate([ds[k] for k in keys])
+    batch = sampling.collate([ds[k] for k in keys])
+    batch["image"] = sampling.dequantise(batch["image"], batch["scale"])
+    return batch
 
 
 @torch.no_grad()
