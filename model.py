@@ -568,28 +568,46 @@ class SwinUNETR(nn.Module):
         return self.decode(z, skips, x)
 
 
+PRIOR_ATTENTION = ("dot", "cosine")
+
+
 class PriorAttention(nn.Module):
     """Multi-head cross-attention whose tokens are the 16F channels and whose embedding is the
     flattened bottleneck grid (nn.MultiheadAttention(G, heads, batch_first=True) semantics and
-    parameter names)."""
+    parameter names).
 
-    def __init__(self, embed_dim, heads, backend="sdpa"):
+    logits="dot" is the paper's q k^T / sqrt(d). logits="cosine" is Swin V2's scaled cosine
+    attention, cos(q, k) * exp(logit_scale) with one learnable scale per head (init 10, at most
+    100): with d = G / heads = 4 at roi 64^3 the dot product of a trained network spreads its
+    logits by about 0.5 over O's 16F tokens and the softmax stays near uniform (docs/results.md),
+    the cosine form can select from the first step."""
+
+    def __init__(self, embed_dim, heads, backend="sdpa", logits="dot"):
         super().__init__()
         if embed_dim % heads:
             raise ValueError(f"prior attention heads ({heads}) must divide the bottleneck grid size {embed_dim}")
-        self.heads, self.backend = heads, backend
+        if logits not in PRIOR_ATTENTION:
+            raise ValueError(f"prior attention logits {logits!r}: expected one of {PRIOR_ATTENTION}")
+        self.heads, self.backend, self.logits = heads, backend, logits
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
         self.out_proj = nn.Linear(embed_dim, embed_dim)
+        if logits == "cosine":
+            self.logit_scale = nn.Parameter(torch.full((heads, 1, 1), math.log(10.0)))
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
     def _qkv(self, query, prior):
+        """q, k, v with the logits' scale folded into q, so that every backend computes
+        softmax(q k^T / sqrt(d)) v."""
         wq, wk, wv = self.in_proj_weight.chunk(3)
         bq, bk, bv = self.in_proj_bias.chunk(3)
         q = rearrange(F.linear(query, wq, bq), "b l (h d) -> b h l d", h=self.heads)
         k = rearrange(F.linear(prior, wk, bk), "l (h d) -> h l d", h=self.heads)
         v = rearrange(F.linear(prior, wv, bv), "l (h d) -> h l d", h=self.heads)
+        if self.logits == "cosine":
+            scale = self.logit_scale.clamp(max=math.log(100.0)).exp() * q.shape[-1] ** 0.5
+            q, k = F.normalize(q, dim=-1) * scale, F.normalize(k, dim=-1)
         return q, k, v
 
     def forward(self, query, prior):  # query: (b, L, E); prior: (L, E)
@@ -632,10 +650,11 @@ class PersonalizedSwinUNETR(SwinUNETR):
     encode(x) -> (z, skips); personalize(z) -> X_h'; decode(X_h', skips, x) -> output.
     equivariance_logits(z) = F_equ(z); embed(z) = g(z) (L2-normalised, proj_dim).
     prior=False removes O, Attn, T and Fuse: X_h' = z (the ablations without prior).
+    prior_logits: the prior attention's logits, "dot" (the paper's) or "cosine" (PriorAttention).
     """
 
     def __init__(self, in_channels, out_channels, feature_size=48, roi=(96, 96, 96), prior=True, prior_heads=3,
-                 n_phi=4, proj_dim=512, **kw):
+                 n_phi=4, proj_dim=512, prior_logits="dot", **kw):
         super().__init__(in_channels, out_channels, feature_size, **kw)
         roi = (roi,) * 3 if isinstance(roi, int) else tuple(roi)
         if any(r % 32 for r in roi):
@@ -644,7 +663,7 @@ class PersonalizedSwinUNETR(SwinUNETR):
         dim, g = 16 * feature_size, math.prod(r // 32 for r in roi)
         if prior:
             self.prior = nn.Parameter(torch.randn(dim, *self.grid))
-            self.prior_attn = PriorAttention(g, prior_heads, kw.get("attn_backend", "sdpa"))
+            self.prior_attn = PriorAttention(g, prior_heads, kw.get("attn_backend", "sdpa"), prior_logits)
             self.transfer = nn.Sequential(nn.Conv3d(dim, dim, 3, padding=1), nn.Conv3d(dim, dim, 3, padding=1))
             self.fuse = nn.Conv3d(2 * dim, dim, 3, padding=1)
         self.equ_head = GridHead(dim, self.grid, n_phi, centred=True)
@@ -701,8 +720,8 @@ class PersonalizedSwinUNETR(SwinUNETR):
 def build_model(arch):
     """The network of an architecture record (the "arch" entry of every checkpoint): "kind"
     swinunetr or personalized, channels, feature size, roi, prior, prior heads, phi, the
-    patch-merging order (records without one were built with "monai"), attention backend and
-    checkpointing. Training builds its network with it and inference rebuilds the
+    patch-merging order (records without one were built with "monai"), the prior attention's
+    logits (records without: "dot"), attention backend and checkpointing. Training builds its network with it and inference rebuilds the
     same network from a checkpoint."""
     kw = dict(feature_size=arch["feature_size"], attn_backend=arch.get("attn_backend", "auto"),
               use_checkpoint=arch.get("checkpointing", False), merging=arch.get("merging", "monai"))
@@ -710,14 +729,15 @@ def build_model(arch):
         return SwinUNETR(arch["in_channels"], arch["out_channels"], **kw)
     return PersonalizedSwinUNETR(arch["in_channels"], arch["out_channels"], roi=tuple(arch["roi"]),
                                  prior=arch["prior"], prior_heads=arch["prior_heads"], n_phi=n_phi(arch["phi"]),
-                                 **kw)
+                                 prior_logits=arch.get("prior_logits", "dot"), **kw)
 
 
 def same_network(a, b):
     """Whether two architecture records build the same network: the attention backend and
     activation checkpointing change how it runs, not what it computes."""
     def network(r):
-        return {k: v for k, v in {"merging": "monai", **r}.items() if k not in ("attn_backend", "checkpointing")}
+        return {k: v for k, v in {"merging": "monai", "prior_logits": "dot", **r}.items()
+                if k not in ("attn_backend", "checkpointing")}
     return network(a) == network(b)
 
 

@@ -57,6 +57,9 @@ class Config(R.TrainConfig):
     roi: str = R.opt("96", "crop size, one side or D,H,W, multiples of 32")
     feature_size: int = R.opt(48, "Swin feature size F (multiple of 12)")
     prior_heads: int = R.opt(3, "heads of the prior attention (must divide (roi/32)^3)")
+    prior_logits: str = R.opt("dot", "the prior attention's logits: dot (the paper's q k^T / sqrt(d)) or cosine "
+                                     "(Swin V2's scaled cosine, a learnable scale per head: an option that lets it "
+                                     "select)", choices=M.PRIOR_ATTENTION)
     phi: str = R.opt("rot90-yz", "geometric transforms: rot90-yz (4 rotations in the sagittal y-z plane, the "
                                  "reference code's), rot90 (in the axial x-y plane) or cube (24 rotations)",
                      choices=sampling.PHI_KINDS)
@@ -179,7 +182,7 @@ def main(argv=None):
     nm = len(spec.modalities)
     arch = {"kind": "swinunetr" if cfg.preset == "swinunetr" else "personalized", "in_channels": nm,
             "out_channels": nm, "feature_size": cfg.feature_size, "roi": list(roi), "prior": use["prior"],
-            "prior_heads": cfg.prior_heads, "phi": cfg.phi, "merging": "monai", "attn_backend": cfg.attn_backend,
+            "prior_heads": cfg.prior_heads, "prior_logits": cfg.prior_logits, "phi": cfg.phi, "merging": "monai", "attn_backend": cfg.attn_backend,
             "checkpointing": cfg.checkpointing}
     net = build_model(arch).to(d.device)
     R.broadcast_parameters(net, d)

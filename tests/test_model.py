@@ -131,6 +131,45 @@ def test_prior_attention_matches_torch_multihead_attention():
         assert (ours(q, prior) - want).abs().max() < 1e-5
 
 
+def test_cosine_prior_attention_is_swin_v2_scaled_cosine():
+    """logits="cosine": softmax(cos(q, k) * min(exp(s), 100)) v, written out head by head from
+    MultiheadAttention's projections; gradients reach the scale; the logits clamp at 100."""
+    torch.manual_seed(0)
+    ours = model.PriorAttention(8, 2, logits="cosine")
+    with torch.no_grad():
+        ours.logit_scale.copy_(torch.tensor([math.log(7.0), math.log(500.0)]).view(2, 1, 1))
+    query, prior = torch.randn(2, 48, 8), torch.randn(48, 8)
+    wq, wk, wv = ours.in_proj_weight.chunk(3)
+    bq, bk, bv = ours.in_proj_bias.chunk(3)
+    q, k, v = query @ wq.T + bq, prior @ wk.T + bk, prior @ wv.T + bv
+    heads, probs = [], []
+    for h, scale in enumerate((7.0, 100.0)):
+        sl = slice(4 * h, 4 * h + 4)
+        cos = torch.nn.functional.cosine_similarity(q[:, :, None, sl], k[None, None, :, sl], dim=-1)
+        p = (cos * scale).softmax(-1)
+        probs.append(p)
+        heads.append(p @ v[:, sl])
+    want = ours.out_proj(torch.cat(heads, -1))
+    for backend in ("naive", "sdpa"):
+        ours.backend = backend
+        assert (ours(query, prior) - want).abs().max() < 1e-5, backend
+    assert (ours.probabilities(query, prior) - torch.stack(probs, 1)).abs().max() < 1e-5
+    ours(query, prior).square().sum().backward()
+    assert ours.logit_scale.grad[0].abs() > 0 and ours.logit_scale.grad[1].abs() == 0  # clamped head
+    with pytest.raises(ValueError, match="prior attention logits"):
+        model.PriorAttention(8, 2, logits="sharp")
+
+
+def test_prior_logits_travel_in_the_architecture_record():
+    arch = {"kind": "personalized", "in_channels": 2, "out_channels": 2, "feature_size": 12, "roi": [64, 64, 64],
+            "prior": True, "prior_heads": 2, "phi": "rot90-yz"}
+    assert model.build_model(arch).prior_attn.logits == "dot"
+    cos = model.build_model({**arch, "prior_logits": "cosine"})
+    assert cos.prior_attn.logits == "cosine" and "prior_attn.logit_scale" in cos.state_dict()
+    assert model.same_network(arch, {**arch, "prior_logits": "dot"})
+    assert not model.same_network(arch, {**arch, "prior_logits": "cosine"})
+
+
 def test_grid_mismatch_and_bad_sizes_are_clear_errors():
     net = tiny()
     with pytest.raises(ValueError, match="prior was built for a bottleneck grid"):
