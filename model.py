@@ -569,6 +569,7 @@ class SwinUNETR(nn.Module):
 
 
 PRIOR_ATTENTION = ("dot", "cosine")
+PRIOR_FUSE = ("concat", "residual")
 
 
 class PriorAttention(nn.Module):
@@ -651,15 +652,20 @@ class PersonalizedSwinUNETR(SwinUNETR):
     equivariance_logits(z) = F_equ(z); embed(z) = g(z) (L2-normalised, proj_dim).
     prior=False removes O, Attn, T and Fuse: X_h' = z (the ablations without prior).
     prior_logits: the prior attention's logits, "dot" (the paper's) or "cosine" (PriorAttention).
+    prior_fuse: "concat", the paper's X_h' = Fuse([z, z']), or "residual", X_h' = z + Fuse([z, z'])
+    (z reaches X_h' whatever the prior branch does; an option, docs/method.md).
     """
 
     def __init__(self, in_channels, out_channels, feature_size=48, roi=(96, 96, 96), prior=True, prior_heads=3,
-                 n_phi=4, proj_dim=512, prior_logits="dot", **kw):
+                 n_phi=4, proj_dim=512, prior_logits="dot", prior_fuse="concat", **kw):
         super().__init__(in_channels, out_channels, feature_size, **kw)
         roi = (roi,) * 3 if isinstance(roi, int) else tuple(roi)
         if any(r % 32 for r in roi):
             raise ValueError(f"roi {roi} must be divisible by 32")
+        if prior_fuse not in PRIOR_FUSE:
+            raise ValueError(f"prior fuse {prior_fuse!r}: expected one of {PRIOR_FUSE}")
         self.roi, self.grid, self.use_prior = roi, tuple(r // 32 for r in roi), prior
+        self.fuse_residual = prior_fuse == "residual"
         dim, g = 16 * feature_size, math.prod(r // 32 for r in roi)
         if prior:
             self.prior = nn.Parameter(torch.randn(dim, *self.grid))
@@ -673,7 +679,11 @@ class PersonalizedSwinUNETR(SwinUNETR):
         """z (b, 16F, g, g, g) -> X_h' = Fuse([z, T(Attn(z, O, O))])."""
         if not self.use_prior:
             return z
-        return self.fuse(torch.cat([z, self.prior_branch(z)], 1))
+        return self._fuse(z, self.prior_branch(z))
+
+    def _fuse(self, z, z2):
+        out = self.fuse(torch.cat([z, z2], 1))
+        return z + out if self.fuse_residual else out
 
     def prior_branch(self, z):
         """z' = T(Attn(z, O, O)), the prior branch's output."""
@@ -690,7 +700,7 @@ class PersonalizedSwinUNETR(SwinUNETR):
         if not self.use_prior:
             return {"z": z, "z'": None, "X_h'": z, "attention": None}
         z2 = self.prior_branch(z)
-        return {"z": z, "z'": z2, "X_h'": self.fuse(torch.cat([z, z2], 1)),
+        return {"z": z, "z'": z2, "X_h'": self._fuse(z, z2),
                 "attention": self.prior_attn.probabilities(z.flatten(2), self.prior.flatten(1))}
 
     def prior_share(self, z, xh):
@@ -699,7 +709,7 @@ class PersonalizedSwinUNETR(SwinUNETR):
         if not self.use_prior:
             return 0.0
         with torch.no_grad():
-            base = self.fuse(torch.cat([z, torch.zeros_like(z)], 1))
+            base = self._fuse(z, torch.zeros_like(z))
             return float((xh - base).norm() / xh.norm().clamp_min(1e-12))
 
     def prior_parameters(self):
@@ -721,7 +731,7 @@ def build_model(arch):
     """The network of an architecture record (the "arch" entry of every checkpoint): "kind"
     swinunetr or personalized, channels, feature size, roi, prior, prior heads, phi, the
     patch-merging order (records without one were built with "monai"), the prior attention's
-    logits (records without: "dot"), attention backend and checkpointing. Training builds its network with it and inference rebuilds the
+    logits and fuse (records without: "dot", "concat"), attention backend and checkpointing. Training builds its network with it and inference rebuilds the
     same network from a checkpoint."""
     kw = dict(feature_size=arch["feature_size"], attn_backend=arch.get("attn_backend", "auto"),
               use_checkpoint=arch.get("checkpointing", False), merging=arch.get("merging", "monai"))
@@ -729,14 +739,15 @@ def build_model(arch):
         return SwinUNETR(arch["in_channels"], arch["out_channels"], **kw)
     return PersonalizedSwinUNETR(arch["in_channels"], arch["out_channels"], roi=tuple(arch["roi"]),
                                  prior=arch["prior"], prior_heads=arch["prior_heads"], n_phi=n_phi(arch["phi"]),
-                                 prior_logits=arch.get("prior_logits", "dot"), **kw)
+                                 prior_logits=arch.get("prior_logits", "dot"),
+                                 prior_fuse=arch.get("prior_fuse", "concat"), **kw)
 
 
 def same_network(a, b):
     """Whether two architecture records build the same network: the attention backend and
     activation checkpointing change how it runs, not what it computes."""
     def network(r):
-        return {k: v for k, v in {"merging": "monai", "prior_logits": "dot", **r}.items()
+        return {k: v for k, v in {"merging": "monai", "prior_logits": "dot", "prior_fuse": "concat", **r}.items()
                 if k not in ("attn_backend", "checkpointing")}
     return network(a) == network(b)
 

@@ -341,7 +341,8 @@ def architecture(cfg, source, n_channels, n_out, init_kind="scratch"):
                 raise SystemExit(f"--{flag} {want}: the stage-1 checkpoint was built with {have}")
     return {"kind": "personalized" if personalized else "swinunetr", "in_channels": n_channels,
             "out_channels": n_out, "feature_size": fs, "roi": list(roi), "prior": prior, "prior_heads": heads,
-            "prior_logits": s.get("prior_logits", "dot"), "phi": s.get("phi", "rot90"), "merging": merging, "attn_backend": cfg.attn_backend,
+            "prior_logits": s.get("prior_logits", "dot"), "prior_fuse": s.get("prior_fuse", "concat"),
+            "phi": s.get("phi", "rot90"), "merging": merging, "attn_backend": cfg.attn_backend,
             "checkpointing": cfg.checkpointing}
 
 

@@ -60,6 +60,9 @@ class Config(R.TrainConfig):
     prior_logits: str = R.opt("dot", "the prior attention's logits: dot (the paper's q k^T / sqrt(d)) or cosine "
                                      "(Swin V2's scaled cosine, a learnable scale per head: an option that lets it "
                                      "select)", choices=M.PRIOR_ATTENTION)
+    prior_fuse: str = R.opt("concat", "how X_h' joins z and the prior branch's z': concat (the paper's Fuse([z, z'])) or "
+                                      "residual (z + Fuse([z, z']), an option that keeps z in X_h')",
+                            choices=M.PRIOR_FUSE)
     phi: str = R.opt("rot90-yz", "geometric transforms: rot90-yz (4 rotations in the sagittal y-z plane, the "
                                  "reference code's), rot90 (in the axial x-y plane) or cube (24 rotations)",
                      choices=sampling.PHI_KINDS)
@@ -182,7 +185,8 @@ def main(argv=None):
     nm = len(spec.modalities)
     arch = {"kind": "swinunetr" if cfg.preset == "swinunetr" else "personalized", "in_channels": nm,
             "out_channels": nm, "feature_size": cfg.feature_size, "roi": list(roi), "prior": use["prior"],
-            "prior_heads": cfg.prior_heads, "prior_logits": cfg.prior_logits, "phi": cfg.phi, "merging": "monai", "attn_backend": cfg.attn_backend,
+            "prior_heads": cfg.prior_heads, "prior_logits": cfg.prior_logits,
+            "prior_fuse": cfg.prior_fuse, "phi": cfg.phi, "merging": "monai", "attn_backend": cfg.attn_backend,
             "checkpointing": cfg.checkpointing}
     net = build_model(arch).to(d.device)
     R.broadcast_parameters(net, d)

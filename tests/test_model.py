@@ -168,6 +168,28 @@ def test_prior_logits_travel_in_the_architecture_record():
     assert cos.prior_attn.logits == "cosine" and "prior_attn.logit_scale" in cos.state_dict()
     assert model.same_network(arch, {**arch, "prior_logits": "dot"})
     assert not model.same_network(arch, {**arch, "prior_logits": "cosine"})
+    assert model.same_network(arch, {**arch, "prior_fuse": "concat"})
+    assert not model.same_network(arch, {**arch, "prior_fuse": "residual"})
+    with pytest.raises(ValueError, match="prior fuse"):
+        model.build_model({**arch, "prior_fuse": "sum"})
+
+
+def test_residual_fuse_adds_z_to_the_papers_fuse():
+    """prior_fuse="residual": X_h' = z + Fuse([z, z']) with the weights of the paper's form, and
+    the prior share measures the part that z' changes in both."""
+    torch.manual_seed(0)
+    paper = model.PersonalizedSwinUNETR(2, 2, feature_size=12, roi=(64, 64, 64), prior_heads=2).eval()
+    res = model.PersonalizedSwinUNETR(2, 2, feature_size=12, roi=(64, 64, 64), prior_heads=2,
+                                      prior_fuse="residual").eval()
+    res.load_state_dict(paper.state_dict())
+    z = torch.randn(1, 192, 2, 2, 2)
+    with torch.no_grad():
+        assert (res.personalize(z) - (z + paper.personalize(z))).abs().max() < 1e-5
+        assert (res.representations(z)["X_h'"] - res.personalize(z)).abs().max() < 1e-6
+        z2 = paper.prior_branch(z)
+        change = paper.fuse(torch.cat([z, z2], 1)) - paper.fuse(torch.cat([z, torch.zeros_like(z)], 1))
+        xh = res.personalize(z)
+        assert res.prior_share(z, xh) == pytest.approx(float(change.norm() / xh.norm()), rel=1e-4)
 
 
 def test_grid_mismatch_and_bad_sizes_are_clear_errors():
