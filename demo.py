@@ -44,13 +44,13 @@ SIZES = {"demo": ["--roi", "32,64,64", "--feature-size", "12", "--prior-heads", 
 RUN = ["--workers", "0", "--resume", "auto", "--save-every", "20"]
 
 
-def pretrain(data_name, out, steps, preset, seed, size="demo"):
-    """train_pretrain.py in the demo configuration (at the geometry SIZES[size]); returns the
-    checkpoint path."""
+def pretrain(data_name, out, steps, preset, seed, size="demo", flags=()):
+    """train_pretrain.py in the demo configuration (at the geometry SIZES[size]), with extra
+    `flags` of train_pretrain.py; returns the checkpoint path."""
     import train_pretrain
 
     return train_pretrain.main(["--data", data_name, "--out", str(out), "--max-steps", str(steps), "--preset", preset,
-                                "--lr", "5e-4", "--seed", str(seed), "--id-every", "20", *SIZES[size], *RUN])
+                                "--lr", "5e-4", "--seed", str(seed), "--id-every", "20", *SIZES[size], *RUN, *flags])
 
 
 def tune(data_name, out, task, init, steps, seed, arch="full", labelled=0, val_every=-1, size="demo"):

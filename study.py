@@ -17,7 +17,8 @@ PET/CT (AutoPET layout: ct, pet)
      person identification; and the same tuning from scratch (none with --petct-presets "").
 --preset-size sets the network's geometry (demo.SIZES; the mechanism needs a bottleneck grid of
 at least 2^3, which "demo" does not have); --option adds preset 6p (L_pers beside the paper's
-losses) to pre-training, identification and transfer; --section names the sections written.
+losses; --option residual or cosine: the prior-branch options of train_pretrain.py) to
+pre-training, identification and transfer; --section names the sections written.
 Every run resumes (OUT/.../last.pt) and a finished run or an evaluation newer than its
 checkpoint is reused, so an interrupted study continues where it stopped and never repeats
 finished work. Each stage prints a progress line with the time elapsed and an estimate of the
@@ -49,7 +50,10 @@ import report
 import runtime as R
 from files import atomic, git_commit, replace_section, write_json, write_text
 
-OPTION = "6p"  # the preset of the option that keeps X_h' personal (train_pretrain.PRESETS)
+# The options beside the paper's form (--option NAME): the pre-training preset and the extra flags
+# of train_pretrain.py (docs/method.md).
+OPTIONS = {"6p": ("6p", ()), "residual": ("full", ("--prior-fuse", "residual")),
+           "cosine": ("full", ("--prior-logits", "cosine"))}
 # Cost of a step (or an evaluation) at each --preset-size relative to the demo's on 2 CPU cores:
 # it scales RATE in the first estimate of the time left (mechanism: the ratio of the pre-training
 # step times, bench.py steps; paper: of their FLOPs, bench.py flops).
@@ -190,8 +194,9 @@ def plan(args):
     vals = p.seg_steps // p.val_every if p.val_every > 0 else 0
     seg_units = 3 if p.seg_subsets == "all" else 1  # a guess: the 15 subsets share the loading and metrics
 
-    def pretrain(data_name, run, steps, preset, seed):
-        return lambda: finished(run, steps) or demo.pretrain(data_name, run, steps, preset, seed, p.preset_size)
+    def pretrain(data_name, run, steps, preset, seed, flags=()):
+        return lambda: finished(run, steps) or demo.pretrain(data_name, run, steps, preset, seed, p.preset_size,
+                                                             flags)
 
     def tune(data_name, run, task, init, steps, seed, **kw):
         return lambda: finished(run, steps) or demo.tune(data_name, run, task, init, steps, seed, size=p.preset_size,
@@ -215,8 +220,9 @@ def plan(args):
             (f"seed {seed}: MRI pre-training, SwinUNETR baseline", "pretrain-swinunetr", p.pretrain_steps,
              pretrain(p.data, mri / "pretrain-swinunetr", p.pretrain_steps, "swinunetr", seed))]
         if p.option:
-            stages.append((f"seed {seed}: MRI pre-training, preset {OPTION}", "pretrain", p.pretrain_steps,
-                           pretrain(p.data, mri / f"pretrain-{OPTION}", p.pretrain_steps, OPTION, seed)))
+            preset, flags = OPTIONS[p.option]
+            stages.append((f"seed {seed}: MRI pre-training, option {p.option}", "pretrain", p.pretrain_steps,
+                           pretrain(p.data, mri / f"pretrain-{p.option}", p.pretrain_steps, preset, seed, flags)))
         for name, run, untrained in identified(p.option):
             stages.append((f"seed {seed}: person identification, {name}", "identify", 1,
                            identify(mri / run, mri / f"id-{name}", p.data, untrained)))
@@ -265,13 +271,13 @@ def plan(args):
 def transfer_runs(mri, option):
     """(name, arch, pre-training checkpoint) of the transfer tunings."""
     runs = [("ours", "full", mri / "pretrain" / "last.pt"), ("swinunetr", "swinunetr", mri / "pretrain-swinunetr" / "last.pt")]
-    return runs + ([(f"ours+{OPTION}", "full", mri / f"pretrain-{OPTION}" / "last.pt")] if option else [])
+    return runs + ([(f"ours+{option}", "full", mri / f"pretrain-{option}" / "last.pt")] if option else [])
 
 
 def identified(option):
     """(name, pre-training run, untrained) of the networks whose X_h' is identified."""
     nets = [("untrained", "pretrain", True), ("swinunetr", "pretrain-swinunetr", False), ("ours", "pretrain", False)]
-    return nets + ([(f"ours+{OPTION}", f"pretrain-{OPTION}", False)] if option else [])
+    return nets + ([(f"ours+{option}", f"pretrain-{option}", False)] if option else [])
 
 
 # ---- tables ---------------------------------------------------------------------------------
@@ -352,7 +358,8 @@ def collect(args):
             res = json.loads((mri / f"id-{name}" / "results.json").read_text())["summary"]
             num["id"].append({"data": "MRI", "network": name, "seed": seed, **id_numbers(res)})
         for run, terms in (("pretrain", ("equ", "decom")), ("pretrain-swinunetr", ("decom",)),
-                           *([(f"pretrain-{OPTION}", ("equ", "pers", "decom"))] if args.option else [])):
+                           *([(f"pretrain-{args.option}", ("equ", "pers", "decom") if args.option == "6p" else
+                               ("equ", "decom"))] if args.option else [])):
             log = read_log(mri / run)
             for t in terms:
                 gain, ok = flattened([r["step"] for r in log], [r.get(t) for r in log], "loss")
@@ -412,8 +419,8 @@ def claims(num, args):
               per_seed(tr, "PSNR strict (dB)", method="ours"), per_seed(tr, "PSNR strict (dB)", method="swinunetr"),
               "dB")
         if args.option:
-            claim(f"the option ({OPTION}) beats the SwinUNETR baseline in transfer (strict PSNR)",
-                  per_seed(tr, "PSNR strict (dB)", method=f"ours+{OPTION}"),
+            claim(f"the option ({args.option}) beats the SwinUNETR baseline in transfer (strict PSNR)",
+                  per_seed(tr, "PSNR strict (dB)", method=f"ours+{args.option}"),
                   per_seed(tr, "PSNR strict (dB)", method="swinunetr"), "dB")
         claim("transfer beats the identity baseline (strict PSNR)", per_seed(tr, "PSNR strict (dB)", method="ours"),
               per_seed(tr, "PSNR strict (dB)", method="identity"), "dB")
@@ -434,7 +441,7 @@ def claims(num, args):
     # more than the baseline's z and the untrained network's; identification once the shared
     # offset is removed.
     ids = lambda key, net: per_seed(num["id"], key, data="MRI", network=net)
-    for net in ["ours"] + ([f"ours+{OPTION}"] if args.option else []):
+    for net in ["ours"] + ([f"ours+{args.option}"] if args.option else []):
         claim(f"{net}: X_h' is personal (between-person fraction above the within-person one)",
               ids("between (X_h')", net), ids("within (X_h')", net), "fraction")
         for other in ("swinunetr", "untrained"):
@@ -478,7 +485,7 @@ def made_by(args, meta, minutes):
 
 def render(args, meta, tables, claim_lines, flat_rows, minutes):
     budgets = f"MRI pre-training {args.pretrain_steps} steps (full preset, SwinUNETR baseline" + (
-        f", preset {OPTION})" if args.option else ")")
+        f", option {args.option})" if args.option else ")")
     if args.part == "all":
         budgets += (f", segmentation tuning {args.seg_steps} (val every {args.val_every}), few-label regime "
                     f"{args.labelled} of the training persons, transfer tuning {args.transfer_steps}")
@@ -527,9 +534,10 @@ def main(argv=None):
     ap.add_argument("--preset-size", default="demo", choices=sorted(demo.SIZES),
                     help="the network's geometry (demo.SIZES): demo (roi 32x64x64, F=12, a 1x2x2 bottleneck), "
                          "mechanism (roi 64^3, F=12, 2^3) or paper (roi 96^3, F=48, 3^3)")
-    ap.add_argument("--option", action="store_true",
-                    help=f"add preset {OPTION} (L_pers: other persons as negatives for X_h'): its pre-training, "
-                         "identification and transfer")
+    ap.add_argument("--option", nargs="?", const="6p", default="", choices=sorted(OPTIONS),
+                    help="add an option beside the paper's form, its pre-training, identification and transfer: 6p "
+                         "(the default of a bare --option: L_pers, other persons as negatives for X_h'), residual "
+                         "(X_h' = z + Fuse([z, z'])) or cosine (the prior attention's scaled cosine logits)")
     ap.add_argument("--section", default="study",
                     help="the name of the sections written into --results (NAME) and --readme (NAME-claims)")
     ap.add_argument("--results", default="", help="replace the study section of this Markdown file with the results")
