@@ -579,9 +579,8 @@ class PriorAttention(nn.Module):
 
     logits="dot" is the paper's q k^T / sqrt(d). logits="cosine" is Swin V2's scaled cosine
     attention, cos(q, k) * exp(logit_scale) with one learnable scale per head (init 10, at most
-    100): with d = G / heads = 4 at roi 64^3 the dot product of a trained network spreads its
-    logits by about 0.5 over O's 16F tokens and the softmax stays near uniform (docs/results.md),
-    the cosine form can select from the first step."""
+    100), an option: the dot product's softmax over O's 16F tokens stays near its maximum
+    entropy in pre-training (docs/results.md), the cosine form selects from the first step."""
 
     def __init__(self, embed_dim, heads, backend="sdpa", logits="dot"):
         super().__init__()
