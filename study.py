@@ -17,7 +17,7 @@ PET/CT (AutoPET layout: ct, pet)
      person identification; and the same tuning from scratch (none with --petct-presets "").
 --preset-size sets the network's geometry (demo.SIZES; the mechanism needs a bottleneck grid of
 at least 2^3, which "demo" does not have); --option adds preset 6p (L_pers beside the paper's
-losses; --option residual or cosine: the prior-branch options of train_pretrain.py) to
+losses; --option residual, cosine or no-skips: the options of train_pretrain.py) to
 pre-training, identification and transfer; --section names the sections written.
 Every run resumes (OUT/.../last.pt) and a finished run or an evaluation newer than its
 checkpoint is reused, so an interrupted study continues where it stopped and never repeats
@@ -53,7 +53,7 @@ from files import atomic, git_commit, replace_section, write_json, write_text
 # The options beside the paper's form (--option NAME): the pre-training preset and the extra flags
 # of train_pretrain.py (docs/method.md).
 OPTIONS = {"6p": ("6p", ()), "residual": ("full", ("--prior-fuse", "residual")),
-           "cosine": ("full", ("--prior-logits", "cosine"))}
+           "cosine": ("full", ("--prior-logits", "cosine")), "no-skips": ("full", ("--decom-skips", "none"))}
 # Cost of a step (or an evaluation) at each --preset-size relative to the demo's on 2 CPU cores:
 # it scales RATE in the first estimate of the time left (mechanism: the ratio of the pre-training
 # step times, bench.py steps; paper: of their FLOPs, bench.py flops).
@@ -537,7 +537,8 @@ def main(argv=None):
     ap.add_argument("--option", nargs="?", const="6p", default="", choices=sorted(OPTIONS),
                     help="add an option beside the paper's form, its pre-training, identification and transfer: 6p "
                          "(the default of a bare --option: L_pers, other persons as negatives for X_h'), residual "
-                         "(X_h' = z + Fuse([z, z'])) or cosine (the prior attention's scaled cosine logits)")
+                         "(X_h' = z + Fuse([z, z'])), cosine (the prior attention's scaled cosine logits) or "
+                         "no-skips (L_decom's decoder without the skips)")
     ap.add_argument("--section", default="study",
                     help="the name of the sections written into --results (NAME) and --readme (NAME-claims)")
     ap.add_argument("--results", default="", help="replace the study section of this Markdown file with the results")

@@ -41,6 +41,7 @@ PRESETS = {
 }
 PRESETS["full"] = PRESETS["6"]
 TERMS = ("contr", "equ", "inv", "pers", "decom")
+DECOM_SKIPS = ("all", "none")
 # What log.jsonl holds beside the losses (docs/training.md, "What the log shows").
 DIAGNOSTICS = ("grad_norm", "grad_share", "prior_change", "prior_share", "xh_rms", "equ_acc", "contr_acc",
                "id_acc", "id_cos_same", "id_cos_other", "id_acc_centred", "id_between", "id_between_z", "id_between_zp",
@@ -63,6 +64,10 @@ class Config(R.TrainConfig):
     prior_fuse: str = R.opt("concat", "how X_h' joins z and the prior branch's z': concat (the paper's Fuse([z, z'])) or "
                                       "residual (z + Fuse([z, z']), an option that keeps z in X_h')",
                             choices=M.PRIOR_FUSE)
+    decom_skips: str = R.opt("all", "what L_decom's decoder gets beside X_h': all (the paper's: the encoder's skips and "
+                                    "the input) or none (zeros in their place, so X_h' alone must carry what it "
+                                    "reconstructs: an option asking whether the skips are why X_h' needs no person)",
+                             choices=DECOM_SKIPS)
     phi: str = R.opt("rot90-yz", "geometric transforms: rot90-yz (4 rotations in the sagittal y-z plane, the "
                                  "reference code's), rot90 (in the axial x-y plane) or cube (24 rotations)",
                      choices=sampling.PHI_KINDS)
@@ -124,6 +129,8 @@ def modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, n_classes, queue=
         terms["pers"] = losses.person_nce(xh, anchor, others, persons, who, cfg.tau)
     if use["inv"] or use["pers"]:
         anchor = losses.update_anchor(anchor, xh)
+    if cfg.decom_skips == "none":  # the decoder sees X_h' alone
+        skips, u = [torch.zeros_like(s) for s in skips], torch.zeros_like(u)
     y = per_sample(sampling.phi_inverse, net.decode(xh, skips, u), ks, cfg.phi)
     terms["decom"] = losses.decomposition_loss(y, x, fg, cfg.w_fg)
     return terms, anchor, diag
@@ -230,7 +237,8 @@ def main(argv=None):
               f"({len(split['val'])} and {nm} here)", d)
     val_vols = [data.load_case(spec.case(c), spec, cache) for c in split["val"]] if identify and d.main else []
     R.log(f"pre-training preset {cfg.preset} ({', '.join(t for t in TERMS if use[t])}"
-          f"{', prior' if use['prior'] else ', no prior'}) on {len(split['train'])} persons x {nm} modalities "
+          f"{', prior' if use['prior'] else ', no prior'}"
+          f"{', decoder without skips' if cfg.decom_skips == 'none' else ''}) on {len(split['train'])} persons x {nm} modalities "
           f"({', '.join(spec.modalities)}), roi {roi}, F={cfg.feature_size}, {d.world} rank(s) on {d.device}, "
           f"{sum(p.numel() for p in params) / 1e6:.1f} M parameters", d)
 

@@ -200,3 +200,27 @@ def test_identify_command(tiny_brats, tmp_path):
     ck = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     fresh, _ = inference.load_pretrained(out / "last.pt", untrained=True)
     assert torch.equal(fresh.prior.detach(), ck["prior_init"]) and not torch.equal(fresh.prior.detach(), net.prior)
+
+
+@pytest.mark.parametrize("decom_skips", ["all", "none"])
+def test_decom_skips_none_gives_the_decoder_x_h_alone(tiny_brats, tmp_path, monkeypatch, decom_skips):
+    """--decom-skips none: L_decom's decoder gets X_h' and zeros in place of the skips and the
+    input; all (the default) gets the encoder's skips and the input as they are."""
+    seen = []
+    decode = model.PersonalizedSwinUNETR.decode
+
+    def spy(self, z, skips, x):
+        seen.append((z.detach().abs().amax().item(), [s.detach().abs().amax().item() for s in skips],
+                     x.detach().abs().amax().item()))
+        return decode(self, z, skips, x)
+
+    monkeypatch.setattr(model.PersonalizedSwinUNETR, "decode", spy)
+    train_pretrain.main(args(tiny_brats, tmp_path / "run", 1, "--decom-skips", decom_skips, "--id-every", "0"))
+    assert len(seen) == 2  # one decode per modality
+    for xh, skips, x in seen:
+        assert xh > 0
+        if decom_skips == "none":
+            assert skips == [0.0] * 4 and x == 0.0
+        else:
+            assert min(skips) > 0 and x > 0
+    assert read_log(tmp_path / "run")[0]["decom"] > 0
