@@ -211,9 +211,11 @@ def main(argv=None):
     ck_path = R.resume_path(out, cfg.resume)
     if ck_path is not None:
         ck = R.restore_state(ck_path, net, optim, sched, d)
-        if ck["config"]["preset"] != cfg.preset or ck["config"]["seed"] != cfg.seed:
-            raise SystemExit(f"{ck_path}: made with preset {ck['config']['preset']} seed {ck['config']['seed']}; "
-                             f"this run asks for preset {cfg.preset} seed {cfg.seed}")
+        made = {k: ck["config"].get(k, "all") for k in ("preset", "seed", "decom_skips")}  # all: older checkpoints
+        asked = {k: getattr(cfg, k) for k in made}
+        if made != asked:
+            raise SystemExit(f"{ck_path}: made with " + " ".join(f"{k} {v}" for k, v in made.items())
+                             + "; this run asks for " + " ".join(f"{k} {v}" for k, v in asked.items()))
         problems = data.compare_contract(ck["contract"], data.contract(spec))
         if problems:
             raise SystemExit(f"{ck_path}: data differ from the checkpoint's: " + "; ".join(problems))
