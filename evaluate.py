@@ -37,7 +37,7 @@ import runtime as R
 from files import git_commit, staging, write_json
 
 USAGE = """python evaluate.py --ckpt RUN/best.pt --data PATH|demo|demo-petct --task transfer|seg|identify --out DIR
-       [--split test|val|all] [--overlap 0.5] [--sw-batch-size 4] [--protocol reference,strict[,percentile]]
+       [--split test|val|train|all] [--overlap 0.5] [--sw-batch-size 4] [--protocol reference,strict[,percentile]]
        [--policy brats|monai|autopet] [--subsets all|given] [--save-nifti | --no-save-nifti] [--figures N]
        [--hd95] [--untrained] [--modalities a,b] [--cache DIR] [--device auto] [--seed 0]"""
 
@@ -61,8 +61,9 @@ class Config:
     task: str = R.opt(None, "the checkpoint's task (checked), or identify (a stage-1 checkpoint)",
                       choices=("transfer", "seg", "identify"))
     out: str = R.opt(None, "output folder", required=True)
-    split: str = R.opt("test", "cases: the checkpoint's test or val split, or every case of --data",
-                       choices=("test", "val", "all"))
+    split: str = R.opt("test", "cases: the checkpoint's test, val or train split, or every case of --data "
+                               "(identify --split train: the persons pre-training saw)",
+                       choices=("test", "val", "train", "all"))
     overlap: float = R.opt(0.5, "sliding-window overlap (the reference used 0.75)")
     sw_batch_size: int = R.opt(4, "windows per forward")
     protocol: str = R.opt("reference,strict", "transfer protocols: reference, strict, percentile (metrics.transfer_metrics)")

@@ -200,6 +200,11 @@ def test_identify_command(tiny_brats, tmp_path):
     ck = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     fresh, _ = inference.load_pretrained(out / "last.pt", untrained=True)
     assert torch.equal(fresh.prior.detach(), ck["prior_init"]) and not torch.equal(fresh.prior.detach(), net.prior)
+    # --split train: the persons pre-training saw, as the checkpoint records them
+    evaluate.main(["--ckpt", str(out / "last.pt"), "--data", str(tiny_brats), "--task", "identify", "--split", "train",
+                   "--out", str(tmp_path / "id-train"), "--figures", "0", "--cache", str(tmp_path / "cache")])
+    saved = json.loads((tmp_path / "id-train" / "results.json").read_text())
+    assert saved["meta"]["cases"] == list(ck["split"]["train"]) and len(saved["meta"]["cases"]) >= 2
 
 
 @pytest.mark.parametrize("decom_skips", ["all", "none"])
