@@ -40,8 +40,8 @@ study: venv
 # the mechanism at a 2^3 bottleneck grid (roi 64^3), with the option that keeps X_h' personal (6p);
 # MRI only, resumable like the study (`python study.py ... --dry-run` prints its time estimate)
 study-mechanism: venv
-	$(PY) study.py --preset-size mechanism --option --petct-presets "" --section study-mechanism \
-		--out runs/study-mechanism --pretrain-steps 30 --seg-steps 20 --val-every 10 --transfer-steps 8 \
+	$(PY) study.py --preset-size mechanism --option no-skips --petct-presets "" --section study-mechanism \
+		--out runs/study-mechanism --pretrain-steps 80 --seg-steps 20 --val-every 10 --transfer-steps 8 \
 		--results docs/results.md --readme README.md
 
 # the suite over TEST_WORKERS processes, each with its share of the cores (tests/conftest.py)
