@@ -7,7 +7,7 @@
 PY := .venv/bin/python
 export TORCH_NUM_THREADS ?=
 
-.PHONY: demo test study study-mechanism venv venv-test clean
+.PHONY: demo test study study-mechanism study-mechanism-160 venv venv-test clean
 
 .venv/.installed: requirements.txt
 	python3 -m venv .venv
@@ -37,12 +37,19 @@ demo: venv
 study: venv
 	$(PY) study.py --results docs/results.md --readme README.md
 
-# the mechanism at a 2^3 bottleneck grid (roi 64^3), with the option that keeps X_h' personal (6p);
-# MRI only, resumable like the study (`python study.py ... --dry-run` prints its time estimate)
+# the mechanism at a 2^3 bottleneck grid (roi 64^3), with the option that keeps X_h' personal (no-skips);
+# MRI only, resumable like the study (`python study.py ... --dry-run` prints its time estimate); the
+# pre-trainings 2 at a time, each on 1 of the 2 cores
 study-mechanism: venv
 	$(PY) study.py --preset-size mechanism --option no-skips --petct-presets "" --section study-mechanism \
-		--out runs/study-mechanism --pretrain-steps 80 --seg-steps 20 --val-every 10 --transfer-steps 8 \
+		--out runs/study-mechanism --jobs 2 --pretrain-steps 80 --seg-steps 20 --val-every 10 --transfer-steps 8 \
 		--results docs/results.md --readme README.md
+
+# the budget check of study-mechanism's pre-trainings: one seed at twice the steps, mechanism part alone
+study-mechanism-160: venv
+	$(PY) study.py --preset-size mechanism --option no-skips --petct-presets "" --section study-mechanism-160 \
+		--out runs/study-mechanism-160 --part mechanism --seeds 0 --jobs 2 --pretrain-steps 160 \
+		--results docs/results.md
 
 # the suite over TEST_WORKERS processes, each with its share of the cores (tests/conftest.py)
 TEST_WORKERS ?= 2

@@ -35,6 +35,11 @@ def _blosc2():
     return blosc2
 
 
+def _per_axis(n):
+    """A side length (one for every axis) or three: (D, H, W)."""
+    return (n,) * 3 if isinstance(n, (int, np.integer)) else tuple(n)
+
+
 def quantise(image):
     """(C, ...) float32 -> (int16 array, per-channel scales): image ~= q * scale[c]."""
     peak = np.abs(image.reshape(len(image), -1)).max(axis=1).astype(np.float64)
@@ -69,8 +74,8 @@ def write(folder, image, fg, label, fmt=DEFAULT, chunk=CHUNK, block=BLOCK, codec
             continue
         spatial = a.shape[-3:]
         lead = (1,) * (a.ndim - 3)
-        chunks = lead + tuple(min(chunk, n) for n in spatial)
-        blocks = lead + tuple(min(block, n) for n in chunks[-3:])
+        chunks = lead + tuple(min(c, n) for c, n in zip(_per_axis(chunk), spatial))
+        blocks = lead + tuple(min(b, n) for b, n in zip(_per_axis(block), chunks[-3:]))
         b2.asarray(np.ascontiguousarray(a), urlpath=str(folder / f"{name}.b2nd"), mode="w", chunks=chunks,
                    blocks=blocks, cparams=cparams)
     return {"format": "b2nd", "scale": [float(s) for s in scale]}

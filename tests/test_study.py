@@ -105,3 +105,31 @@ def test_study_runs_on_a_tiny_budget_writes_its_section_and_reruns_nothing(tiny_
     assert "person identification" in text and "MRI segmentation" not in text and "Learning curves" not in text
     assert "--part mechanism" in text and not (tmp_path / "docs" / study.figure_name("mech")).exists()
     assert {r["run"] for r in mech["per_seed"]["flat"]} == {"MRI pretrain", "MRI pretrain-swinunetr", "MRI pretrain-6p"}
+
+
+def test_jobs_run_the_pretrainings_side_by_side_as_one_process_would(tiny_sets, tmp_path):
+    import torch
+
+    import demo
+
+    brats, _ = tiny_sets
+    argv = ["--out", str(tmp_path / "study"), "--seeds", "0", "--data", str(brats), "--pretrain-steps", "2",
+            "--part", "mechanism", "--petct-presets", "", "--jobs", "2"]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # 2 jobs of 1 thread each, like the reference below
+        study.main(argv)
+        torch.set_num_threads(1)
+        ref = demo.pretrain(str(brats), tmp_path / "ref", 2, "full", 0)
+    finally:
+        torch.set_num_threads(threads)
+    mri = tmp_path / "study" / "seed0" / "mri"
+    got = torch.load(mri / "pretrain" / "last.pt", weights_only=True)["model"]
+    want = torch.load(ref, weights_only=True)["model"]
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # each worker's output in a file beside its run; the stage times recorded, less their overlap
+    assert "pretrain" in (mri / "pretrain.log").read_text() and (mri / "pretrain-swinunetr.log").stat().st_size
+    took = json.loads((tmp_path / "study" / "times.json").read_text())
+    names = [n for n in took if "pre-training" in n]
+    assert len(names) == 2 and all(took[n] > 1 for n in names) and took[study.OVERLAP] >= 0
+    assert took[study.OVERLAP] < sum(took[n] for n in names)
