@@ -385,7 +385,8 @@ def test_prepare_processes_sharing_one_cache(tmp_path):
     assert len([p for p in (tmp_path / "ranks").iterdir() if p.is_dir()]) == n
 
 
-def test_stored_slices_like_numpy(tmp_path):
+@pytest.mark.parametrize("fmt", ["b2nd", "tiles"])
+def test_stored_slices_like_numpy(tmp_path, fmt):
     """cache.Stored against the numpy array it stores: the slices a crop, a figure and a full
     read take, an int channel then its slices, and the crop of sampling._crop (fills beyond)."""
     import sampling
@@ -393,7 +394,8 @@ def test_stored_slices_like_numpy(tmp_path):
     rng = np.random.default_rng(0)
     image = (rng.normal(size=(3, 37, 70, 21)) * (rng.random((3, 37, 70, 21)) > 0.3)).astype(np.float32)
     fg, label = image[0] != 0, rng.integers(0, 4, image.shape[1:]).astype(np.uint8)
-    rec = cache.write(tmp_path, image, fg, label, "b2nd", chunk=16, block=8)
+    options = dict(chunk=16, block=8) if fmt == "b2nd" else dict(tile=(5, 16))
+    rec = cache.write(tmp_path, image, fg, label, fmt, **options)
     im, f, lab = cache.read(tmp_path, rec)
     ref = np.asarray(im)  # compared with the decoded whole: slicing must not change a value
     assert within_quantisation(ref, image) and np.array_equal(np.asarray(f), fg)
@@ -410,6 +412,48 @@ def test_stored_slices_like_numpy(tmp_path):
         assert np.array_equal(sampling._crop(lab, start, (16, 24, 16), 0), sampling._crop(label, start, (16, 24, 16), 0))
     with pytest.raises(TypeError):
         im[::2]
+
+
+def test_tiles_against_numpy_and_their_bytes(tmp_path):
+    """cache.Tiled against the array it stores, by brute force over random selections (ints,
+    negative ints, slices past the ends, empty ones) and tile sides: a background that is not 0
+    (CT air), an array all background, a bool mask; and the bytes: a brain-like volume (an
+    ellipsoid in its box) keeps only its boxes, an array of distinct values (no background) keeps every voxel."""
+    rng = np.random.default_rng(3)
+    shape = (29, 34, 23)
+    z, y, x = np.ogrid[:29, :34, :23]
+    inside = ((z - 14) / 14.5) ** 2 + ((y - 16.5) / 17) ** 2 + ((x - 11) / 11.5) ** 2 < 1
+    ct = np.where(inside, rng.integers(-32767, 32767, shape), -32767).astype(np.int16)[None]
+    mri = (rng.integers(-900, 900, (2, *shape)) * inside).astype(np.int16)
+    arrays = {"ct": ct, "mri": mri, "fg": inside, "empty": np.zeros(shape, np.uint8),
+              "full": (rng.permutation(2 * 29 * 34 * 23) - 20000).reshape(2, *shape).astype(np.int16)}
+    for tile in [(16, 16), (1, 1), (4, 7), (40, 40)]:
+        for name, a in arrays.items():
+            folder = tmp_path / f"{name}-{tile[0]}x{tile[1]}"
+            folder.mkdir()
+            cache._write_tiles(folder, name, a, tile)
+            t = cache.Tiled(folder, name)
+            assert t.shape == a.shape and t.dtype == a.dtype and np.array_equal(np.asarray(t), a)
+            for _ in range(40):
+                idx = []
+                for n in a.shape[: rng.integers(1, a.ndim + 1)]:
+                    kind = rng.integers(0, 3)
+                    lo, hi = sorted(int(v) for v in rng.integers(-n - 3, n + 4, 2))
+                    idx.append(int(rng.integers(-n, n)) if kind == 0 else slice(None) if kind == 1 else slice(lo, hi))
+                got, want = t[tuple(idx)], a[tuple(idx)]
+                assert got.shape == want.shape and np.array_equal(got, want), (name, tile, idx)
+            assert np.array_equal(t[..., 3], a[..., 3])
+            stored = (folder / f"{name}.tiles.npy").stat().st_size - 128
+            if name == "empty":
+                assert stored == 0
+            if name == "full":
+                assert stored == a.nbytes
+            if name in ("ct", "mri") and tile == (4, 7):  # the boxes of an ellipsoid: about its volume
+                assert inside.mean() * a.nbytes < stored < 0.75 * a.nbytes
+    with pytest.raises(TypeError):
+        t[::2]
+    with pytest.raises(IndexError):
+        t[0, 40]
 
 
 @pytest.mark.parametrize("fmt", [f for f in cache.FORMATS if f != "npy"])
