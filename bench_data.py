@@ -4,7 +4,8 @@
    MONAI's LoadImaged / NormalizeIntensityd / CropForegroundd, plain and behind PersistentDataset.
 2. The cache formats on a BraTS-sized case (4 x 240x240x155, 1 mm) and an AutoPET-sized study
    (CT + PET, 400x400x300): the float32 .npy memory map (cache.py's npy), float16 and int16 +
-   per-channel scale memory maps (npy-int16), and blosc2 (b2nd) with zstd and lz4, two chunkings. Bytes per case, time
+   per-channel scale memory maps (npy-int16), the background-trimmed tiles (tiles) at three tile
+   sizes, and blosc2 (b2nd) with zstd, lz4 and lz4hc, several chunkings. Bytes per case, time
    to write the entry, the largest error, one random roi crop read cold (the entry's pages
    dropped from the page cache, posix_fadvise) and warm as a worker delivers it
    (sampling.crop_image: float32, or the int16 formats' int16 values and scales, dequantised
@@ -133,8 +134,8 @@ def _write_variant(folder, vol, name):
     as (image, fg, label) for a crop."""
     import cache
 
-    if name.startswith("b2nd"):
-        rec = cache.write(folder, vol.image, vol.fg, vol.label, "b2nd", **VARIANTS[name])
+    if name.startswith(("b2nd", "tiles")):
+        rec = cache.write(folder, vol.image, vol.fg, vol.label, name.split()[0], **VARIANTS[name])
         return lambda: cache.read(folder, rec)
     if name in ("npy float32", "npy int16 + scale"):
         rec = cache.write(folder, vol.image, vol.fg, vol.label, "npy" if name == "npy float32" else "npy-int16")
@@ -170,7 +171,8 @@ def _crops_per_second(vol, roi, n):
     return n / (time.perf_counter() - t)
 
 
-VARIANTS = {"npy float32": {}, "npy float16": {}, "npy int16 + scale": {},  # name -> cache.write's b2nd options
+VARIANTS = {"npy float32": {}, "npy float16": {}, "npy int16 + scale": {},  # name -> cache.write's options
+            "tiles 16x16": dict(tile=(16, 16)), "tiles 8x16": dict(tile=(8, 16)), "tiles 32x32": dict(tile=(32, 32)),
             "b2nd zstd 5, chunks 64^3, blocks 16^3": dict(codec="zstd", clevel=5, chunk=64, block=16),
             "b2nd zstd 1, chunks 32^3": dict(codec="zstd", clevel=1, chunk=32, block=32),
             "b2nd lz4 1, chunks 64^3, blocks 32^3": dict(codec="lz4", clevel=1, chunk=64, block=32),
@@ -178,6 +180,15 @@ VARIANTS = {"npy float32": {}, "npy float16": {}, "npy int16 + scale": {},  # na
             "b2nd lz4hc 9, chunks 32^3, blocks 16^3": dict(codec="lz4hc", clevel=9, chunk=32, block=16),
             "b2nd lz4 1, chunks 32^3, blocks 8^3": dict(codec="lz4", clevel=1, chunk=32, block=8),
             "b2nd lz4 1, chunks 32^3, blocks 16^3": dict(codec="lz4", clevel=1, chunk=32, block=16)}
+
+
+def _variant_of(fmt):
+    """The name in VARIANTS of cache.py's settings for fmt ("tiles" or "b2nd")."""
+    import cache
+
+    settings = {"tiles": dict(tile=cache.TILE),
+                "b2nd": dict(codec=cache.CODEC, clevel=cache.CLEVEL, chunk=cache.CHUNK, block=cache.BLOCK)}[fmt]
+    return next(n for n, o in VARIANTS.items() if n.startswith(fmt) and o == settings)
 
 
 def _formats(tmp, spec, kind, roi, n_crops, n_loader):
@@ -207,10 +218,9 @@ def _formats(tmp, spec, kind, roi, n_crops, n_loader):
         written[name] = (folder, open_, write_s, sum(p.stat().st_size for p in folder.iterdir()), err)
     images = {name: w[1]()[0] for name, w in written.items()}
     # warm: pages already in memory, the formats in turn so that a change of load hits them alike
-    # and a bound: the default's crops moved to the corners of its chunks decode no block outside the crop
+    # and a bound: b2nd's crops moved to the corners of its chunks decode no block outside the crop
     import cache
-    default = next(n for n, o in VARIANTS.items()
-                   if o == dict(codec=cache.CODEC, clevel=cache.CLEVEL, chunk=cache.CHUNK, block=cache.BLOCK))
+    default = _variant_of("b2nd")
     at_corners = [[x - x % cache.CHUNK for x in s] for s in starts]
     fns = {n: crops(im) for n, im in images.items()}
     fns["at corners"] = lambda: [crop(images[default], s) and None for s in at_corners]
@@ -266,8 +276,8 @@ def bench_data(args):
                     f"AutoPET {shapes['AutoPET']}), roi {roi[0]}^3 crops, one DataLoader worker", rows, list(rows[0]))
 
         import cache
-        name = next(n for n, o in VARIANTS.items()
-                    if o == dict(codec=cache.CODEC, clevel=cache.CLEVEL, chunk=cache.CHUNK, block=cache.BLOCK))
+        name = _variant_of(cache.DEFAULT) if cache.DEFAULT in ("tiles", "b2nd") else \
+            {"npy": "npy float32", "npy-int16": "npy int16 + scale"}[cache.DEFAULT]
         default = {r["case"]: r for r in rows if r["format"] == name}
         gpu_rows = []
         for task, flops in [("pre-training", pretrain_step_flops(48, roi)), ("tuning (segmentation)",
@@ -328,7 +338,7 @@ def bench_prepare(args):
         rows = []
         for name, root, count in sets:
             layouts.resolve(root)
-            for fmt in ("npy", "b2nd"):
+            for fmt in ("npy", "tiles", "b2nd"):
                 for workers in (1, 2):
                     store = tmp / f"cache-{name}-{fmt}-{workers}".replace(" ", "_")
                     built, seconds, size = _prepare_cli(root, store, fmt, workers)
