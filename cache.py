@@ -157,6 +157,20 @@ def _write_tiles(folder, name, a, tile):
     np.save(folder / f"{name}.shape.npy", np.array([D, H, W, bz, by], np.int64))
 
 
+def _selection(idx, ndim):
+    """An index of ints and unit-step slices as a tuple of ndim of them (Ellipsis expanded, the
+    missing axes whole); anything else (steps, arrays, None) is a TypeError."""
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if any(i is Ellipsis for i in idx):
+        k = idx.index(Ellipsis)
+        idx = idx[:k] + (slice(None),) * (ndim - len(idx) + 1) + idx[k + 1:]
+    for i in idx:
+        unit_slice = isinstance(i, slice) and i.step in (None, 1)
+        if not (unit_slice or isinstance(i, (int, np.integer))) or isinstance(i, bool):
+            raise TypeError(f"arrays kept on disk take ints and unit-step slices, not {i!r}")
+    return idx + (slice(None),) * (ndim - len(idx))
+
+
 class Tiled:
     """A read-only array of a `tiles` entry ((C, D, H, W) or (D, H, W)): indexing with ints and
     unit-step slices copies the parts of the boxes under the selection into an array filled
@@ -178,25 +192,19 @@ class Tiled:
 
     def _ranges(self, idx):
         """(lo, hi) per axis of a selection of ints and unit-step slices, and the int axes."""
-        idx = idx if isinstance(idx, tuple) else (idx,)
-        if any(i is Ellipsis for i in idx):
-            k = idx.index(Ellipsis)
-            idx = idx[:k] + (slice(None),) * (self.ndim - len(idx) + 1) + idx[k + 1:]
-        idx = idx + (slice(None),) * (self.ndim - len(idx))
+        idx = _selection(idx, self.ndim)
         if len(idx) != self.ndim:
             raise IndexError(f"{len(idx)} indices for an array of {self.ndim} dimensions")
         ranges, ints = [], []
         for axis, (i, n) in enumerate(zip(idx, self.shape)):
-            if isinstance(i, slice) and i.step in (None, 1):
+            if isinstance(i, slice):
                 lo, hi, _ = i.indices(n)
                 ranges.append((lo, max(lo, hi)))
-            elif isinstance(i, (int, np.integer)) and not isinstance(i, bool):
+            else:
                 if not -n <= i < n:
                     raise IndexError(f"index {i} is out of bounds for axis {axis} with size {n}")
                 ranges.append((int(i) % n, int(i) % n + 1))
                 ints.append(axis)
-            else:
-                raise TypeError(f"tiled arrays take ints and unit-step slices, not {i!r}")
         return ranges, ints
 
     def __getitem__(self, idx):
@@ -256,14 +264,7 @@ class Stored:
         return self.shape[0]
 
     def _full_index(self, idx):
-        idx = idx if isinstance(idx, tuple) else (idx,)
-        if any(i is Ellipsis for i in idx):
-            k = idx.index(Ellipsis)
-            idx = idx[:k] + (slice(None),) * (self.ndim - len(idx) + 1) + idx[k + 1:]
-        for i in idx:
-            if not isinstance(i, (slice, int, np.integer)) or (isinstance(i, slice) and i.step not in (None, 1)):
-                raise TypeError(f"Stored arrays take ints and unit-step slices, not {i!r}")
-        idx = idx + (slice(None),) * (self.ndim - len(idx))
+        idx = _selection(idx, self.ndim)
         return idx if self.channel is None else (self.channel, *idx)
 
     def __getitem__(self, idx):
