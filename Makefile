@@ -15,7 +15,7 @@ export TORCH_NUM_THREADS ?=
 	# nilearn is installed only for the MNI152 template files inside its wheel; --no-deps keeps
 	# its dependency stack out and the project never imports it.
 	.venv/bin/pip install -q --no-deps nilearn==0.14.1
-	# blosc2 (the cache format, cache.py) without its remote-array stack: requirements.txt has
+	# blosc2 (the b2nd cache format, cache.py) without its remote-array stack: requirements.txt has
 	# the modules its import needs
 	.venv/bin/pip install -q --no-deps blosc2==4.12.0
 	touch $@
