@@ -49,9 +49,10 @@ study-mechanism: venv
 # one seed at a time (about 65 min each on 2 cores): SEED=1 writes the section study-mechanism-160-seed1
 SEED ?= 0
 MECH160 = study-mechanism-160$(if $(filter-out 0,$(SEED)),-seed$(SEED))
+MECH160_MAKE = study-mechanism-160$(if $(filter-out 0,$(SEED)), SEED=$(SEED))
 study-mechanism-160: venv
 	$(PY) study.py --preset-size mechanism --option no-skips --petct-presets "" --section $(MECH160) \
-		--out runs/$(MECH160) --part mechanism --seeds $(SEED) --jobs 2 --pretrain-steps 160 \
+		--target "$(MECH160_MAKE)" --out runs/$(MECH160) --part mechanism --seeds $(SEED) --jobs 2 --pretrain-steps 160 \
 		--results docs/results.md
 
 # the suite over TEST_WORKERS processes, each with its share of the cores (tests/conftest.py)

@@ -534,8 +534,9 @@ def figure_name(section):
 
 
 def made_by(args, meta, minutes):
-    how = (f"`python study.py` (`make {args.section}`)" if args.part == "all" else
-           f"`python study.py --part mechanism` (the pre-trainings and identifications of `make {args.section}`)")
+    target = args.target or args.section
+    how = (f"`python study.py` (`make {target}`)" if args.part == "all" else
+           f"`python study.py --part mechanism` (the pre-trainings and identifications of `make {target}`)")
     jobs = f", the pre-trainings {args.jobs} at a time" if getattr(args, "jobs", 1) > 1 else ""
     return (f"Made by {how} on {'a GPU' if torch.cuda.is_available() else 'CPU'} in "
             f"{minutes:.0f} min{jobs}; seeds {', '.join(map(str, args.seeds))}"
@@ -594,6 +595,8 @@ def main(argv=None):
     ap.add_argument("--preset-size", default="demo", choices=sorted(demo.SIZES),
                     help="the network's geometry (demo.SIZES): demo (roi 32x64x64, F=12, a 1x2x2 bottleneck), "
                          "mechanism (roi 64^3, F=12, 2^3) or paper (roi 96^3, F=48, 3^3)")
+    ap.add_argument("--target", default=None,
+                    help="the make command the made-by line of the sections names (default: make SECTION)")
     ap.add_argument("--option", nargs="?", const="6p", default="", choices=sorted(OPTIONS),
                     help="add an option beside the paper's form, its pre-training, identification and transfer: 6p "
                          "(the default of a bare --option: L_pers, other persons as negatives for X_h'), residual "
