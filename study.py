@@ -41,6 +41,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -187,9 +188,18 @@ def pretraining(data_name, run, steps, preset, seed, size, flags):
     return finished(run, steps) or demo.pretrain(data_name, run, steps, preset, seed, size, flags)
 
 
-def _job(fn, threads, log):
-    """A stage in a --jobs worker process: `threads` torch threads, its output appended to `log`;
-    returns the seconds it took."""
+def _exit_when_orphaned(parent):
+    """Ends this process once `parent` (the study) is gone, killed or not, instead of running its
+    stage to the end unseen; the stage's last checkpoint stays valid and a rerun resumes it."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _job(fn, threads, log, parent):
+    """A stage in a --jobs worker process of the study `parent` (its pid): `threads` torch threads,
+    its output appended to `log`; returns the seconds it took."""
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
     torch.set_num_threads(threads)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
@@ -213,7 +223,7 @@ def run_side_by_side(stages, jobs, progress):
     # spawn: a forked child would inherit this process's thread pools
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         logs = {name: Path(fn.args[1]).with_suffix(".log") for name, fn in todo}
-        futures = {pool.submit(_job, fn, threads, logs[name]): name for name, fn in todo}
+        futures = {pool.submit(_job, fn, threads, logs[name], os.getpid()): name for name, fn in todo}
         for done, future in enumerate(as_completed(futures), 1):
             name = futures[future]
             try:

@@ -133,3 +133,48 @@ def test_jobs_run_the_pretrainings_side_by_side_as_one_process_would(tiny_sets, 
     names = [n for n in took if "pre-training" in n]
     assert len(names) == 2 and all(took[n] > 1 for n in names) and took[study.OVERLAP] >= 0
     assert took[study.OVERLAP] < sum(took[n] for n in names)
+
+
+ORPHAN = """
+import functools, multiprocessing, os, pathlib, signal, sys, time
+from concurrent.futures import ProcessPoolExecutor
+import study
+log = pathlib.Path(sys.argv[1])
+pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+pool.submit(study._job, functools.partial(time.sleep, 300), 1, log, os.getpid())
+while not log.exists():
+    time.sleep(0.1)
+print(*pool._processes, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _alive(pid):
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_a_jobs_worker_ends_when_the_study_is_killed(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(study.__file__).parent
+    with open(tmp_path / "out", "w") as f:  # a file, not a pipe: a live worker would hold a pipe open
+        out = subprocess.run([sys.executable, "-c", ORPHAN, str(tmp_path / "job.log")], cwd=root,
+                             stdout=f, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert out.returncode == -9, out.stderr  # the study died by SIGKILL, no cleanup ran
+    worker = int((tmp_path / "out").read_text().split()[0])
+    deadline = time.monotonic() + 20
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = _alive(worker)
+    if alive:
+        os.kill(worker, signal.SIGKILL)
+    assert not alive, "the worker of a killed study went on running"
