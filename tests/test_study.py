@@ -1,6 +1,12 @@
 """study.py: its statistics against hand-made cases, and the whole study on tiny data (smoke)."""
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -158,18 +164,12 @@ def _alive(pid):
 
 
 def test_a_jobs_worker_ends_when_the_study_is_killed(tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
     root = Path(study.__file__).parent
-    with open(tmp_path / "out", "w") as f:  # a file, not a pipe: a live worker would hold a pipe open
-        out = subprocess.run([sys.executable, "-c", ORPHAN, str(tmp_path / "job.log")], cwd=root,
-                             stdout=f, stderr=subprocess.PIPE, text=True, timeout=120)
-    assert out.returncode == -9, out.stderr  # the study died by SIGKILL, no cleanup ran
+    # files, not pipes: a worker left running would hold a pipe open
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        run = subprocess.run([sys.executable, "-c", ORPHAN, str(tmp_path / "job.log")], cwd=root,
+                             stdout=out, stderr=err, timeout=120)
+    assert run.returncode == -9, (tmp_path / "err").read_text()  # died by SIGKILL, no cleanup ran
     worker = int((tmp_path / "out").read_text().split()[0])
     deadline = time.monotonic() + 20
     while _alive(worker) and time.monotonic() < deadline:
