@@ -2,8 +2,9 @@
 
 Stage 1: info_nce (L_contr), equivariance_loss (L_equ), invariance_loss with a running anchor
 (L_inv, scale-free), decomposition_loss (L_decom); accuracy of the contrastive and transform
-logits for the log. An option beside the paper's losses: person_nce (L_pers, other persons as
-negatives for X_h', so a constant X_h' no longer satisfies the losses). Stage 2 segmentation: seg_loss (Dice + weighted BCE).
+logits for the log. Two options beside the paper's losses, under which a constant X_h' no longer
+satisfies the losses: person_nce (L_pers, other persons as negatives for X_h') and
+person_variance (L_var, a floor on the spread of X_h' across persons). Stage 2 segmentation: seg_loss (Dice + weighted BCE).
 """
 import torch
 import torch.distributed as dist
@@ -121,6 +122,30 @@ def person_nce(xh, anchor, others, person, other_persons, tau=0.1):
     oth = F.normalize(others.detach().float().flatten(1), dim=-1)
     s_oth = (q @ oth.t()).masked_fill(same, float("-inf"))
     return nce_loss(torch.cat([(q * pos).sum(-1, keepdim=True), s_oth], 1) / tau)
+
+
+def person_variance(xh, others, person, other_persons, floor=0.5, eps=1e-4):
+    """L_var, not one of the paper's losses: a floor on the spread of X_h^i' across persons
+    (VICReg's variance term). For each person j of the batch, the set of its X_h' (b, ...) and the
+    stop-gradient anchors of the other persons, others (n, ...) with person indices
+    other_persons (n,) (entries of person j itself left out); every vector standardised over
+    channels per voxel (channel_standardise, so scaling X_h' changes nothing), then flattened.
+    L_var = mean over entries of max(0, floor - sqrt(var + eps)), var the unbiased variance of
+    the entry over the set; mean over the batch's persons. A constant X_h' gives about floor, its
+    maximum; persons whose standardised X_h' differ by at least floor * sqrt(2) in every entry
+    give 0. With L_inv (no spread across a person's modalities) the spread it asks for can only
+    be between persons. Zero (no gradient path) without another person."""
+    if others is None:
+        return xh.sum() * 0.0
+    q = channel_standardise(xh).flatten(1)
+    oth = channel_standardise(others.detach()).flatten(1)
+    terms = []
+    for j in range(q.shape[0]):
+        rest = oth[other_persons != person[j]]
+        if rest.shape[0]:
+            std = (torch.cat([q[j:j + 1], rest]).var(0) + eps).sqrt()
+            terms.append(F.relu(floor - std).mean())
+    return torch.stack(terms).mean() if terms else xh.sum() * 0.0
 
 
 def decomposition_loss(pred, target, fg, w_fg=10.0):

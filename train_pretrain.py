@@ -27,20 +27,23 @@ import runtime as R
 import sampling
 from model import build_model
 
-# Table 7 of the supplementary: which constraints and whether the prior is used. "pers" is the
-# option beside the paper's losses (L_pers, losses.person_nce): off in presets 1-6 and swinunetr.
+# Table 7 of the supplementary: which constraints and whether the prior is used. "pers" and "var"
+# are options beside the paper's losses (L_pers, losses.person_nce; L_var, losses.person_variance):
+# off in presets 1-6 and swinunetr.
 PRESETS = {
-    "1": dict(contr=True, equ=True, inv=False, prior=False, pers=False),
-    "2": dict(contr=True, equ=False, inv=True, prior=False, pers=False),
-    "3": dict(contr=True, equ=True, inv=True, prior=False, pers=False),
-    "4": dict(contr=True, equ=True, inv=False, prior=True, pers=False),
-    "5": dict(contr=True, equ=False, inv=True, prior=True, pers=False),
-    "6": dict(contr=True, equ=True, inv=True, prior=True, pers=False),
+    "1": dict(contr=True, equ=True, inv=False, prior=False),
+    "2": dict(contr=True, equ=False, inv=True, prior=False),
+    "3": dict(contr=True, equ=True, inv=True, prior=False),
+    "4": dict(contr=True, equ=True, inv=False, prior=True),
+    "5": dict(contr=True, equ=False, inv=True, prior=True),
+    "6": dict(contr=True, equ=True, inv=True, prior=True),
     "6p": dict(contr=True, equ=True, inv=True, prior=True, pers=True),
-    "swinunetr": dict(contr=False, equ=False, inv=False, prior=False, pers=False),
+    "6v": dict(contr=True, equ=True, inv=True, prior=True, var=True),
+    "swinunetr": dict(contr=False, equ=False, inv=False, prior=False),
 }
+PRESETS = {k: {"pers": False, "var": False, **v} for k, v in PRESETS.items()}
 PRESETS["full"] = PRESETS["6"]
-TERMS = ("contr", "equ", "inv", "pers", "decom")
+TERMS = ("contr", "equ", "inv", "pers", "var", "decom")
 DECOM_SKIPS = ("all", "none")
 # What log.jsonl holds beside the losses (docs/training.md, "What the log shows").
 DIAGNOSTICS = ("grad_norm", "grad_share", "prior_change", "prior_share", "xh_rms", "equ_acc", "contr_acc",
@@ -53,8 +56,9 @@ class Config(R.TrainConfig):
     out: str = R.opt("runs/pretrain", "folder for checkpoints, log and figures")
     clip: float = R.opt(0.0, "gradient norm clipping (0 = off, as in the reference code: clipping at 1 pushed the "
                              "prior's gradient below Adam's epsilon)")
-    preset: str = R.opt("full", "constraint set: 1..6 (Table 7), full (= 6), swinunetr (plain, L_decom only) or 6p "
-                                "(6 + L_pers: other persons as negatives for X_h', an option beside the paper)")
+    preset: str = R.opt("full", "constraint set: 1..6 (Table 7), full (= 6), swinunetr (plain, L_decom only), 6p "
+                                "(6 + L_pers: other persons as negatives for X_h', an option beside the paper) or 6v "
+                                "(6 + L_var: a floor on the spread of X_h' across persons, another option)")
     roi: str = R.opt("96", "crop size, one side or D,H,W, multiples of 32")
     feature_size: int = R.opt(48, "Swin feature size F (multiple of 12)")
     prior_heads: int = R.opt(3, "heads of the prior attention (must divide (roi/32)^3)")
@@ -77,7 +81,11 @@ class Config(R.TrainConfig):
     w_inv: float = R.opt(1.0, "weight of L_inv")
     w_decom: float = R.opt(1.0, "weight of L_decom")
     w_pers: float = R.opt(1.0, "weight of L_pers (preset 6p)")
-    pers_queue: int = R.opt(16, "L_pers: earlier persons kept as negatives (their anchors), beside the global batch")
+    w_var: float = R.opt(1.0, "weight of L_var (preset 6v)")
+    var_floor: float = R.opt(0.5, "L_var: the standard deviation across persons asked of every entry of the "
+                                  "channel-standardised X_h' (1: as spread as unrelated vectors)")
+    pers_queue: int = R.opt(16, "L_pers and L_var: earlier persons kept as the other persons (their anchors), beside "
+                                "the global batch")
     tau: float = R.opt(0.1, "InfoNCE temperature")
     grad_views: bool = R.opt(False, "back-propagate through the encodings of the positive and negative views")
     compile: bool = R.opt(False, "torch.compile the encoder and decoder blocks")
@@ -92,8 +100,8 @@ def per_sample(fn, x, ks, kind):
 def modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, n_classes, queue=None, persons=None):
     """Losses of one modality i of the batch x (B, |M|, D, H, W); returns (terms, new anchor,
     diagnostics). rngs / gens: one numpy and one torch generator per person (its transforms and
-    views). L_pers only: persons (B,) the batch's person indices, queue (anchors, persons) of
-    earlier persons, the negatives beside the global batch's. Diagnostics:
+    views). L_pers and L_var only: persons (B,) the batch's person indices, queue (anchors, persons) of
+    earlier persons, the others beside the global batch's. Diagnostics:
     accuracy of F_equ and of the contrastive task on this batch, RMS of X_h' and the prior's
     share of it (model.prior_share)."""
     b, m = x.shape[:2]
@@ -127,7 +135,11 @@ def modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, n_classes, queue=
     if use["pers"]:
         others, who = (None, None) if anchor is None else remember(queue, global_batch(anchor, persons), None)
         terms["pers"] = losses.person_nce(xh, anchor, others, persons, who, cfg.tau)
-    if use["inv"] or use["pers"]:
+    if use["var"]:  # other persons: the queue, and this step's global batch once it has anchors
+        pool = queue if anchor is None else remember(queue, global_batch(anchor, persons), None)
+        others, who = pool if pool is not None else (None, None)
+        terms["var"] = losses.person_variance(xh, others, persons, who, cfg.var_floor)
+    if use["inv"] or use["pers"] or use["var"]:
         anchor = losses.update_anchor(anchor, xh)
     if cfg.decom_skips == "none":  # the decoder sees X_h' alone
         skips, u = [torch.zeros_like(s) for s in skips], torch.zeros_like(u)
@@ -231,7 +243,8 @@ def main(argv=None):
                             cfg.workers, 1.0, cache)
     jlog = R.JsonlLog(out / "log.jsonl", d.main, resume_step=start if ck_path else None)
     guard = R.NonFiniteGuard(cfg.max_nonfinite, d)
-    weights = {"contr": cfg.w_contr, "equ": cfg.w_equ, "inv": cfg.w_inv, "pers": cfg.w_pers, "decom": cfg.w_decom}
+    weights = {"contr": cfg.w_contr, "equ": cfg.w_equ, "inv": cfg.w_inv, "pers": cfg.w_pers, "var": cfg.w_var,
+               "decom": cfg.w_decom}
     n_classes = sampling.n_phi(cfg.phi)
     identify = cfg.id_every > 0 and len(split["val"]) >= 2 and nm >= 2
     if cfg.id_every > 0 and not identify:
@@ -274,7 +287,7 @@ def main(argv=None):
             for k, v in seen.items():
                 diag[k] = diag.get(k, 0.0) + v / nm
         _, diag = R.mean_over_ranks([0.0, diag], d)
-        if use["pers"]:  # this step's persons become negatives of the next steps (the same on every rank)
+        if use["pers"] or use["var"]:  # this step's persons become the next steps' others (the same on every rank)
             queue = remember(queue, global_batch(anchor, persons), cfg.pers_queue)
         total, sums, skipped, lr, norms = R.optimizer_step(net, params, optim, sched, guard, cfg.clip, d, total,
                                                            sums, watch=branch)

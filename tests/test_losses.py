@@ -128,3 +128,39 @@ def test_person_nce_against_a_hand_computed_value_and_leaves_the_person_out():
     # nobody else yet (or only the person itself): no term
     assert float(losses.person_nce(xh, None, others, persons, other_persons)) == 0
     assert float(losses.person_nce(xh, anchor, others[:1], torch.tensor([5, 5]), torch.tensor([5]))) == 0
+
+
+def test_person_variance_against_a_hand_computed_value():
+    """L_var by numpy: standardise each voxel's channel vector, the unbiased variance of every
+    entry over the person and the other persons' anchors (the person itself left out), the hinge
+    at the floor; a shared X_h' gives about the floor, persons far apart give 0, scale is free."""
+    torch.manual_seed(0)
+    xh, others = torch.randn(2, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    persons, other_persons = torch.tensor([5, 7]), torch.tensor([5, 1, 2, 7])
+    got = losses.person_variance(xh, others, persons, other_persons, floor=0.8)
+
+    def standardise(t):
+        t = t.numpy().astype(np.float64)
+        t = t - t.mean(1, keepdims=True)
+        return (t / np.sqrt((t ** 2).mean(1, keepdims=True))).reshape(len(t), -1)
+    q, o = standardise(xh), standardise(others)
+    want = [np.maximum(0, 0.8 - np.sqrt(np.vstack([q[b], o[keep]]).var(0, ddof=1) + 1e-4)).mean()
+            for b, keep in ((0, [1, 2, 3]), (1, [0, 1, 2]))]
+    assert float(got) == pytest.approx(np.mean(want), rel=1e-5)
+    assert float(losses.person_variance(xh * 7.0, others * 0.1, persons, other_persons, floor=0.8)) == \
+        pytest.approx(float(got), rel=1e-5)
+    # one X_h' for every person: the paper's L_inv is 0, L_var is the floor less sqrt(eps)
+    same = torch.randn(1, 3, 2, 2)
+    assert float(losses.invariance_loss(same.expand(2, -1, -1, -1), same.expand(2, -1, -1, -1))) == \
+        pytest.approx(0, abs=1e-12)
+    assert float(losses.person_variance(same.expand(2, -1, -1, -1), same.expand(4, -1, -1, -1), persons,
+                                        other_persons, 0.8)) == pytest.approx(0.8 - 1e-2, rel=1e-4)
+    # two persons whose standardised entries are +1 and -1: variance 2, above a floor of 1
+    a = torch.tensor([1.0, -1.0]).view(1, 2, 1, 1)
+    assert float(losses.person_variance(a, -a, torch.tensor([0]), torch.tensor([1]), floor=1.0)) == 0
+    # the gradient reaches X_h' and not the anchors; nobody else yet: no term
+    x, oth = xh.clone().requires_grad_(), others.clone().requires_grad_()
+    losses.person_variance(x, oth, persons, other_persons).backward()
+    assert x.grad.abs().sum() > 0 and oth.grad is None
+    assert float(losses.person_variance(xh, None, persons, None)) == 0
+    assert float(losses.person_variance(xh, others[:1], torch.tensor([5, 5]), torch.tensor([5]))) == 0

@@ -102,7 +102,8 @@ def test_optimizer_gives_the_prior_its_rate_without_weight_decay():
     ("1", {"contr", "equ", "decom"}, False), ("2", {"contr", "inv", "decom"}, False),
     ("3", {"contr", "equ", "inv", "decom"}, False), ("4", {"contr", "equ", "decom"}, True),
     ("5", {"contr", "inv", "decom"}, True), ("6", {"contr", "equ", "inv", "decom"}, True),
-    ("6p", {"contr", "equ", "inv", "pers", "decom"}, True), ("swinunetr", {"decom"}, False)])
+    ("6p", {"contr", "equ", "inv", "pers", "decom"}, True), ("6v", {"contr", "equ", "inv", "var", "decom"}, True),
+    ("swinunetr", {"decom"}, False)])
 def test_presets_switch_their_terms(tiny_brats, tmp_path, preset, terms, prior):
     out = tmp_path / preset
     train_pretrain.main(args(tiny_brats, out, 1, "--preset", preset))
