@@ -183,9 +183,11 @@ VARIANTS = {"npy float32": {}, "npy float16": {}, "npy int16 + scale": {},  # na
 
 
 def _variant_of(fmt):
-    """The name in VARIANTS of cache.py's settings for fmt ("tiles" or "b2nd")."""
+    """The name in VARIANTS of cache.py's format fmt (npy, npy-int16, or tiles / b2nd at cache.py's settings)."""
     import cache
 
+    if fmt in ("npy", "npy-int16"):
+        return {"npy": "npy float32", "npy-int16": "npy int16 + scale"}[fmt]
     settings = {"tiles": dict(tile=cache.TILE),
                 "b2nd": dict(codec=cache.CODEC, clevel=cache.CLEVEL, chunk=cache.CHUNK, block=cache.BLOCK)}[fmt]
     return next(n for n, o in VARIANTS.items() if n.startswith(fmt) and o == settings)
@@ -276,9 +278,7 @@ def bench_data(args):
                     f"AutoPET {shapes['AutoPET']}), roi {roi[0]}^3 crops, one DataLoader worker", rows, list(rows[0]))
 
         import cache
-        name = _variant_of(cache.DEFAULT) if cache.DEFAULT in ("tiles", "b2nd") else \
-            {"npy": "npy float32", "npy-int16": "npy int16 + scale"}[cache.DEFAULT]
-        default = {r["case"]: r for r in rows if r["format"] == name}
+        default = {r["case"]: r for r in rows if r["format"] == _variant_of(cache.DEFAULT)}
         gpu_rows = []
         for task, flops in [("pre-training", pretrain_step_flops(48, roi)), ("tuning (segmentation)",
                                                                             tuning_step_flops(48, roi))]:
