@@ -167,11 +167,12 @@ class StepSampler(torch.utils.data.Sampler):
 
     Global sample g = step * world * batch + rank * batch + j walks through a seeded permutation
     of the n items per epoch, so a resumed run sees exactly the samples the uninterrupted run
-    would have seen, whatever the number of workers."""
+    would have seen, whatever the number of workers. shared: (epoch, index, step) triples, the
+    samples of a step one group of EpochIndexed (cropped at the same relative position)."""
 
-    def __init__(self, n, batch, steps, start=0, seed=0, rank=0, world=1):
+    def __init__(self, n, batch, steps, start=0, seed=0, rank=0, world=1, shared=False):
         self.n, self.batch, self.steps, self.start = n, batch, steps, start
-        self.seed, self.rank, self.world = seed, rank, world
+        self.seed, self.rank, self.world, self.shared = seed, rank, world, shared
         self._perms = {}
 
     def _perm(self, epoch):
@@ -187,11 +188,12 @@ class StepSampler(torch.utils.data.Sampler):
             for j in range(self.batch):
                 g = (step * self.world + self.rank) * self.batch + j
                 epoch = g // self.n
-                yield epoch, int(self._perm(epoch)[g % self.n])
+                yield (epoch, int(self._perm(epoch)[g % self.n])) + ((step,) if self.shared else ())
 
 
 class EpochIndexed(torch.utils.data.Dataset):
-    """Wraps a dataset with set_epoch(e) so that items are addressed by (epoch, index) pairs."""
+    """Wraps a dataset with set_epoch(e) so that items are addressed by (epoch, index) pairs, or
+    by (epoch, index, group) triples: ds.crop(index, group)."""
 
     def __init__(self, ds):
         self.ds = ds
@@ -200,9 +202,9 @@ class EpochIndexed(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, key):
-        epoch, index = key
+        epoch, index, *group = key
         self.ds.set_epoch(epoch)
-        return self.ds[index]
+        return self.ds.crop(index, *group) if group else self.ds[index]
 
 
 # ---- reproducibility and checkpoints ---------------------------------------------------------
@@ -440,15 +442,17 @@ class Timer:
 # ---- pieces of the training loop both scripts use --------------------------------------------
 
 
-def train_loader(spec, ids, roi, batch, steps, start, seed, d, workers=2, fg_fraction=0.5, cache_dir=None):
+def train_loader(spec, ids, roi, batch, steps, start, seed, d, workers=2, fg_fraction=0.5, cache_dir=None,
+                 same_position=False):
     """Random roi crops of the cases `ids`, this rank's share of each global batch, from step
-    `start` (resume) to `steps`. The cache is built first, split over ranks, then shared."""
+    `start` (resume) to `steps`; same_position: every crop of a global batch at the same relative
+    position (CropDataset.crop). The cache is built first, split over ranks, then shared."""
     cases = [spec.case(i) for i in ids]
     data.prepare(layouts.DatasetSpec(spec.root, spec.layout, spec.modalities, cases, spec.label_kind,
                                   spec.label_values, spec.regions), cache_dir, d.rank, d.world)
     barrier(d)
     ds = sampling.CropDataset(cases, roi, fg_fraction=fg_fraction, seed=seed, spec=spec, cache_dir=cache_dir)
-    sampler = StepSampler(len(ds), batch, steps, start, seed, d.rank, d.world)
+    sampler = StepSampler(len(ds), batch, steps, start, seed, d.rank, d.world, shared=same_position)
     return torch.utils.data.DataLoader(EpochIndexed(ds), batch_size=batch, sampler=sampler, num_workers=workers,
                                        collate_fn=sampling.collate, persistent_workers=workers > 0,
                                        pin_memory=d.device.type == "cuda")

@@ -224,18 +224,30 @@ class CropDataset(torch.utils.data.Dataset):
         return self._positives[i]
 
     def __getitem__(self, index):
+        return self.crop(index)
+
+    def crop(self, index, group=None):
+        """Sample `index`; with a `group` (an int), cropped at the group's relative position
+        instead of its own: start = round(u * (n - roi)) per axis, u uniform in [0, 1]^3 from
+        (seed, group) alone, so the samples of one group show the same region of every person's
+        (foreground-boxed) volume, whatever its shape."""
         i = index % len(self.items)
         vol = self.volume(i)
         rng = np.random.default_rng([self.seed, self.epoch, index])
         shape = vol.fg.shape
-        pos = self.positives(i, vol)
-        centre = None
-        if rng.random() < self.fg_fraction and len(pos):
-            centre = np.unravel_index(pos[rng.integers(len(pos))], shape)
+        centre, where = None, None
+        if group is not None:
+            where = np.random.default_rng([self.seed, group]).random(3)
+        else:
+            pos = self.positives(i, vol)
+            if rng.random() < self.fg_fraction and len(pos):
+                centre = np.unravel_index(pos[rng.integers(len(pos))], shape)
         start = []
         for axis, (n, r) in enumerate(zip(shape, self.roi)):
             if n < r:
                 start.append(-((r - n) // 2))
+            elif where is not None:
+                start.append(int(round(where[axis] * (n - r))))
             elif centre is not None:
                 start.append(int(np.clip(centre[axis] - r // 2, 0, n - r)))
             else:

@@ -86,6 +86,10 @@ class Config(R.TrainConfig):
                                   "channel-standardised X_h' (1: as spread as unrelated vectors)")
     pers_queue: int = R.opt(16, "L_pers and L_var: earlier persons kept as the other persons (their anchors), beside "
                                 "the global batch")
+    same_views: bool = R.opt(False, "every person of a step's global batch cropped at the same relative position and "
+                                    "turned by the same phi, and L_var taken over the persons of the global batch at "
+                                    "each modality (no queue): the spread it asks for is then between persons, not "
+                                    "between crop positions or rotations (needs a global batch of 2 or more)")
     tau: float = R.opt(0.1, "InfoNCE temperature")
     grad_views: bool = R.opt(False, "back-propagate through the encodings of the positive and negative views")
     compile: bool = R.opt(False, "torch.compile the encoder and decoder blocks")
@@ -97,15 +101,17 @@ def per_sample(fn, x, ks, kind):
     return torch.stack([fn(x[b], int(ks[b]), kind) for b in range(x.shape[0])])
 
 
-def modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, n_classes, queue=None, persons=None):
+def modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, n_classes, queue=None, persons=None, turn=None):
     """Losses of one modality i of the batch x (B, |M|, D, H, W); returns (terms, new anchor,
     diagnostics). rngs / gens: one numpy and one torch generator per person (its transforms and
-    views). L_pers and L_var only: persons (B,) the batch's person indices, queue (anchors, persons) of
+    views); turn (--same-views): a generator shared by the global batch, whose draw turns every
+    person. L_pers and L_var only: persons (B,) the batch's person indices, queue (anchors, persons) of
     earlier persons, the others beside the global batch's. Diagnostics:
     accuracy of F_equ and of the contrastive task on this batch, RMS of X_h' and the prior's
     share of it (model.prior_share)."""
     b, m = x.shape[:2]
-    ks = torch.as_tensor([r.integers(n_classes) for r in rngs], device=x.device)
+    ks = [r.integers(n_classes) for r in rngs] if turn is None else [turn.integers(n_classes)] * b
+    ks = torch.as_tensor(ks, device=x.device)
     u = per_sample(sampling.phi, x[:, i:i + 1], ks, cfg.phi).repeat(1, m, 1, 1, 1)  # (B, |M|, roi)
     z, skips = net.encode(u)
     terms, diag = {}, {}
@@ -137,6 +143,8 @@ def modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, n_classes, queue=
         terms["pers"] = losses.person_nce(xh, anchor, others, persons, who, cfg.tau)
     if use["var"]:  # other persons: the queue, and this step's global batch once it has anchors
         pool = queue if anchor is None else remember(queue, global_batch(anchor, persons), None)
+        if cfg.same_views:  # or the global batch's X_h' of this modality, seen as this person's is
+            pool = global_batch(xh, persons)
         others, who = pool if pool is not None else (None, None)
         terms["var"] = losses.person_variance(xh, others, persons, who, cfg.var_floor)
     if use["inv"] or use["pers"] or use["var"]:
@@ -223,7 +231,8 @@ def main(argv=None):
     ck_path = R.resume_path(out, cfg.resume)
     if ck_path is not None:
         ck = R.restore_state(ck_path, net, optim, sched, d)
-        made = {k: ck["config"].get(k, "all") for k in ("preset", "seed", "decom_skips")}  # all: older checkpoints
+        older = {"preset": None, "seed": None, "decom_skips": "all", "same_views": False}  # of older checkpoints
+        made = {k: ck["config"].get(k, v) for k, v in older.items()}
         asked = {k: getattr(cfg, k) for k in made}
         if made != asked:
             raise SystemExit(f"{ck_path}: made with " + " ".join(f"{k} {v}" for k, v in made.items())
@@ -239,8 +248,11 @@ def main(argv=None):
         R.log(f"resumed from {ck_path} at step {start}", d)
     cache = cfg.cache or None
     index = {c: k for k, c in enumerate(split["train"])}  # person indices of L_pers
+    if cfg.same_views and cfg.batch_size * d.world < 2:
+        raise SystemExit(f"--same-views: a global batch of {cfg.batch_size * d.world} person; it compares the "
+                         "persons of a global batch (--batch-size 2 or more)")
     loader = R.train_loader(spec, split["train"], roi, cfg.batch_size, cfg.max_steps, start, cfg.seed, d,
-                            cfg.workers, 1.0, cache)
+                            cfg.workers, 1.0, cache, same_position=cfg.same_views)
     jlog = R.JsonlLog(out / "log.jsonl", d.main, resume_step=start if ck_path else None)
     guard = R.NonFiniteGuard(cfg.max_nonfinite, d)
     weights = {"contr": cfg.w_contr, "equ": cfg.w_equ, "inv": cfg.w_inv, "pers": cfg.w_pers, "var": cfg.w_var,
@@ -253,7 +265,8 @@ def main(argv=None):
     val_vols = [data.load_case(spec.case(c), spec, cache) for c in split["val"]] if identify and d.main else []
     R.log(f"pre-training preset {cfg.preset} ({', '.join(t for t in TERMS if use[t])}"
           f"{', prior' if use['prior'] else ', no prior'}"
-          f"{', decoder without skips' if cfg.decom_skips == 'none' else ''}) on {len(split['train'])} persons x {nm} modalities "
+          f"{', decoder without skips' if cfg.decom_skips == 'none' else ''}"
+          f"{', same views for the persons of a step' if cfg.same_views else ''}) on {len(split['train'])} persons x {nm} modalities "
           f"({', '.join(spec.modalities)}), roi {roi}, F={cfg.feature_size}, {d.world} rank(s) on {d.device}, "
           f"{sum(p.numel() for p in params) / 1e6:.1f} M parameters", d)
 
@@ -271,6 +284,8 @@ def main(argv=None):
         rngs = [np.random.default_rng([cfg.seed, step, first + j]) for j in range(x.shape[0])]
         gens = [torch.Generator(device=x.device).manual_seed(int(r.integers(2**62))) for r in rngs]
         order = np.random.default_rng([cfg.seed, step]).permutation(nm)  # same on every rank
+        # --same-views: the generator of a person past the global batch turns every person
+        turn = np.random.default_rng([cfg.seed, step, d.world * x.shape[0]]) if cfg.same_views else None
         persons = torch.as_tensor([index[c] for c in batch["id"]], device=d.device)
         optim.zero_grad(set_to_none=True)
         anchor, sums, diag = None, {t: 0.0 for t in TERMS if use[t]}, {}
@@ -278,7 +293,7 @@ def main(argv=None):
         for i in order:
             with R.autocast(d, cfg.amp):
                 terms, anchor, seen = modality_step(net, x, fg, int(i), rngs, gens, cfg, use, anchor, n_classes,
-                                                    queue, persons)
+                                                    queue, persons, turn)
             loss = sum(weights[t] * v.float() for t, v in terms.items())
             loss.backward()  # frees this modality's graph
             total += loss.item() / nm
@@ -287,7 +302,7 @@ def main(argv=None):
             for k, v in seen.items():
                 diag[k] = diag.get(k, 0.0) + v / nm
         _, diag = R.mean_over_ranks([0.0, diag], d)
-        if use["pers"] or use["var"]:  # this step's persons become the next steps' others (the same on every rank)
+        if use["pers"] or (use["var"] and not cfg.same_views):  # this step's persons become the next steps' others
             queue = remember(queue, global_batch(anchor, persons), cfg.pers_queue)
         total, sums, skipped, lr, norms = R.optimizer_step(net, params, optim, sched, guard, cfg.clip, d, total,
                                                            sums, watch=branch)

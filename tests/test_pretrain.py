@@ -115,6 +115,47 @@ def test_presets_switch_their_terms(tiny_brats, tmp_path, preset, terms, prior):
     assert any(k.startswith("equ_head.") for k in sd) == (preset != "swinunetr")
 
 
+@pytest.mark.parametrize("same_views", [False, True])
+def test_same_views_turn_and_crop_the_persons_of_a_step_alike(tiny_brats, tmp_path, monkeypatch, same_views):
+    """--same-views (batch 2): the crops of a step at one relative position (the loader's sampler
+    groups them, tests/test_sampling.py), one phi per modality for both persons, and L_var over
+    this modality's X_h' of the batch; without it, turns of their own and L_var over anchors."""
+    turns, pools, shared = [], [], []
+    per_sample, person_variance, train_loader = (train_pretrain.per_sample, train_pretrain.losses.person_variance,
+                                                 R.train_loader)
+
+    def spy_turns(fn, x, ks, kind):
+        if fn is train_pretrain.sampling.phi and x.shape[1] == 1:  # the view of modality i, not a negative
+            turns.append(ks.tolist())
+        return per_sample(fn, x, ks, kind)
+
+    def spy_pool(xh, others, person, other_persons, *a):
+        pools.append(others is not None and torch.equal(others, xh.detach()) and torch.equal(other_persons, person))
+        return person_variance(xh, others, person, other_persons, *a)
+
+    def spy_loader(*a, **kw):
+        loader = train_loader(*a, **kw)
+        shared.append(loader.sampler.shared)
+        return loader
+
+    monkeypatch.setattr(train_pretrain, "per_sample", spy_turns)
+    monkeypatch.setattr(train_pretrain.losses, "person_variance", spy_pool)
+    monkeypatch.setattr(R, "train_loader", spy_loader)
+    flags = ["--same-views"] if same_views else []
+    train_pretrain.main(args(tiny_brats, tmp_path / "run", 3, "--preset", "6v", "--batch-size", "2", "--id-every", "0",
+                             *flags))
+    assert shared == [same_views] and len(turns) == len(pools) == 6  # 3 steps x 2 modalities
+    assert all(len(k) == 2 for k in turns)
+    if same_views:
+        assert all(k[0] == k[1] for k in turns) and all(pools)
+        assert all(r["var"] > 0 for r in read_log(tmp_path / "run"))
+    else:
+        assert any(k[0] != k[1] for k in turns) and not any(pools)
+    if same_views:
+        with pytest.raises(SystemExit, match="--same-views: a global batch of 1 person"):
+            train_pretrain.main(args(tiny_brats, tmp_path / "one", 1, "--preset", "6v", "--same-views"))
+
+
 def test_resume_is_exact(tiny_brats, tmp_path):
     # Adam's epsilon raised: gradient elements that are zero up to CPU rounding noise would
     # otherwise be blown up to +-lr and hide what the test is about. Preset 6p: every term, and

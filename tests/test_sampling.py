@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+import runtime as R
 import sampling
 
 
@@ -119,6 +120,47 @@ def test_crop_sizes_and_foreground_ratio():
     assert epoch0 == [ds[i]["start"].tolist() for i in range(20)]  # same epoch, same crops
     ds.set_epoch(1)
     assert epoch0 != [ds[i]["start"].tolist() for i in range(20)]
+
+
+def test_a_group_is_cropped_at_one_relative_position():
+    """CropDataset.crop(i, group): every volume cropped at the group's relative position u, start =
+    round(u (n - roi)), whatever its shape, sample index or epoch; u uniform, its own per group;
+    EpochIndexed hands (epoch, index, group) to it."""
+    a, b = _toy_volume(), _toy_volume(shape=(28, 52, 30), blob=(slice(2, 4), slice(4, 6), slice(20, 22)))
+    roi = 16
+    ds = sampling.CropDataset([a, b], roi, fg_fraction=1.0, samples_per_epoch=8, seed=3)
+    spans = [np.array(v.fg.shape) - roi for v in (a, b)]
+    places = set()
+    for group in range(6):
+        crops = [ds.crop(i, group) for i in range(4)]  # a, b, a, b
+        starts = [c["start"].numpy() for c in crops]
+        assert np.array_equal(starts[0], starts[2]) and np.array_equal(starts[1], starts[3])
+        u = [st / span for st, span in zip(starts[:2], spans)]
+        assert np.all(np.abs(u[0] - u[1]) <= 0.5 / spans[0] + 0.5 / spans[1] + 1e-9), (group, u)
+        for c, v in zip(crops[:2], (a, b)):
+            box = tuple(slice(q, q + roi) for q in c["start"].tolist())
+            assert np.array_equal(c["image"].numpy(), v.image[(slice(None), *box)])
+        ds.set_epoch(1)
+        assert np.array_equal(ds.crop(1, group)["start"].numpy(), starts[1])
+        ds.set_epoch(0)
+        places.add(tuple(starts[1]))
+    assert len(places) == 6
+    mean = np.mean([ds.crop(0, g)["start"].numpy() / spans[0] for g in range(400)], axis=0)
+    assert np.all(np.abs(mean - 0.5) < 0.06), mean
+    e = R.EpochIndexed(ds)
+    assert np.array_equal(e[(0, 1, 2)]["start"].numpy(), ds.crop(1, 2)["start"].numpy())
+    assert np.array_equal(e[(0, 1)]["start"].numpy(), ds[1]["start"].numpy())
+    assert not np.array_equal(ds[1]["start"].numpy(), ds[3]["start"].numpy())  # without a group: its own
+
+
+def test_step_sampler_names_the_step_of_every_sample():
+    """StepSampler(shared=True): the (epoch, index) pairs of the plain sampler, each with its global
+    step; from a resumed step, the tail of the same sequence."""
+    plain = list(R.StepSampler(5, 2, 6, seed=1, rank=1, world=2))
+    shared = list(R.StepSampler(5, 2, 6, seed=1, rank=1, world=2, shared=True))
+    assert [k[:2] for k in shared] == plain
+    assert [k[2] for k in shared] == [s for s in range(6) for _ in range(2)]
+    assert list(R.StepSampler(5, 2, 6, start=4, seed=1, rank=1, world=2, shared=True)) == shared[8:]
 
 
 def test_crop_padding_when_volume_is_small():
