@@ -6,7 +6,8 @@ transforms Phi (exactly invertible rotations, labels alike) and Augment (intensi
                                                              sagittal plane) or "cube" (24)
     augment(x, generator)                                   intensity scale / shift, patch drop
     CropDataset(volumes_or_cases, roi, fg_fraction, ...)    crops reproducible from (seed, epoch,
-                                                             index), whatever the workers or ranks
+                                                             index), whatever the workers or ranks;
+                                                             .crop(i, group): at the group's place
     crop_image, dequantise(image, scale), collate           int16 cache crops, made float32 where
                                                              the step runs
 """
