@@ -142,9 +142,10 @@ def modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, n_classes, queue=
         others, who = (None, None) if anchor is None else remember(queue, global_batch(anchor, persons), None)
         terms["pers"] = losses.person_nce(xh, anchor, others, persons, who, cfg.tau)
     if use["var"]:  # other persons: the queue, and this step's global batch once it has anchors
-        pool = queue if anchor is None else remember(queue, global_batch(anchor, persons), None)
         if cfg.same_views:  # or the global batch's X_h' of this modality, seen as this person's is
             pool = global_batch(xh, persons)
+        else:
+            pool = queue if anchor is None else remember(queue, global_batch(anchor, persons), None)
         others, who = pool if pool is not None else (None, None)
         terms["var"] = losses.person_variance(xh, others, persons, who, cfg.var_floor)
     if use["inv"] or use["pers"] or use["var"]:
