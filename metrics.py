@@ -929,21 +929,29 @@ def variance_decomposition(feats):
       residual  the person x modality interaction and noise.
     between + within = 1 (and every fraction 0 when the features do not vary at all).
     "offset" is the grand mean's share of the features' raw second moment, ||mean||^2 /
-    (||mean||^2 + total / (P M)): near 1, raw cosines are ~1 whatever the persons."""
+    (||mean||^2 + total / (P M)): near 1, raw cosines are ~1 whatever the persons.
+    "between_dims" is the number of directions the person means spread along, the participation
+    ratio (sum l)^2 / sum l^2 of the eigenvalues l of their scatter: 1 when persons differ along
+    one line, P - 1 when they are equally far apart in every direction they span; a large
+    between-person fraction on few directions crowds persons together (0 without spread)."""
     f = _feature_table(feats, "variance_decomposition")
     n_p, n_m = f.shape[:2]
     grand = f.mean((0, 1))
     total = float(((f - grand) ** 2).sum())
-    between = float(n_m * ((f.mean(1) - grand) ** 2).sum())
+    persons = f.mean(1) - grand
+    between = float(n_m * (persons ** 2).sum())
+    gram = persons @ persons.T  # shares the scatter's non-zero eigenvalues: trace^2 / ||gram||_F^2
+    dims = float(gram.trace() ** 2 / (gram ** 2).sum()) if between > 1e-12 * max(total, 1e-300) else 0.0
     modality = float(n_p * ((f.mean(0) - grand) ** 2).sum())
     mean_sq = float((grand ** 2).sum())
     offset = mean_sq / (mean_sq + total / (n_p * n_m)) if mean_sq + total > 0 else 0.0
     # relative to the features' size: a total at rounding level is no spread at all
     if total <= 1e-12 * max(mean_sq * n_p * n_m, 1e-300):
-        return {"between": 0.0, "within": 0.0, "modality": 0.0, "residual": 0.0, "offset": offset, "total": total}
+        return {"between": 0.0, "within": 0.0, "modality": 0.0, "residual": 0.0, "offset": offset, "total": total,
+                "between_dims": 0.0}
     within = total - between
     return {"between": between / total, "within": within / total, "modality": modality / total,
-            "residual": (within - modality) / total, "offset": offset, "total": total}
+            "residual": (within - modality) / total, "offset": offset, "total": total, "between_dims": dims}
 
 
 def representation_summary(feats, names=None):

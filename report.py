@@ -150,12 +150,13 @@ def autopet_table(results):
 def mechanism_table(result):
     """Is the representation personal (metrics.representation_summary of z, z' and X_h'): a row
     per representation with the between-person, modality and residual fractions of its spread,
-    the shared offset, person identification raw and centred, and the prior attention's entropy
-    over its maximum."""
+    the number of directions the persons spread along, the shared offset, person identification
+    raw and centred, and the prior attention's entropy over its maximum."""
     rows = []
     for rep, m in result["mechanism"].items():
         rows.append({"representation": rep, "between": m["between"], "modality": m["modality"],
-                     "residual": m["residual"], "offset": m["offset"], "ID raw": m["accuracy"],
+                     "residual": m["residual"], "between dims": m.get("between_dims", math.nan),
+                     "offset": m["offset"], "ID raw": m["accuracy"],
                      "ID centred": m["accuracy_centred"], "chance": m["chance"],
                      "cos same / other centred": f"{m['cos_same_centred']:.3f} / {m['cos_other_centred']:.3f}",
                      "attention entropy / max": result.get("attention_entropy_ratio", math.nan) if rep == "z'"

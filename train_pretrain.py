@@ -48,7 +48,7 @@ DECOM_SKIPS = ("all", "none")
 # What log.jsonl holds beside the losses (docs/training.md, "What the log shows").
 DIAGNOSTICS = ("grad_norm", "grad_share", "prior_change", "prior_share", "xh_rms", "equ_acc", "contr_acc",
                "id_acc", "id_cos_same", "id_cos_other", "id_acc_centred", "id_between", "id_between_z", "id_between_zp",
-               "id_attention_entropy")
+               "id_between_dims", "id_attention_entropy")
 
 
 @dataclass
@@ -180,7 +180,7 @@ def identification(net, vols, names, roi, device):
     xh = metrics.representation_summary(tables["X_h'"])
     out = {"id_acc": xh["accuracy"], "id_chance": xh["chance"], "id_cos_same": xh["cos_same"],
            "id_cos_other": xh["cos_other"], "id_acc_centred": xh["accuracy_centred"], "id_between": xh["between"],
-           "id_between_z": metrics.variance_decomposition(tables["z"])["between"]}
+           "id_between_dims": xh["between_dims"], "id_between_z": metrics.variance_decomposition(tables["z"])["between"]}
     if "z'" in tables:
         out["id_between_zp"] = metrics.variance_decomposition(tables["z'"])["between"]
         out["id_attention_entropy"] = float(tables["attention"].mean())

@@ -430,6 +430,26 @@ def test_variance_decomposition_against_hand_computed_cases_and_loops():
     assert got["residual"] == pytest.approx((total - between - mod) / total) and got["residual"] > 0
     assert got["between"] + got["within"] == pytest.approx(1)
     assert got["offset"] == pytest.approx(float(grand @ grand) / (float(grand @ grand) + total / (persons * mods)))
+    # the directions the persons spread along: the participation ratio of their scatter's eigenvalues
+    lam = np.linalg.eigvalsh(np.cov(feats.mean(1), rowvar=False))
+    assert got["between_dims"] == pytest.approx(lam.sum() ** 2 / (lam ** 2).sum())
+    assert const["between_dims"] == 0 and modality["between_dims"] == 0
+
+
+def test_between_dims_counts_the_directions_persons_differ_along():
+    rng = np.random.default_rng(6)
+    persons, mods, d = 5, 3, 8
+    noise = 1e-3 * rng.standard_normal((persons, mods, d))
+    # persons on one line, however far apart: one direction
+    line = rng.standard_normal(persons)[:, None, None] * rng.standard_normal(d) + noise
+    assert metrics.variance_decomposition(torch.from_numpy(line))["between_dims"] == pytest.approx(1, abs=1e-3)
+    # persons at the corners of a simplex (one-hot): P - 1 equal directions
+    corners = np.repeat(np.eye(persons, d)[:, None], mods, 1) + noise
+    assert metrics.variance_decomposition(torch.from_numpy(corners))["between_dims"] == pytest.approx(persons - 1, rel=1e-2)
+    # two groups of persons: nearly all spread between persons, on one direction
+    groups = np.repeat(np.array([0, 0, 0, 1, 1], float)[:, None, None] * np.ones(d), mods, 1) + noise
+    got = metrics.variance_decomposition(torch.from_numpy(groups))
+    assert got["between"] > 0.99 and got["between_dims"] == pytest.approx(1, abs=1e-2)
 
 
 def test_centred_identification_sees_persons_behind_a_shared_offset():

@@ -51,6 +51,7 @@ def test_a_few_steps_lower_the_loss(tiny_brats, tmp_path):
         assert {k for k in train_pretrain.DIAGNOSTICS if k.startswith("id_")} <= set(r)
         assert all(0 <= r[k] <= 1 + 1e-9 for k in ("id_acc_centred", "id_between", "id_between_z", "id_between_zp",
                                                    "id_attention_entropy"))
+        assert 0 <= r["id_between_dims"] <= 1 + 1e-9  # 2 persons span one direction at most
 
 
 def test_stage1_reads_no_label(tiny_brats, tmp_path):
