@@ -940,8 +940,6 @@ def variance_decomposition(feats):
     total = float(((f - grand) ** 2).sum())
     persons = f.mean(1) - grand
     between = float(n_m * (persons ** 2).sum())
-    gram = persons @ persons.T  # shares the scatter's non-zero eigenvalues: trace^2 / ||gram||_F^2
-    dims = float(gram.trace() ** 2 / (gram ** 2).sum()) if between > 1e-12 * max(total, 1e-300) else 0.0
     modality = float(n_p * ((f.mean(0) - grand) ** 2).sum())
     mean_sq = float((grand ** 2).sum())
     offset = mean_sq / (mean_sq + total / (n_p * n_m)) if mean_sq + total > 0 else 0.0
@@ -950,6 +948,8 @@ def variance_decomposition(feats):
         return {"between": 0.0, "within": 0.0, "modality": 0.0, "residual": 0.0, "offset": offset, "total": total,
                 "between_dims": 0.0}
     within = total - between
+    gram = persons @ persons.T  # shares the scatter's non-zero eigenvalues: trace^2 / ||gram||_F^2
+    dims = float(gram.trace() ** 2 / (gram ** 2).sum()) if between > 1e-12 * total else 0.0
     return {"between": between / total, "within": within / total, "modality": modality / total,
             "residual": (within - modality) / total, "offset": offset, "total": total, "between_dims": dims}
 
