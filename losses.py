@@ -148,6 +148,39 @@ def person_variance(xh, others, person, other_persons, floor=0.5, eps=1e-4):
     return torch.stack(terms).mean() if terms else xh.sum() * 0.0
 
 
+def person_spread(xh, others, person, other_persons, eps=1e-8):
+    """L_cov, not one of the paper's losses: how few directions the persons' X_h' spread along,
+    VICReg's covariance term in its Gram form and made scale-free. The set of each person j is
+    that of person_variance (its X_h' and the other persons' stop-gradient anchors, standardised
+    over channels per voxel, flattened), n vectors centred on their mean, G their Gram matrix
+    (n, n). L_cov = ||G||_F^2 / tr(G)^2 - 1 / (n - 1), the reciprocal of the set's participation
+    ratio (metrics.variance_decomposition's between dims) less its smallest value: 0 when the
+    persons stand at equal distances along n - 1 orthogonal directions, 1 - 1 / (n - 1) when they
+    lie on one line, and that maximum, without gradient, for a set with no spread. L_var's floor
+    on every entry is met by one direction shared by all entries; this term is not. Mean over the
+    batch's persons; zero (no gradient path) for sets of fewer than 3, where the spread is one
+    direction whatever X_h' is."""
+    if others is None:
+        return xh.sum() * 0.0
+    q = channel_standardise(xh).flatten(1)
+    oth = channel_standardise(others.detach()).flatten(1)
+    terms = []
+    for j in range(q.shape[0]):
+        rest = oth[other_persons != person[j]]
+        n = 1 + rest.shape[0]
+        if n < 3:
+            continue
+        s = torch.cat([q[j:j + 1], rest])
+        s = s - s.mean(0, keepdim=True)
+        gram = s @ s.T
+        trace = gram.diagonal().sum()
+        if trace <= eps * s.shape[1]:  # no spread: as bad as one line
+            terms.append(q.new_tensor(1.0 - 1.0 / (n - 1)) + xh.sum() * 0.0)
+        else:
+            terms.append(gram.square().sum() / trace.square() - 1.0 / (n - 1))
+    return torch.stack(terms).mean() if terms else xh.sum() * 0.0
+
+
 def decomposition_loss(pred, target, fg, w_fg=10.0):
     """L_decom = w_fg * MSE over foreground voxels + MSE over all voxels, per sample, then the
     batch mean (so a batch split over ranks gives the same loss as one process).

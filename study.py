@@ -17,8 +17,9 @@ PET/CT (AutoPET layout: ct, pet)
      person identification; and the same tuning from scratch (none with --petct-presets "").
 --preset-size sets the network's geometry (demo.SIZES; the mechanism needs a bottleneck grid of
 at least 2^3, which "demo" does not have); --option adds preset 6p (L_pers beside the paper's
-losses; --option 6v: L_var; residual, cosine or no-skips: the options of train_pretrain.py) to
-pre-training, identification and transfer; --section names the sections written.
+losses; --option 6v: L_var; 6vc: L_var and L_cov over 4 persons at the same views; residual,
+cosine or no-skips: the options of train_pretrain.py) to pre-training, identification and
+transfer; --section names the sections written.
 Every run resumes (OUT/.../last.pt) and a finished run or an evaluation newer than its
 checkpoint is reused, so an interrupted study continues where it stopped and never repeats
 finished work. Each stage prints a progress line with the time elapsed and an estimate of the
@@ -57,7 +58,8 @@ from files import atomic, git_commit, replace_section, write_json, write_text
 
 # The options beside the paper's form (--option NAME): the pre-training preset and the extra flags
 # of train_pretrain.py (docs/method.md).
-OPTIONS = {"6p": ("6p", ()), "6v": ("6v", ()), "residual": ("full", ("--prior-fuse", "residual")),
+OPTIONS = {"6p": ("6p", ()), "6v": ("6v", ()), "6vc": ("6vc", ("--same-views", "--batch-size", "4")),
+           "residual": ("full", ("--prior-fuse", "residual")),
            "cosine": ("full", ("--prior-logits", "cosine")), "no-skips": ("full", ("--decom-skips", "none"))}
 # Cost of a step (or an evaluation) at each --preset-size relative to the demo's on 2 CPU cores:
 # it scales RATE in the first estimate of the time left (mechanism: the ratio of the pre-training
@@ -610,7 +612,8 @@ def main(argv=None):
     ap.add_argument("--option", nargs="?", const="6p", default="", choices=sorted(OPTIONS),
                     help="add an option beside the paper's form, its pre-training, identification and transfer: 6p "
                          "(the default of a bare --option: L_pers, other persons as negatives for X_h'), 6v "
-                         "(L_var, a floor on the spread of X_h' across persons), residual (X_h' = z + Fuse([z, "
+                         "(L_var, a floor on the spread of X_h' across persons), 6vc (L_var and L_cov, that spread along "
+                         "many directions, over the 4 persons of a step at the same views), residual (X_h' = z + Fuse([z, "
                          "z'])), cosine (the prior attention's scaled cosine logits) or no-skips (L_decom's decoder "
                          "without the skips)")
     ap.add_argument("--section", default="study",

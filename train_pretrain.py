@@ -27,9 +27,9 @@ import runtime as R
 import sampling
 from model import build_model
 
-# Table 7 of the supplementary: which constraints and whether the prior is used. "pers" and "var"
-# are options beside the paper's losses (L_pers, losses.person_nce; L_var, losses.person_variance):
-# off in presets 1-6 and swinunetr.
+# Table 7 of the supplementary: which constraints and whether the prior is used. "pers", "var" and
+# "cov" are options beside the paper's losses (L_pers, losses.person_nce; L_var,
+# losses.person_variance; L_cov, losses.person_spread): off in presets 1-6 and swinunetr.
 PRESETS = {
     "1": dict(contr=True, equ=True, inv=False, prior=False),
     "2": dict(contr=True, equ=False, inv=True, prior=False),
@@ -39,11 +39,12 @@ PRESETS = {
     "6": dict(contr=True, equ=True, inv=True, prior=True),
     "6p": dict(contr=True, equ=True, inv=True, prior=True, pers=True),
     "6v": dict(contr=True, equ=True, inv=True, prior=True, var=True),
+    "6vc": dict(contr=True, equ=True, inv=True, prior=True, var=True, cov=True),
     "swinunetr": dict(contr=False, equ=False, inv=False, prior=False),
 }
-PRESETS = {k: {"pers": False, "var": False, **v} for k, v in PRESETS.items()}
+PRESETS = {k: {"pers": False, "var": False, "cov": False, **v} for k, v in PRESETS.items()}
 PRESETS["full"] = PRESETS["6"]
-TERMS = ("contr", "equ", "inv", "pers", "var", "decom")
+TERMS = ("contr", "equ", "inv", "pers", "var", "cov", "decom")
 DECOM_SKIPS = ("all", "none")
 # What log.jsonl holds beside the losses (docs/training.md, "What the log shows").
 DIAGNOSTICS = ("grad_norm", "grad_share", "prior_change", "prior_share", "xh_rms", "equ_acc", "contr_acc",
@@ -58,7 +59,8 @@ class Config(R.TrainConfig):
                              "prior's gradient below Adam's epsilon)")
     preset: str = R.opt("full", "constraint set: 1..6 (Table 7), full (= 6), swinunetr (plain, L_decom only), 6p "
                                 "(6 + L_pers: other persons as negatives for X_h', an option beside the paper) or 6v "
-                                "(6 + L_var: a floor on the spread of X_h' across persons, another option)")
+                                "(6 + L_var: a floor on the spread of X_h' across persons, another option) or 6vc "
+                                "(6v + L_cov: that spread along many directions, not one)")
     roi: str = R.opt("96", "crop size, one side or D,H,W, multiples of 32")
     feature_size: int = R.opt(48, "Swin feature size F (multiple of 12)")
     prior_heads: int = R.opt(3, "heads of the prior attention (must divide (roi/32)^3)")
@@ -81,7 +83,8 @@ class Config(R.TrainConfig):
     w_inv: float = R.opt(1.0, "weight of L_inv")
     w_decom: float = R.opt(1.0, "weight of L_decom")
     w_pers: float = R.opt(1.0, "weight of L_pers (preset 6p)")
-    w_var: float = R.opt(1.0, "weight of L_var (preset 6v)")
+    w_var: float = R.opt(1.0, "weight of L_var (presets 6v, 6vc)")
+    w_cov: float = R.opt(1.0, "weight of L_cov (preset 6vc)")
     var_floor: float = R.opt(0.5, "L_var: the standard deviation across persons asked of every entry of the "
                                   "channel-standardised X_h' (1: as spread as unrelated vectors)")
     pers_queue: int = R.opt(16, "L_pers and L_var: earlier persons kept as the other persons (their anchors), beside "
@@ -141,14 +144,17 @@ def modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, n_classes, queue=
     if use["pers"]:
         others, who = (None, None) if anchor is None else remember(queue, global_batch(anchor, persons), None)
         terms["pers"] = losses.person_nce(xh, anchor, others, persons, who, cfg.tau)
-    if use["var"]:  # other persons: the queue, and this step's global batch once it has anchors
+    if use["var"] or use["cov"]:  # other persons: the queue, and this step's global batch once it has anchors
         if cfg.same_views:  # or the global batch's X_h' of this modality, seen as this person's is
             pool = global_batch(xh, persons)
         else:
             pool = queue if anchor is None else remember(queue, global_batch(anchor, persons), None)
         others, who = pool if pool is not None else (None, None)
-        terms["var"] = losses.person_variance(xh, others, persons, who, cfg.var_floor)
-    if use["inv"] or use["pers"] or use["var"]:
+        if use["var"]:
+            terms["var"] = losses.person_variance(xh, others, persons, who, cfg.var_floor)
+        if use["cov"]:
+            terms["cov"] = losses.person_spread(xh, others, persons, who)
+    if use["inv"] or use["pers"] or use["var"] or use["cov"]:
         anchor = losses.update_anchor(anchor, xh)
     if cfg.decom_skips == "none":  # the decoder sees X_h' alone
         skips, u = [torch.zeros_like(s) for s in skips], torch.zeros_like(u)
@@ -252,11 +258,15 @@ def main(argv=None):
     if cfg.same_views and cfg.batch_size * d.world < 2:
         raise SystemExit(f"--same-views: a global batch of {cfg.batch_size * d.world} person; it compares the "
                          "persons of a global batch (--batch-size 2 or more)")
+    if use["cov"] and cfg.same_views and cfg.batch_size * d.world < 3:
+        raise SystemExit(f"--preset {cfg.preset} --same-views: a global batch of {cfg.batch_size * d.world} persons; "
+                         "L_cov compares the directions between 3 or more (--batch-size 3 or more)")
     loader = R.train_loader(spec, split["train"], roi, cfg.batch_size, cfg.max_steps, start, cfg.seed, d,
                             cfg.workers, 1.0, cache, same_position=cfg.same_views)
     jlog = R.JsonlLog(out / "log.jsonl", d.main, resume_step=start if ck_path else None)
     guard = R.NonFiniteGuard(cfg.max_nonfinite, d)
     weights = {"contr": cfg.w_contr, "equ": cfg.w_equ, "inv": cfg.w_inv, "pers": cfg.w_pers, "var": cfg.w_var,
+               "cov": cfg.w_cov,
                "decom": cfg.w_decom}
     n_classes = sampling.n_phi(cfg.phi)
     identify = cfg.id_every > 0 and len(split["val"]) >= 2 and nm >= 2
@@ -303,7 +313,7 @@ def main(argv=None):
             for k, v in seen.items():
                 diag[k] = diag.get(k, 0.0) + v / nm
         _, diag = R.mean_over_ranks([0.0, diag], d)
-        if use["pers"] or (use["var"] and not cfg.same_views):  # this step's persons become the next steps' others
+        if use["pers"] or ((use["var"] or use["cov"]) and not cfg.same_views):  # this step's persons become the next steps' others
             queue = remember(queue, global_batch(anchor, persons), cfg.pers_queue)
         total, sums, skipped, lr, norms = R.optimizer_step(net, params, optim, sched, guard, cfg.clip, d, total,
                                                            sums, watch=branch)

@@ -164,3 +164,41 @@ def test_person_variance_against_a_hand_computed_value():
     assert x.grad.abs().sum() > 0 and oth.grad is None
     assert float(losses.person_variance(xh, None, persons, None)) == 0
     assert float(losses.person_variance(xh, others[:1], torch.tensor([5, 5]), torch.tensor([5]))) == 0
+
+
+def test_person_spread_against_eigenvalues_and_hand_cases():
+    """L_cov = 1 / participation ratio - 1 / (n - 1) of each person's set, against numpy's
+    eigenvalues of the set's covariance over entries; persons along orthogonal directions give
+    0, persons on one line (or not spread at all) 1 - 1 / (n - 1); scale is free."""
+    torch.manual_seed(0)
+    xh, others = torch.randn(2, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    persons, other_persons = torch.tensor([5, 7]), torch.tensor([5, 1, 2, 7])
+    got = losses.person_spread(xh, others, persons, other_persons)
+
+    def standardise(t):
+        t = t.numpy().astype(np.float64)
+        t = t - t.mean(1, keepdims=True)
+        return (t / np.sqrt((t ** 2).mean(1, keepdims=True))).reshape(len(t), -1)
+    q, o = standardise(xh), standardise(others)
+    want = []
+    for b, keep in ((0, [1, 2, 3]), (1, [0, 1, 2])):
+        lam = np.linalg.eigvalsh(np.cov(np.vstack([q[b], o[keep]]), rowvar=False))
+        want.append((lam ** 2).sum() / lam.sum() ** 2 - 1 / 3)
+    assert float(got) == pytest.approx(np.mean(want), rel=1e-5)
+    assert float(losses.person_spread(xh * 7.0, others * 0.1, persons, other_persons)) == \
+        pytest.approx(float(got), rel=1e-5)
+    # three standardised persons along orthogonal directions: 0; on one line: 1 - 1/2
+    a, b, c = (torch.tensor(v).view(1, 4, 1) for v in ([1., 1, -1, -1], [1., -1, 1, -1], [1., -1, -1, 1]))
+    one = torch.tensor([0])
+    assert float(losses.person_spread(a, torch.cat([b, c]), one, torch.tensor([1, 2]))) == pytest.approx(0, abs=1e-6)
+    assert float(losses.person_spread(a, torch.cat([-a, a]), one, torch.tensor([1, 2]))) == pytest.approx(0.5)
+    # one X_h' for every person: no spread, the same maximum; L_var's floor is met by a line, this is not
+    assert float(losses.person_spread(a, torch.cat([a, a]), one, torch.tensor([1, 2]))) == pytest.approx(0.5)
+    line = torch.cat([a * 3, -a * 3])
+    assert float(losses.person_variance(a * 3, line, one, torch.tensor([1, 2]), floor=0.5)) == 0
+    # the gradient reaches X_h' and not the anchors; a set of 2, or nobody else: no term
+    x, oth = xh.clone().requires_grad_(), others.clone().requires_grad_()
+    losses.person_spread(x, oth, persons, other_persons).backward()
+    assert x.grad.abs().sum() > 0 and oth.grad is None
+    assert float(losses.person_spread(xh, None, persons, None)) == 0
+    assert float(losses.person_spread(xh, others[1:2], persons, other_persons[1:2])) == 0

@@ -104,7 +104,7 @@ def test_optimizer_gives_the_prior_its_rate_without_weight_decay():
     ("3", {"contr", "equ", "inv", "decom"}, False), ("4", {"contr", "equ", "decom"}, True),
     ("5", {"contr", "inv", "decom"}, True), ("6", {"contr", "equ", "inv", "decom"}, True),
     ("6p", {"contr", "equ", "inv", "pers", "decom"}, True), ("6v", {"contr", "equ", "inv", "var", "decom"}, True),
-    ("swinunetr", {"decom"}, False)])
+    ("6vc", {"contr", "equ", "inv", "var", "cov", "decom"}, True), ("swinunetr", {"decom"}, False)])
 def test_presets_switch_their_terms(tiny_brats, tmp_path, preset, terms, prior):
     out = tmp_path / preset
     train_pretrain.main(args(tiny_brats, out, 1, "--preset", preset))
@@ -155,6 +155,9 @@ def test_same_views_turn_and_crop_the_persons_of_a_step_alike(tiny_brats, tmp_pa
     if same_views:
         with pytest.raises(SystemExit, match="--same-views: a global batch of 1 person"):
             train_pretrain.main(args(tiny_brats, tmp_path / "one", 1, "--preset", "6v", "--same-views"))
+        with pytest.raises(SystemExit, match="L_cov compares the directions between 3 or more"):
+            train_pretrain.main(args(tiny_brats, tmp_path / "two", 1, "--preset", "6vc", "--same-views",
+                                     "--batch-size", "2"))
 
 
 def test_resume_is_exact(tiny_brats, tmp_path):
