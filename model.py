@@ -695,11 +695,17 @@ class PersonalizedSwinUNETR(SwinUNETR):
 
     def representations(self, z):
         """Where person information can be lost, for the mechanism metrics: z, z' (None without
-        the prior), X_h' and the prior attention's softmax over O's channel tokens (None without)."""
+        the prior), X_h', the parts of X_h' through each input of Fuse, "X_h' via z" =
+        X_h'(z, 0) - X_h'(0, 0) and "X_h' via z'" = X_h'(0, z') - X_h'(0, 0) (Fuse is a
+        convolution, so X_h' is their sum plus a constant; None without the prior), and the prior
+        attention's softmax over O's channel tokens (None without)."""
         if not self.use_prior:
-            return {"z": z, "z'": None, "X_h'": z, "attention": None}
+            return {"z": z, "z'": None, "X_h'": z, "X_h' via z": None, "X_h' via z'": None, "attention": None}
         z2 = self.prior_branch(z)
-        return {"z": z, "z'": z2, "X_h'": self._fuse(z, z2),
+        zero = torch.zeros_like(z)
+        base = self._fuse(zero, zero)
+        return {"z": z, "z'": z2, "X_h'": self._fuse(z, z2), "X_h' via z": self._fuse(z, zero) - base,
+                "X_h' via z'": self._fuse(zero, z2) - base,
                 "attention": self.prior_attn.probabilities(z.flatten(2), self.prior.flatten(1))}
 
     def prior_share(self, z, xh):

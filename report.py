@@ -151,8 +151,10 @@ def mechanism_table(result):
     """Is the representation personal (metrics.representation_summary of z, z' and X_h'): a row
     per representation with the between-person, modality and residual fractions of its spread,
     the number of directions the persons spread along, the shared offset, person identification
-    raw and centred, and the prior attention's entropy over its maximum."""
+    raw and centred, the prior attention's entropy over its maximum, and for the parts of X_h'
+    through z and through z' (model.representations) their spread over that of X_h'."""
     rows = []
+    xh_total = result["mechanism"].get("X_h'", {}).get("total", math.nan)
     for rep, m in result["mechanism"].items():
         rows.append({"representation": rep, "between": m["between"], "modality": m["modality"],
                      "residual": m["residual"], "between dims": m.get("between_dims", math.nan),
@@ -160,6 +162,8 @@ def mechanism_table(result):
                      "ID centred": m["accuracy_centred"], "chance": m["chance"],
                      "cos same / other centred": f"{m['cos_same_centred']:.3f} / {m['cos_other_centred']:.3f}",
                      "attention entropy / max": result.get("attention_entropy_ratio", math.nan) if rep == "z'"
+                     else math.nan,
+                     "spread / X_h'": m["total"] / xh_total if rep.startswith("X_h' via") and xh_total > 0
                      else math.nan})
     return rows
 

@@ -49,7 +49,7 @@ DECOM_SKIPS = ("all", "none")
 # What log.jsonl holds beside the losses (docs/training.md, "What the log shows").
 DIAGNOSTICS = ("grad_norm", "grad_share", "prior_change", "prior_share", "xh_rms", "equ_acc", "contr_acc",
                "id_acc", "id_cos_same", "id_cos_other", "id_acc_centred", "id_between", "id_between_z", "id_between_zp",
-               "id_between_dims", "id_attention_entropy")
+               "id_between_dims", "id_spread_via_zp", "id_attention_entropy")
 
 
 @dataclass
@@ -178,8 +178,9 @@ def remember(queue, new, size):
 def identification(net, vols, names, roi, device):
     """The mechanism on the volumes `vols` (data.Volume), by the network in eval mode (put back in
     training mode after): person identification from X_h' raw and centred, the between-person
-    fraction of the spread of z, z' and X_h', and the prior attention's entropy over its maximum,
-    as the log's id_* entries."""
+    fraction of the spread of z, z' and X_h', the share of X_h''s spread in its part through z'
+    (model.representations), and the prior attention's entropy over its maximum, as the log's
+    id_* entries."""
     net.eval()
     tables = inference.representation_tables(net, (v.image for v in vols), names, roi, device)
     net.train()
@@ -189,6 +190,8 @@ def identification(net, vols, names, roi, device):
            "id_between_dims": xh["between_dims"], "id_between_z": metrics.variance_decomposition(tables["z"])["between"]}
     if "z'" in tables:
         out["id_between_zp"] = metrics.variance_decomposition(tables["z'"])["between"]
+        total = metrics.variance_decomposition(tables["X_h'"])["total"]
+        out["id_spread_via_zp"] = metrics.variance_decomposition(tables["X_h' via z'"])["total"] / max(total, 1e-30)
         out["id_attention_entropy"] = float(tables["attention"].mean())
     return out
 

@@ -186,6 +186,11 @@ def test_residual_fuse_adds_z_to_the_papers_fuse():
     with torch.no_grad():
         assert (res.personalize(z) - (z + paper.personalize(z))).abs().max() < 1e-5
         assert (res.representations(z)["X_h'"] - res.personalize(z)).abs().max() < 1e-6
+        # X_h' is its part via z plus its part via z' plus one constant, in both fuse forms
+        for net in (paper, res):
+            rest = [(r["X_h'"] - r["X_h' via z"] - r["X_h' via z'"]) for r in map(net.representations, (z, 3 * z - 1))]
+            assert (rest[0] - rest[1]).abs().max() < 1e-4
+            assert (rest[0] - net.fuse.bias.view(1, -1, 1, 1, 1)).abs().max() < 1e-4  # Fuse of zeros: its bias
         z2 = paper.prior_branch(z)
         change = paper.fuse(torch.cat([z, z2], 1)) - paper.fuse(torch.cat([z, torch.zeros_like(z)], 1))
         xh = res.personalize(z)

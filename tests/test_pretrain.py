@@ -52,6 +52,7 @@ def test_a_few_steps_lower_the_loss(tiny_brats, tmp_path):
         assert all(0 <= r[k] <= 1 + 1e-9 for k in ("id_acc_centred", "id_between", "id_between_z", "id_between_zp",
                                                    "id_attention_entropy"))
         assert 0 <= r["id_between_dims"] <= 1 + 1e-9  # 2 persons span one direction at most
+        assert r["id_spread_via_zp"] >= 0
 
 
 def test_stage1_reads_no_label(tiny_brats, tmp_path):
@@ -237,7 +238,8 @@ def test_identify_command(tiny_brats, tmp_path):
     assert "| T1 |" in table and "| all |" in table
     # the mechanism of z, z' and X_h': the decomposition of the same features, raw and centred identification
     mech = saved["summary"]["mechanism"]
-    assert set(mech) == {"z", "z'", "X_h'"} and 0 < saved["summary"]["attention_entropy_ratio"] <= 1
+    assert set(mech) == {"z", "z'", "X_h'", "X_h' via z", "X_h' via z'"}
+    assert 0 < saved["summary"]["attention_entropy_ratio"] <= 1
     assert abs(mech["X_h'"]["between"] - metrics.variance_decomposition(feats)["between"]) < 1e-9
     assert mech["X_h'"]["accuracy"] == saved["summary"]["accuracy"]
     assert abs(mech["X_h'"]["accuracy_centred"] - metrics.person_identification(feats, centre=True)["accuracy"]) < 1e-9
