@@ -124,6 +124,17 @@ def person_nce(xh, anchor, others, person, other_persons, tau=0.1):
     return nce_loss(torch.cat([(q * pos).sum(-1, keepdim=True), s_oth], 1) / tau)
 
 
+def _person_sets(xh, others, person, other_persons):
+    """For each person j of the batch, the set of L_var and L_cov: its standardised, flattened
+    X_h' (with gradient) and the other persons' stop-gradient anchors (entries of j left out),
+    (n, d); none without others."""
+    if others is None:
+        return []
+    q = channel_standardise(xh).flatten(1)
+    oth = channel_standardise(others.detach()).flatten(1)
+    return [torch.cat([q[j:j + 1], oth[other_persons != person[j]]]) for j in range(q.shape[0])]
+
+
 def person_variance(xh, others, person, other_persons, floor=0.5, eps=1e-4):
     """L_var, not one of the paper's losses: a floor on the spread of X_h^i' across persons
     (VICReg's variance term). For each person j of the batch, the set of its X_h' (b, ...) and the
@@ -135,16 +146,8 @@ def person_variance(xh, others, person, other_persons, floor=0.5, eps=1e-4):
     maximum; persons whose standardised X_h' differ by at least floor * sqrt(2) in every entry
     give 0. With L_inv (no spread across a person's modalities) the spread it asks for can only
     be between persons. Zero (no gradient path) without another person."""
-    if others is None:
-        return xh.sum() * 0.0
-    q = channel_standardise(xh).flatten(1)
-    oth = channel_standardise(others.detach()).flatten(1)
-    terms = []
-    for j in range(q.shape[0]):
-        rest = oth[other_persons != person[j]]
-        if rest.shape[0]:
-            std = (torch.cat([q[j:j + 1], rest]).var(0) + eps).sqrt()
-            terms.append(F.relu(floor - std).mean())
+    terms = [F.relu(floor - (s.var(0) + eps).sqrt()).mean()
+             for s in _person_sets(xh, others, person, other_persons) if len(s) > 1]
     return torch.stack(terms).mean() if terms else xh.sum() * 0.0
 
 
@@ -160,22 +163,16 @@ def person_spread(xh, others, person, other_persons, eps=1e-8):
     on every entry is met by one direction shared by all entries; this term is not. Mean over the
     batch's persons; zero (no gradient path) for sets of fewer than 3, where the spread is one
     direction whatever X_h' is."""
-    if others is None:
-        return xh.sum() * 0.0
-    q = channel_standardise(xh).flatten(1)
-    oth = channel_standardise(others.detach()).flatten(1)
     terms = []
-    for j in range(q.shape[0]):
-        rest = oth[other_persons != person[j]]
-        n = 1 + rest.shape[0]
+    for s in _person_sets(xh, others, person, other_persons):
+        n = len(s)
         if n < 3:
             continue
-        s = torch.cat([q[j:j + 1], rest])
         s = s - s.mean(0, keepdim=True)
         gram = s @ s.T
         trace = gram.diagonal().sum()
         if trace <= eps * s.shape[1]:  # no spread: as bad as one line
-            terms.append(q.new_tensor(1.0 - 1.0 / (n - 1)) + xh.sum() * 0.0)
+            terms.append(s.new_tensor(1.0 - 1.0 / (n - 1)) + xh.sum() * 0.0)
         else:
             terms.append(gram.square().sum() / trace.square() - 1.0 / (n - 1))
     return torch.stack(terms).mean() if terms else xh.sum() * 0.0
