@@ -190,8 +190,7 @@ def identification(net, vols, names, roi, device):
            "id_between_dims": xh["between_dims"], "id_between_z": metrics.variance_decomposition(tables["z"])["between"]}
     if "z'" in tables:
         out["id_between_zp"] = metrics.variance_decomposition(tables["z'"])["between"]
-        total = metrics.variance_decomposition(tables["X_h'"])["total"]
-        out["id_spread_via_zp"] = metrics.variance_decomposition(tables["X_h' via z'"])["total"] / max(total, 1e-30)
+        out["id_spread_via_zp"] = metrics.variance_decomposition(tables["X_h' via z'"])["total"] / max(xh["total"], 1e-30)
         out["id_attention_entropy"] = float(tables["attention"].mean())
     return out
 
@@ -269,8 +268,7 @@ def main(argv=None):
     jlog = R.JsonlLog(out / "log.jsonl", d.main, resume_step=start if ck_path else None)
     guard = R.NonFiniteGuard(cfg.max_nonfinite, d)
     weights = {"contr": cfg.w_contr, "equ": cfg.w_equ, "inv": cfg.w_inv, "pers": cfg.w_pers, "var": cfg.w_var,
-               "cov": cfg.w_cov,
-               "decom": cfg.w_decom}
+               "cov": cfg.w_cov, "decom": cfg.w_decom}
     n_classes = sampling.n_phi(cfg.phi)
     identify = cfg.id_every > 0 and len(split["val"]) >= 2 and nm >= 2
     if cfg.id_every > 0 and not identify:
