@@ -290,11 +290,13 @@ def to_source_grid(outputs, record, names=None):
 
 
 @torch.no_grad()
-def central_crop(image, names, roi, device="cpu"):
-    """The central roi crop (padded to the roi where smaller) of an image (|M|, D, H, W):
-    (1, |M|, *roi) on `device`."""
-    x, _ = pad_to_roi(torch.as_tensor(np.array(image, dtype=np.float32)), roi, [data.pad_value(m) for m in names])
-    lo = [(s - r) // 2 for s, r in zip(x.shape[1:], roi)]
+def central_crop(image, names, roi, device="cpu", offset=(0, 0, 0)):
+    """The central roi crop (padded to the roi where smaller) of an image (|M|, D, H, W), moved
+    by `offset` voxels along each axis (the image padded as far as that needs): (1, |M|, *roi)
+    on `device`."""
+    need = [r + 2 * abs(o) for r, o in zip(roi, offset)]
+    x, _ = pad_to_roi(torch.as_tensor(np.array(image, dtype=np.float32)), need, [data.pad_value(m) for m in names])
+    lo = [(s - r) // 2 + o for s, r, o in zip(x.shape[1:], roi, offset)]
     return x[:, lo[0]:lo[0] + roi[0], lo[1]:lo[1] + roi[1], lo[2]:lo[2] + roi[2]][None].to(torch.device(device))
 
 
