@@ -29,7 +29,6 @@ import torch
 from tqdm import tqdm
 
 import data
-import layouts
 import inference
 import metrics
 import report
@@ -107,16 +106,6 @@ def input_subsets(inputs, which):
     if which == "given":
         return [list(inputs)]
     return [list(s) for k in range(1, len(inputs) + 1) for s in itertools.combinations(inputs, k)]
-
-
-def _load_volume(spec, case_id, cache, exact=False):
-    """Reads, checks and preprocesses one case; bad input stops with data.py's one-line message
-    (it names the file and the problem). exact reads the source files, not the cache, whose
-    default format is quantised (cache.py): what is scored is the data itself."""
-    try:
-        return data.load_case(spec.case(case_id), spec, cache, use_cache=not exact)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise SystemExit(" ".join(str(e).split()).strip("'\"")) from None
 
 
 def _to(x, dev):
@@ -257,47 +246,19 @@ def _cases(cfg, meta, spec):
     return ids
 
 
-def _checkpoint(load, cfg, dev, *args):
-    """load(cfg.ckpt, dev, *args) (an inference loader); a bad file stops with one line (torch's
-    unpickling errors span paragraphs)."""
-    try:
-        return load(cfg.ckpt, dev, *args)
-    except (ValueError, OSError) as e:
-        raise SystemExit(" ".join(str(e).split())[:400]) from None
-
-
-def _data(cfg, want, meta, stage):
-    """The data set of --data with the channels `want`, checked against the contract of the
-    checkpoint made by `stage`."""
-    try:
-        labels = meta.get("label_kind") if meta.get("label_kind") in metrics.LABELS else None  # the tuning's
-        spec = layouts.resolve(cfg.data, want, labels)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"{' '.join(str(e).split())} (the checkpoint needs {','.join(meta['modalities'])})") from None
-    problems = data.compare_contract(meta["contract"], data.contract(spec))
-    if problems:
-        raise SystemExit(f"{cfg.ckpt}: the data differ from the {stage} data: {'; '.join(problems)}")
-    return spec
-
-
-def _device(cfg):
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" \
-        else torch.device(cfg.device)
-
-
 def identify(cfg):
     """--task identify: person identification from X_h' of a stage-1 checkpoint on its held-out
     persons (metrics.person_identification), a table, results.json and the PCA figure."""
-    dev = _device(cfg)
-    net, meta = _checkpoint(inference.load_pretrained, cfg, dev, cfg.untrained)
+    dev = inference.device_of(cfg.device)
+    net, meta = inference.open_checkpoint(inference.load_pretrained, cfg.ckpt, dev, cfg.untrained)
     names = meta["modalities"]
-    spec = _data(cfg, names, meta, "pre-training").without_labels()
+    spec = inference.open_data(cfg.data, names, meta, "pre-training", cfg.ckpt).without_labels()
     ids = _cases(cfg, meta, spec)
     if len(ids) < 2 or len(names) < 2:
         raise SystemExit(f"--task identify needs at least 2 persons and 2 modalities: {len(ids)} {cfg.split} "
                          f"person(s), modalities {','.join(names)}")
     cache = Path(cfg.cache) if cfg.cache else None
-    images = (_load_volume(spec, c, cache).image for c in tqdm(ids, desc="identify", unit="person", dynamic_ncols=True))
+    images = (inference.open_case(spec, c, cache).image for c in tqdm(ids, desc="identify", unit="person", dynamic_ncols=True))
     tables = inference.representation_tables(net, images, names, tuple(meta["roi"]), dev)
     feats = tables["X_h'"]  # (persons, modalities, d)
     result = metrics.person_identification(feats, [report.display_name(m) for m in names])
@@ -329,15 +290,15 @@ def main(argv=None):
     np.random.seed(cfg.seed % 2 ** 32)
     if cfg.task == "identify":
         return identify(cfg)
-    dev = _device(cfg)
-    net, meta = _checkpoint(inference.load_tuned, cfg, dev)
+    dev = inference.device_of(cfg.device)
+    net, meta = inference.open_checkpoint(inference.load_tuned, cfg.ckpt, dev)
     task = cfg.task or meta["task"]
     if task != meta["task"]:
         raise SystemExit(f"--task {task}: {cfg.ckpt} was tuned for {meta['task']}")
     if cfg.policy is None:
         cfg.policy = "autopet" if meta["label_kind"] == "autopet" else "brats"
     want = [m for m in cfg.modalities.split(",") if m.strip()] or meta["modalities"]
-    spec = _data(cfg, want, meta, "tuning")
+    spec = inference.open_data(cfg.data, want, meta, "tuning", cfg.ckpt)
     regions = dict(spec.regions)
     if task == "seg" and list(regions) != list(meta["regions"]):
         raise SystemExit(f"{spec.root}: the data's regions {list(regions)} differ from the checkpoint's "
@@ -356,7 +317,7 @@ def main(argv=None):
     with staging(out) as stage:
         rows, feats, who, which = [], [], [], []
         for n, cid in enumerate(tqdm(ids, desc=f"evaluate {task}", unit="case", dynamic_ncols=True)):
-            vol = _load_volume(spec, cid, None, exact=True)
+            vol = inference.open_case(spec, cid, None, exact=True)
             figures = n < cfg.figures
             try:
                 if task == "transfer":

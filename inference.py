@@ -20,6 +20,9 @@
     representation_tables
                 z, z', X_h' and the prior attention's entropy of many persons, for the
                 mechanism metrics
+    device_of, open_checkpoint, open_data, open_case
+                what a command is given (device, checkpoint, data set, case), or a one-line
+                SystemExit that names the file and the problem
 """
 import itertools
 
@@ -29,8 +32,9 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import data
+import layouts
 from files import read_checkpoint
-from metrics import as_tensor, attention_entropy
+from metrics import LABELS, as_tensor, attention_entropy
 from model import PersonalizedSwinUNETR, build_model
 
 
@@ -343,3 +347,44 @@ def embed(net, vol, meta, device="cpu"):
     if not isinstance(net, PersonalizedSwinUNETR):
         return []
     return person_features(net, vol.image, meta["modalities"], tuple(meta["roi"]), device, meta["inputs"])
+
+
+# ---- what a command is given ---------------------------------------------------------------------
+
+
+def device_of(name):
+    """--device: auto (cuda when there is one), cuda, cpu or cuda:N."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+
+
+def open_checkpoint(load, path, device, *args):
+    """load(path, device, *args) (load_tuned or load_pretrained); a bad file stops with one line
+    (torch's unpickling errors span paragraphs)."""
+    try:
+        return load(path, device, *args)
+    except (ValueError, OSError) as e:
+        raise SystemExit(" ".join(str(e).split())[:400]) from None
+
+
+def open_data(where, want, meta, stage, ckpt):
+    """The data set at `where` (a folder, datalist JSON or demo name) with the channels `want`,
+    checked against the contract of the checkpoint `ckpt` (its meta) made by `stage`."""
+    try:
+        labels = meta.get("label_kind") if meta.get("label_kind") in LABELS else None  # the tuning's
+        spec = layouts.resolve(where, want, labels)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"{' '.join(str(e).split())} (the checkpoint needs {','.join(meta['modalities'])})") from None
+    problems = data.compare_contract(meta["contract"], data.contract(spec))
+    if problems:
+        raise SystemExit(f"{ckpt}: the data differ from the {stage} data: {'; '.join(problems)}")
+    return spec
+
+
+def open_case(spec, case_id, cache, exact=False):
+    """Reads, checks and preprocesses one case; bad input stops with data.py's one-line message
+    (it names the file and the problem). exact reads the source files, not the cache, whose
+    default format is quantised (cache.py): what is scored is the data itself."""
+    try:
+        return data.load_case(spec.case(case_id), spec, cache, use_cache=not exact)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise SystemExit(" ".join(str(e).split()).strip("'\"")) from None

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import evaluate as E
 import inference
 import metrics
 import report
@@ -108,7 +107,7 @@ def score(head, z):
 def encoder_at(cfg, dev):
     """The checkpoint's network with its encoder's weights (or its run's initial ones) at the
     probe's roi, a fresh network of that roi for the probe's branches, and the meta."""
-    net, meta = E._checkpoint(inference.load_pretrained, cfg, dev, cfg.untrained)
+    net, meta = inference.open_checkpoint(inference.load_pretrained, cfg.ckpt, dev, cfg.untrained)
     arch = dict(meta["arch"], roi=[cfg.roi or meta["roi"][0]] * 3, prior=True,
                 prior_heads=cfg.prior_heads or meta["arch"]["prior_heads"],
                 prior_logits=cfg.prior_logits or meta["arch"].get("prior_logits", "dot"))
@@ -153,12 +152,12 @@ def main(argv=None):
     if cfg.positions < 1 or cfg.steps < 1 or not 0 <= cfg.shift < 1:
         raise SystemExit("--positions and --steps must be >= 1 and --shift in [0, 1)")
     torch.manual_seed(cfg.seed)
-    dev = E._device(cfg)
+    dev = inference.device_of(cfg.device)
     net, fresh, arch, meta = encoder_at(cfg, dev)
     for p in net.parameters():
         p.requires_grad_(False)
     names, roi = meta["modalities"], tuple(arch["roi"])
-    spec = E._data(cfg, names, meta, "pre-training").without_labels()
+    spec = inference.open_data(cfg.data, names, meta, "pre-training", cfg.ckpt).without_labels()
     cache = Path(cfg.cache) if cfg.cache else None
     known = {c.id for c in spec.cases}
     cases = {s: list(meta["split"][s]) for s in ("train", "test")}
@@ -169,7 +168,7 @@ def main(argv=None):
     offsets = offsets_of(cfg, roi)
     z = {}
     for s, ids in cases.items():
-        vols = (E._load_volume(spec, c, cache).image for c in tqdm(ids, desc=f"encode {s}", unit="person",
+        vols = (inference.open_case(spec, c, cache).image for c in tqdm(ids, desc=f"encode {s}", unit="person",
                                                                   dynamic_ncols=True))
         z[s] = encode_all(net, vols, names, roi, offsets if s == "train" else [(0, 0, 0)], dev)
     transfer = copy.deepcopy(fresh.transfer)

@@ -8,8 +8,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # the commands; a command imports library modules only (demo.py and study.py drive the others)
-SCRIPTS = {"train_pretrain", "train_downstream", "evaluate", "predict", "demo", "study", "bench"}
-RUN_ALONE = ("train_pretrain", "train_downstream", "evaluate", "predict")
+SCRIPTS = {"train_pretrain", "train_downstream", "evaluate", "predict", "probe", "demo", "study", "bench"}
+RUN_ALONE = ("train_pretrain", "train_downstream", "evaluate", "predict", "probe")
 
 
 def project_modules():
