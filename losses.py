@@ -104,22 +104,26 @@ def update_anchor(anchor, x):
     return x if anchor is None else (anchor + x) / 2
 
 
-def person_nce(xh, anchor, others, person, other_persons, tau=0.1):
+def person_nce(xh, anchor, others, person, other_persons, tau=0.1, centre=False):
     """L_pers, not one of the paper's losses: InfoNCE on the flattened X_h^i' of each person
     (b, ...) with its own anchor (the person's earlier modalities) as the positive and other
     persons' anchors, others (n, ...), as negatives; both stop-gradient. person (b,) and
     other_persons (n,) are person indices: an entry of the person itself among the others (its
     own row of the global batch, an earlier step's) is left out. L_inv alone is satisfied by one
     X_h' for every person; this term is not. Zero (no gradient path) without an anchor or without
-    another person."""
+    another person. centre=True first subtracts the others' mean (stop-gradient) from every
+    vector, as centred identification does: cosines of raw vectors around a large shared offset
+    are all near 1 and tell the persons apart by little."""
     if anchor is None or others is None:
         return xh.sum() * 0.0
     same = person.view(-1, 1) == other_persons.view(1, -1)  # (b, n)
     if same.all():
         return xh.sum() * 0.0
-    q = F.normalize(xh.float().flatten(1), dim=-1)
-    pos = F.normalize(anchor.detach().float().flatten(1), dim=-1)
-    oth = F.normalize(others.detach().float().flatten(1), dim=-1)
+    q, pos, oth = xh.float().flatten(1), anchor.detach().float().flatten(1), others.detach().float().flatten(1)
+    if centre:
+        mean = oth.mean(0, keepdim=True)
+        q, pos, oth = q - mean, pos - mean, oth - mean
+    q, pos, oth = (F.normalize(t, dim=-1) for t in (q, pos, oth))
     s_oth = (q @ oth.t()).masked_fill(same, float("-inf"))
     return nce_loss(torch.cat([(q * pos).sum(-1, keepdim=True), s_oth], 1) / tau)
 

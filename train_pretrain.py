@@ -87,12 +87,15 @@ class Config(R.TrainConfig):
     w_cov: float = R.opt(1.0, "weight of L_cov (preset 6vc)")
     var_floor: float = R.opt(0.5, "L_var: the standard deviation across persons asked of every entry of the "
                                   "channel-standardised X_h' (1: as spread as unrelated vectors)")
+    pers_centre: bool = R.opt(False, "L_pers on vectors centred on the other persons' mean (losses.person_nce), as "
+                                     "centred identification compares them")
     pers_queue: int = R.opt(16, "L_pers and L_var: earlier persons kept as the other persons (their anchors), beside "
                                 "the global batch")
     same_views: bool = R.opt(False, "every person of a step's global batch cropped at the same relative position and "
-                                    "turned by the same phi, and L_var taken over the persons of the global batch at "
-                                    "each modality (no queue): the spread it asks for is then between persons, not "
-                                    "between crop positions or rotations (needs a global batch of 2 or more)")
+                                    "turned by the same phi, and L_pers, L_var and L_cov taken over the persons of the "
+                                    "global batch at each modality (no queue): what they ask for is then between "
+                                    "persons, not between crop positions or rotations (needs a global batch of 2 or "
+                                    "more)")
     tau: float = R.opt(0.1, "InfoNCE temperature")
     grad_views: bool = R.opt(False, "back-propagate through the encodings of the positive and negative views")
     compile: bool = R.opt(False, "torch.compile the encoder and decoder blocks")
@@ -142,8 +145,12 @@ def modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, n_classes, queue=
     if use["inv"]:
         terms["inv"] = losses.invariance_loss(xh, anchor)  # on X_h', after the prior
     if use["pers"]:
-        others, who = (None, None) if anchor is None else remember(queue, global_batch(anchor, persons), None)
-        terms["pers"] = losses.person_nce(xh, anchor, others, persons, who, cfg.tau)
+        if anchor is None:
+            others, who = None, None
+        else:  # with the same views only this step's persons, seen where and as this person is
+            others, who = global_batch(anchor, persons) if cfg.same_views else remember(
+                queue, global_batch(anchor, persons), None)
+        terms["pers"] = losses.person_nce(xh, anchor, others, persons, who, cfg.tau, cfg.pers_centre)
     if use["var"] or use["cov"]:  # other persons: the queue, and this step's global batch once it has anchors
         if cfg.same_views:  # or the global batch's X_h' of this modality, seen as this person's is
             pool = global_batch(xh, persons)
@@ -240,7 +247,8 @@ def main(argv=None):
     ck_path = R.resume_path(out, cfg.resume)
     if ck_path is not None:
         ck = R.restore_state(ck_path, net, optim, sched, d)
-        older = {"preset": None, "seed": None, "decom_skips": "all", "same_views": False}  # of older checkpoints
+        older = {"preset": None, "seed": None, "decom_skips": "all", "same_views": False,
+                 "pers_centre": False}  # of older checkpoints
         made = {k: ck["config"].get(k, v) for k, v in older.items()}
         asked = {k: getattr(cfg, k) for k in made}
         if made != asked:
@@ -314,7 +322,7 @@ def main(argv=None):
             for k, v in seen.items():
                 diag[k] = diag.get(k, 0.0) + v / nm
         _, diag = R.mean_over_ranks([0.0, diag], d)
-        if use["pers"] or ((use["var"] or use["cov"]) and not cfg.same_views):  # this step's persons become the next steps' others
+        if (use["pers"] or use["var"] or use["cov"]) and not cfg.same_views:  # this step's persons: the next steps' others
             queue = remember(queue, global_batch(anchor, persons), cfg.pers_queue)
         total, sums, skipped, lr, norms = R.optimizer_step(net, params, optim, sched, guard, cfg.clip, d, total,
                                                            sums, watch=branch)

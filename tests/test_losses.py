@@ -130,6 +130,28 @@ def test_person_nce_against_a_hand_computed_value_and_leaves_the_person_out():
     assert float(losses.person_nce(xh, anchor, others[:1], torch.tensor([5, 5]), torch.tensor([5]))) == 0
 
 
+def test_person_nce_centred_compares_vectors_around_the_others_mean():
+    """centre=True: the same written-out loss on every vector less the others' mean; a shared
+    offset, which makes raw cosines ~1 whoever the persons, then changes nothing."""
+    torch.manual_seed(1)
+    xh, anchor, others = torch.randn(2, 3, 2, 2), torch.randn(2, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    persons, other_persons = torch.tensor([5, 7]), torch.tensor([5, 1, 2, 7])
+    mean = others.flatten(1).mean(0)
+    unit = lambda t: (t.flatten(1) - mean) / (t.flatten(1) - mean).norm(dim=1, keepdim=True)
+    q, p, o = unit(xh), unit(anchor), unit(others)
+    want = []
+    for b, keep in ((0, [1, 2, 3]), (1, [0, 1, 2])):
+        pos = math.exp(float(q[b] @ p[b]) / 0.5)
+        want.append(-math.log(pos / (pos + sum(math.exp(float(q[b] @ o[k]) / 0.5) for k in keep))))
+    got = losses.person_nce(xh, anchor, others, persons, other_persons, tau=0.5, centre=True)
+    assert float(got) == pytest.approx(sum(want) / 2, rel=1e-5)
+    offset = 100 * torch.randn(1, 3, 2, 2)
+    shifted = losses.person_nce(xh + offset, anchor + offset, others + offset, persons, other_persons, 0.5, True)
+    assert float(shifted) == pytest.approx(float(got), rel=1e-4)
+    raw = losses.person_nce(xh + offset, anchor + offset, others + offset, persons, other_persons, 0.5)
+    assert float(raw) == pytest.approx(-math.log(1 / 4), abs=0.05)  # raw: every cosine ~1, loss ~ log 4
+
+
 def test_person_variance_against_a_hand_computed_value():
     """L_var by numpy: standardise each voxel's channel vector, the unbiased variance of every
     entry over the person and the other persons' anchors (the person itself left out), the hinge

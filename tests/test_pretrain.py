@@ -161,6 +161,29 @@ def test_same_views_turn_and_crop_the_persons_of_a_step_alike(tiny_brats, tmp_pa
                                      "--batch-size", "2"))
 
 
+@pytest.mark.parametrize("same_views", [False, True])
+def test_pers_with_same_views_compares_this_steps_persons_centred(tiny_brats, tmp_path, monkeypatch, same_views):
+    """L_pers (preset 6p, batch 2): with --same-views its other persons are this step's global
+    batch alone, anchors whose persons are the batch's; without, earlier steps' persons from the
+    queue join them. --pers-centre reaches the loss."""
+    seen, person_nce = [], train_pretrain.losses.person_nce
+
+    def spy(xh, anchor, others, person, other_persons, tau, centre):
+        if others is not None:
+            seen.append((len(others), torch.equal(other_persons, person), centre))
+        return person_nce(xh, anchor, others, person, other_persons, tau, centre)
+
+    monkeypatch.setattr(train_pretrain.losses, "person_nce", spy)
+    flags = ["--same-views"] if same_views else []
+    train_pretrain.main(args(tiny_brats, tmp_path / "run", 3, "--preset", "6p", "--batch-size", "2", "--id-every", "0",
+                             "--pers-centre", *flags))
+    assert len(seen) == 3 and all(c for _, _, c in seen)  # the second modality of each step
+    if same_views:
+        assert all(n == 2 and same for n, same, _ in seen)
+    else:
+        assert [n for n, _, _ in seen] == [2, 4, 6]
+
+
 def test_resume_is_exact(tiny_brats, tmp_path):
     # Adam's epsilon raised: gradient elements that are zero up to CPU rounding noise would
     # otherwise be blown up to +-lr and hide what the test is about. Preset 6p: every term, and
