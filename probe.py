@@ -33,7 +33,7 @@ import metrics
 import report
 import runtime as R
 from files import git_commit, staging, write_json
-from model import PRIOR_BRANCH, build_model
+from model import PRIOR_BRANCH, PersonalizedSwinUNETR, build_model
 
 GRID_MODULES = PRIOR_BRANCH + ("equ_head.", "proj_head.")  # parameters whose shapes follow the grid
 
@@ -106,16 +106,17 @@ def score(head, z):
 
 def encoder_at(cfg, dev):
     """The checkpoint's network with its encoder's weights (or its run's initial ones) at the
-    probe's roi, a fresh network of that roi for the probe's branches, and the meta."""
+    probe's roi, a fresh network of that roi for the probe's branches (personalized, whatever
+    the checkpoint's kind: the SwinUNETR baseline's z is probed the same way), and the meta."""
     net, meta = inference.open_checkpoint(inference.load_pretrained, cfg.ckpt, dev, cfg.untrained)
-    arch = dict(meta["arch"], roi=[cfg.roi or meta["roi"][0]] * 3, prior=True,
+    arch = dict(meta["arch"], kind="personalized", roi=[cfg.roi or meta["roi"][0]] * 3, prior=True,
                 prior_heads=cfg.prior_heads or meta["arch"]["prior_heads"],
                 prior_logits=cfg.prior_logits or meta["arch"].get("prior_logits", "dot"))
     grid = math.prod(r // 32 for r in arch["roi"])
     if any(r % 32 for r in arch["roi"]) or grid % arch["prior_heads"]:
         raise SystemExit(f"--roi {arch['roi'][0]}, --prior-heads {arch['prior_heads']}: the roi must be a multiple "
                          f"of 32 and the heads must divide its bottleneck grid size {grid}")
-    if list(arch["roi"]) != list(meta["roi"]):
+    if isinstance(net, PersonalizedSwinUNETR) and list(arch["roi"]) != list(meta["roi"]):  # a plain one fits any roi
         enc = build_model(arch)
         keep = {k: v for k, v in net.state_dict().items() if not k.startswith(GRID_MODULES)}
         missing = [k for k in enc.load_state_dict(keep, strict=False).missing_keys if not k.startswith(GRID_MODULES)]

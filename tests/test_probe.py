@@ -97,3 +97,11 @@ def test_probe_command(tmp_path):
         probe.main(["--ckpt", str(run / "last.pt"), "--data", str(root), "--out", str(tmp_path / "bad"),
                     "--roi", "64", "--prior-heads", "3", "--cache", str(tmp_path / "cache")])
     assert not (tmp_path / "bad").exists()
+    # the SwinUNETR baseline's encoder (no prior of its own) is probed the same way
+    train_pretrain.main(["--data", str(root), "--out", str(tmp_path / "base"), "--max-steps", "1", "--modalities",
+                         "t1,t2", "--roi", "32,32,64", "--phi", "rot90", "--feature-size", "12", "--preset", "swinunetr",
+                         "--workers", "0", "--cache", str(tmp_path / "cache"), "--id-every", "0"])
+    base = probe.main(["--ckpt", str(tmp_path / "base" / "last.pt"), "--data", str(root), "--out",
+                       str(tmp_path / "probe-base"), "--roi", "64", "--prior-heads", "2", "--positions", "1",
+                       "--steps", "1", "--cache", str(tmp_path / "cache")])
+    assert [r["fitted"] for r in base["rows"]] == ["no", "yes", "yes"]
