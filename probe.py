@@ -43,7 +43,7 @@ class Config:
     ckpt: str = R.opt(None, "stage-1 checkpoint (train_pretrain.py's OUT/last.pt)", required=True)
     data: str = R.opt(None, "dataset folder, datalist JSON or 'demo'", required=True)
     out: str = R.opt(None, "output folder", required=True)
-    roi: int = R.opt(0, "cubic roi of the crops, a multiple of 32 (0: the checkpoint's)")
+    roi: int = R.opt(0, "cubic roi of the crops, a multiple of 32 (0: the checkpoint's roi as it is)")
     prior_heads: int = R.opt(0, "heads of the fresh prior attention, dividing the grid's size (0: the checkpoint's)")
     prior_logits: str = R.opt("", "the fresh prior attention's logits (default: the checkpoint's)",
                               choices=("", "dot", "cosine"))
@@ -109,7 +109,7 @@ def encoder_at(cfg, dev):
     probe's roi, a fresh network of that roi for the probe's branches (personalized, whatever
     the checkpoint's kind: the SwinUNETR baseline's z is probed the same way), and the meta."""
     net, meta = inference.open_checkpoint(inference.load_pretrained, cfg.ckpt, dev, cfg.untrained)
-    arch = dict(meta["arch"], kind="personalized", roi=[cfg.roi or meta["roi"][0]] * 3, prior=True,
+    arch = dict(meta["arch"], kind="personalized", roi=[cfg.roi] * 3 if cfg.roi else list(meta["roi"]), prior=True,
                 prior_heads=cfg.prior_heads or meta["arch"]["prior_heads"],
                 prior_logits=cfg.prior_logits or meta["arch"].get("prior_logits", "dot"))
     grid = math.prod(r // 32 for r in arch["roi"])

@@ -105,3 +105,6 @@ def test_probe_command(tmp_path):
                        str(tmp_path / "probe-base"), "--roi", "64", "--prior-heads", "2", "--positions", "1",
                        "--steps", "1", "--cache", str(tmp_path / "cache")])
     assert [r["fitted"] for r in base["rows"]] == ["no", "yes", "yes"]
+    # without --roi: the checkpoint's own roi, not a cube of its first side
+    own = probe.encoder_at(probe.Config(ckpt=str(run / "last.pt"), data=str(root), out=""), torch.device("cpu"))
+    assert own[2]["roi"] == [32, 32, 64] and own[1].grid == (1, 1, 2)
