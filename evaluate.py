@@ -231,21 +231,6 @@ def _seg_tables(rows, meta, regions, cfg, stage, info):
     return written, summary
 
 
-def _cases(cfg, meta, spec):
-    """The ids of the evaluated cases, all of them present in the data."""
-    split = cfg.split
-    ids = sorted(c.id for c in spec.cases) if split == "all" else list(meta["split"][split])
-    if not ids:
-        raise SystemExit(f"{cfg.ckpt}: the checkpoint's {split} split is empty (--split all evaluates every "
-                         "case of --data)")
-    known = {c.id for c in spec.cases}
-    missing = [i for i in ids if i not in known]
-    if missing:
-        raise SystemExit(f"{spec.root}: no cases {', '.join(missing[:5])} of the checkpoint's {split} split "
-                         "(another dataset? --split all evaluates every case of --data)")
-    return ids
-
-
 def identify(cfg):
     """--task identify: person identification from X_h' of a stage-1 checkpoint on its held-out
     persons (metrics.person_identification), a table, results.json and the PCA figure."""
@@ -253,7 +238,7 @@ def identify(cfg):
     net, meta = inference.open_checkpoint(inference.load_pretrained, cfg.ckpt, dev, cfg.untrained)
     names = meta["modalities"]
     spec = inference.open_data(cfg.data, names, meta, "pre-training", cfg.ckpt).without_labels()
-    ids = _cases(cfg, meta, spec)
+    ids = inference.split_cases(spec, meta, cfg.split, cfg.ckpt)
     if len(ids) < 2 or len(names) < 2:
         raise SystemExit(f"--task identify needs at least 2 persons and 2 modalities: {len(ids)} {cfg.split} "
                          f"person(s), modalities {','.join(names)}")
@@ -303,7 +288,7 @@ def main(argv=None):
     if task == "seg" and list(regions) != list(meta["regions"]):
         raise SystemExit(f"{spec.root}: the data's regions {list(regions)} differ from the checkpoint's "
                          f"{list(meta['regions'])}")
-    ids = _cases(cfg, meta, spec)
+    ids = inference.split_cases(spec, meta, cfg.split, cfg.ckpt)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"--out {out}: exists and is not a folder")

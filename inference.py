@@ -20,8 +20,8 @@
     representation_tables
                 z, z', X_h' and the prior attention's entropy of many persons, for the
                 mechanism metrics
-    device_of, open_checkpoint, open_data, open_case
-                what a command is given (device, checkpoint, data set, case), or a one-line
+    device_of, open_checkpoint, open_data, split_cases, open_case
+                what a command is given (device, checkpoint, data set, cases), or a one-line
                 SystemExit that names the file and the problem
 """
 import itertools
@@ -378,6 +378,21 @@ def open_data(where, want, meta, stage, ckpt):
     if problems:
         raise SystemExit(f"{ckpt}: the data differ from the {stage} data: {'; '.join(problems)}")
     return spec
+
+
+def split_cases(spec, meta, split, ckpt):
+    """The ids of the checkpoint's `split` (test, val, train; all: every case of the data), all
+    of them present in the data set `spec`."""
+    ids = sorted(c.id for c in spec.cases) if split == "all" else list(meta["split"][split])
+    if not ids:
+        raise SystemExit(f"{ckpt}: the checkpoint's {split} split is empty (--split all evaluates every "
+                         "case of --data)")
+    known = {c.id for c in spec.cases}
+    missing = [i for i in ids if i not in known]
+    if missing:
+        raise SystemExit(f"{spec.root}: no cases {', '.join(missing[:5])} of the checkpoint's {split} split "
+                         "(another dataset? --split all evaluates every case of --data)")
+    return ids
 
 
 def open_case(spec, case_id, cache, exact=False):

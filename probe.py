@@ -33,7 +33,7 @@ import metrics
 import report
 import runtime as R
 from files import git_commit, staging, write_json
-from model import PRIOR_BRANCH, PersonalizedSwinUNETR, build_model
+from model import PRIOR_BRANCH, PersonalizedSwinUNETR, build_model, load_mapped
 
 GRID_MODULES = PRIOR_BRANCH + ("equ_head.", "proj_head.")  # parameters whose shapes follow the grid
 
@@ -118,10 +118,10 @@ def encoder_at(cfg, dev):
                          f"of 32 and the heads must divide its bottleneck grid size {grid}")
     if isinstance(net, PersonalizedSwinUNETR) and list(arch["roi"]) != list(meta["roi"]):  # a plain one fits any roi
         enc = build_model(arch)
-        keep = {k: v for k, v in net.state_dict().items() if not k.startswith(GRID_MODULES)}
-        missing = [k for k in enc.load_state_dict(keep, strict=False).missing_keys if not k.startswith(GRID_MODULES)]
-        if missing:
-            raise SystemExit(f"{cfg.ckpt}: no weights for {', '.join(missing[:3])} at roi {arch['roi']}")
+        try:
+            load_mapped(enc, net.state_dict(), cfg.ckpt, skip=GRID_MODULES, log=lambda *_: None)
+        except ValueError as e:
+            raise SystemExit(" ".join(str(e).split())[:400]) from None
         net = enc.to(dev).eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -160,12 +160,10 @@ def main(argv=None):
     names, roi = meta["modalities"], tuple(arch["roi"])
     spec = inference.open_data(cfg.data, names, meta, "pre-training", cfg.ckpt).without_labels()
     cache = Path(cfg.cache) if cfg.cache else None
-    known = {c.id for c in spec.cases}
-    cases = {s: list(meta["split"][s]) for s in ("train", "test")}
-    missing = [c for ids in cases.values() for c in ids if c not in known]
-    if missing or len(cases["test"]) < 2 or len(cases["train"]) < 2:
-        raise SystemExit(f"{cfg.ckpt}: the probe needs the checkpoint's train and test persons (at least 2 each) in "
-                         f"{spec.root}" + (f"; missing {', '.join(missing[:5])}" if missing else ""))
+    cases = {s: inference.split_cases(spec, meta, s, cfg.ckpt) for s in ("train", "test")}
+    if min(len(ids) for ids in cases.values()) < 2:
+        raise SystemExit(f"{cfg.ckpt}: the probe needs at least 2 train and 2 test persons, the checkpoint's split has "
+                         f"{len(cases['train'])} and {len(cases['test'])}")
     offsets = offsets_of(cfg, roi)
     z = {}
     for s, ids in cases.items():
@@ -179,10 +177,11 @@ def main(argv=None):
                                                             *fresh.transfer.parameters()])}
     rows, curves = [], {}
     for name, (head, params) in heads.items():
-        before = score(head, z["test"][0])
+        before = test = score(head, z["test"][0])
         if params:
             curves[name] = fit(head, params, z["train"], cfg.steps, cfg.lr, cfg.tau, cfg.seed)
-        test, train = score(head, z["test"][0]), score(head, z["train"][0])
+            test = score(head, z["test"][0])
+        train = score(head, z["train"][0])
         rows.append({"representation": name, "fitted": "yes" if params else "no",
                      "test ID centred": test["accuracy_centred"], "before fit": before["accuracy_centred"],
                      "train ID centred": train["accuracy_centred"], "between": test["between"],
