@@ -684,6 +684,18 @@ class PersonalizedSwinUNETR(SwinUNETR):
         out = self.fuse(torch.cat([z, z2], 1))
         return z + out if self.fuse_residual else out
 
+    def prior_part(self, z2):
+        """"X_h' via z'", the part of X_h' through the prior branch's output z2:
+        Fuse([0, z2]) - Fuse([0, 0]), the z' half of Fuse's kernel without its bias (both fuse
+        forms)."""
+        return F.conv3d(z2, self.fuse.weight[:, z2.shape[1]:], None, padding=self.fuse.padding)
+
+    def personalize_with_part(self, z):
+        """(X_h', X_h' via z') from one pass of the prior branch (the option L_pers on the prior's
+        part, train_pretrain.py preset 6pz)."""
+        z2 = self.prior_branch(z)
+        return self._fuse(z, z2), self.prior_part(z2)
+
     def prior_branch(self, z):
         """z' = T(Attn(z, O, O)), the prior branch's output."""
         if tuple(z.shape[2:]) != self.grid:
@@ -703,9 +715,8 @@ class PersonalizedSwinUNETR(SwinUNETR):
             return {"z": z, "z'": None, "X_h'": z, "X_h' via z": None, "X_h' via z'": None, "attention": None}
         z2 = self.prior_branch(z)
         zero = torch.zeros_like(z)
-        base = self._fuse(zero, zero)
-        return {"z": z, "z'": z2, "X_h'": self._fuse(z, z2), "X_h' via z": self._fuse(z, zero) - base,
-                "X_h' via z'": self._fuse(zero, z2) - base,
+        return {"z": z, "z'": z2, "X_h'": self._fuse(z, z2), "X_h' via z": self._fuse(z, zero) - self._fuse(zero, zero),
+                "X_h' via z'": self.prior_part(z2),
                 "attention": self.prior_attn.probabilities(z.flatten(2), self.prior.flatten(1))}
 
     def prior_share(self, z, xh):

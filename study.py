@@ -59,6 +59,7 @@ from files import atomic, git_commit, replace_section, write_json, write_text
 # The options beside the paper's form (--option NAME): the pre-training preset and the extra flags
 # of train_pretrain.py (docs/method.md).
 OPTIONS = {"6p": ("6p", ()), "6v": ("6v", ()), "6vc": ("6vc", ("--same-views", "--batch-size", "4")),
+           "6pz": ("6pz", ("--same-views", "--batch-size", "4", "--pers-centre")),
            "residual": ("full", ("--prior-fuse", "residual")),
            "cosine": ("full", ("--prior-logits", "cosine")), "no-skips": ("full", ("--decom-skips", "none"))}
 # Cost of a step (or an evaluation) at each --preset-size relative to the demo's on 2 CPU cores:
@@ -430,6 +431,7 @@ def collect(args):
             num["id"].append({"data": "MRI", "network": name, "seed": seed, **id_numbers(res)})
         for run, terms in (("pretrain", ("equ", "decom")), ("pretrain-swinunetr", ("decom",)),
                            *([(f"pretrain-{args.option}", ("equ", "pers", "decom") if args.option == "6p" else
+                               ("equ", "pers_zp", "decom") if args.option == "6pz" else
                                ("equ", "decom"))] if args.option else [])):
             log = read_log(mri / run)
             for t in terms:
@@ -613,7 +615,8 @@ def main(argv=None):
                     help="add an option beside the paper's form, its pre-training, identification and transfer: 6p "
                          "(the default of a bare --option: L_pers, other persons as negatives for X_h'), 6v "
                          "(L_var, a floor on the spread of X_h' across persons), 6vc (L_var and L_cov, that spread along "
-                         "many directions, over the 4 persons of a step at the same views), residual (X_h' = z + Fuse([z, "
+                         "many directions, over the 4 persons of a step at the same views), 6pz (centred L_pers on X_h''s part "
+                         "through the prior branch, the 4 persons of a step at the same views), residual (X_h' = z + Fuse([z, "
                          "z'])), cosine (the prior attention's scaled cosine logits) or no-skips (L_decom's decoder "
                          "without the skips)")
     ap.add_argument("--section", default="study",

@@ -27,9 +27,10 @@ import runtime as R
 import sampling
 from model import build_model
 
-# Table 7 of the supplementary: which constraints and whether the prior is used. "pers", "var" and
-# "cov" are options beside the paper's losses (L_pers, losses.person_nce; L_var,
-# losses.person_variance; L_cov, losses.person_spread): off in presets 1-6 and swinunetr.
+# Table 7 of the supplementary: which constraints and whether the prior is used. "pers", "pers_zp",
+# "var" and "cov" are options beside the paper's losses (L_pers, losses.person_nce, on X_h' or on
+# its part through the prior branch; L_var, losses.person_variance; L_cov, losses.person_spread):
+# off in presets 1-6 and swinunetr.
 PRESETS = {
     "1": dict(contr=True, equ=True, inv=False, prior=False),
     "2": dict(contr=True, equ=False, inv=True, prior=False),
@@ -38,13 +39,14 @@ PRESETS = {
     "5": dict(contr=True, equ=False, inv=True, prior=True),
     "6": dict(contr=True, equ=True, inv=True, prior=True),
     "6p": dict(contr=True, equ=True, inv=True, prior=True, pers=True),
+    "6pz": dict(contr=True, equ=True, inv=True, prior=True, pers_zp=True),
     "6v": dict(contr=True, equ=True, inv=True, prior=True, var=True),
     "6vc": dict(contr=True, equ=True, inv=True, prior=True, var=True, cov=True),
     "swinunetr": dict(contr=False, equ=False, inv=False, prior=False),
 }
-PRESETS = {k: {"pers": False, "var": False, "cov": False, **v} for k, v in PRESETS.items()}
+PRESETS = {k: {"pers": False, "pers_zp": False, "var": False, "cov": False, **v} for k, v in PRESETS.items()}
 PRESETS["full"] = PRESETS["6"]
-TERMS = ("contr", "equ", "inv", "pers", "var", "cov", "decom")
+TERMS = ("contr", "equ", "inv", "pers", "pers_zp", "var", "cov", "decom")
 DECOM_SKIPS = ("all", "none")
 # What log.jsonl holds beside the losses (docs/training.md, "What the log shows").
 DIAGNOSTICS = ("grad_norm", "grad_share", "prior_change", "prior_share", "xh_rms", "equ_acc", "contr_acc",
@@ -58,7 +60,8 @@ class Config(R.TrainConfig):
     clip: float = R.opt(0.0, "gradient norm clipping (0 = off, as in the reference code: clipping at 1 pushed the "
                              "prior's gradient below Adam's epsilon)")
     preset: str = R.opt("full", "constraint set: 1..6 (Table 7), full (= 6), swinunetr (plain, L_decom only), 6p "
-                                "(6 + L_pers: other persons as negatives for X_h', an option beside the paper) or 6v "
+                                "(6 + L_pers: other persons as negatives for X_h', an option beside the paper), 6pz "
+                                "(6 + L_pers on X_h''s part through the prior branch, with --same-views), 6v "
                                 "(6 + L_var: a floor on the spread of X_h' across persons, another option) or 6vc "
                                 "(6v + L_cov: that spread along many directions, not one)")
     roi: str = R.opt("96", "crop size, one side or D,H,W, multiples of 32")
@@ -83,6 +86,7 @@ class Config(R.TrainConfig):
     w_inv: float = R.opt(1.0, "weight of L_inv")
     w_decom: float = R.opt(1.0, "weight of L_decom")
     w_pers: float = R.opt(1.0, "weight of L_pers (preset 6p)")
+    w_pers_zp: float = R.opt(1.0, "weight of L_pers on the prior branch's part of X_h' (preset 6pz)")
     w_var: float = R.opt(1.0, "weight of L_var (presets 6v, 6vc)")
     w_cov: float = R.opt(1.0, "weight of L_cov (preset 6vc)")
     var_floor: float = R.opt(0.5, "L_var: the standard deviation across persons asked of every entry of the "
@@ -107,15 +111,19 @@ def per_sample(fn, x, ks, kind):
     return torch.stack([fn(x[b], int(ks[b]), kind) for b in range(x.shape[0])])
 
 
-def modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, n_classes, queue=None, persons=None, turn=None):
-    """Losses of one modality i of the batch x (B, |M|, D, H, W); returns (terms, new anchor,
-    diagnostics). rngs / gens: one numpy and one torch generator per person (its transforms and
+def modality_step(net, x, fg, i, rngs, gens, cfg, use, anchors, n_classes, queue=None, persons=None, turn=None):
+    """Losses of one modality i of the batch x (B, |M|, D, H, W); returns (terms, new anchors,
+    diagnostics). anchors: the running anchors of the persons' earlier modalities (None at the
+    first), "xh" of X_h' and, for L_pers on the prior's part (preset 6pz), "zp" of X_h' via z'.
+    rngs / gens: one numpy and one torch generator per person (its transforms and
     views); turn (--same-views): a generator shared by the global batch, whose draw turns every
     person. L_pers and L_var only: persons (B,) the batch's person indices, queue (anchors, persons) of
     earlier persons, the others beside the global batch's. Diagnostics:
     accuracy of F_equ and of the contrastive task on this batch, RMS of X_h' and the prior's
     share of it (model.prior_share)."""
     b, m = x.shape[:2]
+    anchors = dict(anchors or {})
+    anchor = anchors.get("xh")
     ks = [r.integers(n_classes) for r in rngs] if turn is None else [turn.integers(n_classes)] * b
     ks = torch.as_tensor(ks, device=x.device)
     u = per_sample(sampling.phi, x[:, i:i + 1], ks, cfg.phi).repeat(1, m, 1, 1, 1)  # (B, |M|, roi)
@@ -138,7 +146,10 @@ def modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, n_classes, queue=
         terms["equ"] = losses.equivariance_loss(logits, ks)
         diag["equ_acc"] = losses.accuracy(logits, ks).item()
     personalized = isinstance(net, M.PersonalizedSwinUNETR)
-    xh = net.personalize(z) if personalized else z
+    if use["pers_zp"]:
+        xh, part = net.personalize_with_part(z)
+    else:
+        xh = net.personalize(z) if personalized else z
     diag["xh_rms"] = xh.detach().float().square().mean().sqrt().item()
     if personalized and net.use_prior:
         diag["prior_share"] = net.prior_share(z, xh)
@@ -161,13 +172,18 @@ def modality_step(net, x, fg, i, rngs, gens, cfg, use, anchor, n_classes, queue=
             terms["var"] = losses.person_variance(xh, others, persons, who, cfg.var_floor)
         if use["cov"]:
             terms["cov"] = losses.person_spread(xh, others, persons, who)
+    if use["pers_zp"]:  # the prior's part against the same part of this step's other persons
+        prev = anchors.get("zp")
+        others, who = (None, None) if prev is None else global_batch(prev, persons)
+        terms["pers_zp"] = losses.person_nce(part, prev, others, persons, who, cfg.tau, cfg.pers_centre)
+        anchors["zp"] = losses.update_anchor(prev, part)
     if use["inv"] or use["pers"] or use["var"] or use["cov"]:
-        anchor = losses.update_anchor(anchor, xh)
+        anchors["xh"] = losses.update_anchor(anchor, xh)
     if cfg.decom_skips == "none":  # the decoder sees X_h' alone
         skips, u = [torch.zeros_like(s) for s in skips], torch.zeros_like(u)
     y = per_sample(sampling.phi_inverse, net.decode(xh, skips, u), ks, cfg.phi)
     terms["decom"] = losses.decomposition_loss(y, x, fg, cfg.w_fg)
-    return terms, anchor, diag
+    return terms, anchors, diag
 
 
 def global_batch(anchor, persons):
@@ -268,6 +284,9 @@ def main(argv=None):
     if cfg.same_views and cfg.batch_size * d.world < 2:
         raise SystemExit(f"--same-views: a global batch of {cfg.batch_size * d.world} person; it compares the "
                          "persons of a global batch (--batch-size 2 or more)")
+    if use["pers_zp"] and not cfg.same_views:
+        raise SystemExit(f"--preset {cfg.preset}: L_pers on the prior's part compares the persons of a step at the "
+                         "same views; add --same-views (and a global batch of 2 or more)")
     if use["cov"] and cfg.same_views and cfg.batch_size * d.world < 3:
         raise SystemExit(f"--preset {cfg.preset} --same-views: a global batch of {cfg.batch_size * d.world} persons; "
                          "L_cov compares the directions between 3 or more (--batch-size 3 or more)")
@@ -275,7 +294,8 @@ def main(argv=None):
                             cfg.workers, 1.0, cache, same_position=cfg.same_views)
     jlog = R.JsonlLog(out / "log.jsonl", d.main, resume_step=start if ck_path else None)
     guard = R.NonFiniteGuard(cfg.max_nonfinite, d)
-    weights = {"contr": cfg.w_contr, "equ": cfg.w_equ, "inv": cfg.w_inv, "pers": cfg.w_pers, "var": cfg.w_var,
+    weights = {"contr": cfg.w_contr, "equ": cfg.w_equ, "inv": cfg.w_inv, "pers": cfg.w_pers,
+               "pers_zp": cfg.w_pers_zp, "var": cfg.w_var,
                "cov": cfg.w_cov, "decom": cfg.w_decom}
     n_classes = sampling.n_phi(cfg.phi)
     identify = cfg.id_every > 0 and len(split["val"]) >= 2 and nm >= 2
@@ -308,11 +328,11 @@ def main(argv=None):
         turn = np.random.default_rng([cfg.seed, step, d.world * x.shape[0]]) if cfg.same_views else None
         persons = torch.as_tensor([index[c] for c in batch["id"]], device=d.device)
         optim.zero_grad(set_to_none=True)
-        anchor, sums, diag = None, {t: 0.0 for t in TERMS if use[t]}, {}
+        anchors, sums, diag = None, {t: 0.0 for t in TERMS if use[t]}, {}
         total = 0.0
         for i in order:
             with R.autocast(d, cfg.amp):
-                terms, anchor, seen = modality_step(net, x, fg, int(i), rngs, gens, cfg, use, anchor, n_classes,
+                terms, anchors, seen = modality_step(net, x, fg, int(i), rngs, gens, cfg, use, anchors, n_classes,
                                                     queue, persons, turn)
             loss = sum(weights[t] * v.float() for t, v in terms.items())
             loss.backward()  # frees this modality's graph
@@ -323,7 +343,7 @@ def main(argv=None):
                 diag[k] = diag.get(k, 0.0) + v / nm
         _, diag = R.mean_over_ranks([0.0, diag], d)
         if (use["pers"] or use["var"] or use["cov"]) and not cfg.same_views:  # this step's persons: the next steps' others
-            queue = remember(queue, global_batch(anchor, persons), cfg.pers_queue)
+            queue = remember(queue, global_batch(anchors["xh"], persons), cfg.pers_queue)
         total, sums, skipped, lr, norms = R.optimizer_step(net, params, optim, sched, guard, cfg.clip, d, total,
                                                            sums, watch=branch)
         step += 1

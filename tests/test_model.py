@@ -195,6 +195,14 @@ def test_residual_fuse_adds_z_to_the_papers_fuse():
         change = paper.fuse(torch.cat([z, z2], 1)) - paper.fuse(torch.cat([z, torch.zeros_like(z)], 1))
         xh = res.personalize(z)
         assert res.prior_share(z, xh) == pytest.approx(float(change.norm() / xh.norm()), rel=1e-4)
+        # the prior's part, written out from Fuse's own convolution, and X_h' with it from one pass
+        for net in (paper, res):
+            z2 = net.prior_branch(z)
+            zero = torch.zeros_like(z)
+            want = net.fuse(torch.cat([zero, z2], 1)) - net.fuse(torch.cat([zero, zero], 1))
+            xh, part = net.personalize_with_part(z)
+            assert (part - want).abs().max() < 1e-4 * want.abs().max() and want.abs().max() > 0
+            assert (xh - net.personalize(z)).abs().max() < 1e-6
 
 
 def test_grid_mismatch_and_bad_sizes_are_clear_errors():

@@ -184,6 +184,39 @@ def test_pers_with_same_views_compares_this_steps_persons_centred(tiny_brats, tm
         assert [n for n, _, _ in seen] == [2, 4, 6]
 
 
+def test_pers_on_the_priors_part_takes_that_part_against_this_steps_persons(tiny_brats, tmp_path, monkeypatch):
+    """Preset 6pz (batch 2, --same-views): L_pers's query is X_h''s part through the prior branch,
+    the tensor personalize_with_part returns beside X_h', its positive that part's own running anchor
+    and its other persons this step's batch; no term on X_h' itself. Without --same-views: a
+    one-line error and no run."""
+    parts, seen, person_nce = [], [], train_pretrain.losses.person_nce
+    with_part = model.PersonalizedSwinUNETR.personalize_with_part
+
+    def spy_part(net, z):
+        xh, part = with_part(net, z)
+        parts.append(part)
+        return xh, part
+
+    def spy(xh, anchor, others, person, other_persons, tau, centre):
+        if others is not None:
+            # at the second of 2 modalities the anchor is the first's part
+            seen.append((xh is parts[-1], len(others), torch.equal(other_persons, person), centre,
+                         torch.equal(anchor, parts[-2].detach())))
+        return person_nce(xh, anchor, others, person, other_persons, tau, centre)
+
+    monkeypatch.setattr(model.PersonalizedSwinUNETR, "personalize_with_part", spy_part)
+    monkeypatch.setattr(train_pretrain.losses, "person_nce", spy)
+    with pytest.raises(SystemExit, match="add --same-views"):
+        train_pretrain.main(args(tiny_brats, tmp_path / "no", 1, "--preset", "6pz", "--batch-size", "2"))
+    assert not (tmp_path / "no" / "last.pt").exists()
+    train_pretrain.main(args(tiny_brats, tmp_path / "run", 2, "--preset", "6pz", "--batch-size", "2", "--id-every",
+                             "0", "--same-views", "--pers-centre"))
+    assert seen == [(True, 2, True, True, True)] * 2
+    rows = read_log(tmp_path / "run")
+    assert {k for k in train_pretrain.TERMS if k in rows[0]} == {"contr", "equ", "inv", "pers_zp", "decom"}
+    assert all(r["pers_zp"] > 0 for r in rows)
+
+
 def test_resume_is_exact(tiny_brats, tmp_path):
     # Adam's epsilon raised: gradient elements that are zero up to CPU rounding noise would
     # otherwise be blown up to +-lr and hide what the test is about. Preset 6p: every term, and
