@@ -62,6 +62,8 @@ OPTIONS = {"6p": ("6p", ()), "6v": ("6v", ()), "6vc": ("6vc", ("--same-views", "
            "6pz": ("6pz", ("--same-views", "--batch-size", "4", "--pers-centre")),
            "residual": ("full", ("--prior-fuse", "residual")),
            "cosine": ("full", ("--prior-logits", "cosine")), "no-skips": ("full", ("--decom-skips", "none"))}
+# The options' own person terms whose curves the flattening check reads beside L_equ and L_decom.
+OWN_TERMS = {"6p": ("pers",), "6pz": ("pers_zp",)}
 # Cost of a step (or an evaluation) at each --preset-size relative to the demo's on 2 CPU cores:
 # it scales RATE in the first estimate of the time left (mechanism: the ratio of the pre-training
 # step times, bench.py steps; paper: of their FLOPs, bench.py flops).
@@ -430,9 +432,8 @@ def collect(args):
             res = json.loads((mri / f"id-{name}" / "results.json").read_text())["summary"]
             num["id"].append({"data": "MRI", "network": name, "seed": seed, **id_numbers(res)})
         for run, terms in (("pretrain", ("equ", "decom")), ("pretrain-swinunetr", ("decom",)),
-                           *([(f"pretrain-{args.option}", ("equ", "pers", "decom") if args.option == "6p" else
-                               ("equ", "pers_zp", "decom") if args.option == "6pz" else
-                               ("equ", "decom"))] if args.option else [])):
+                           *([(f"pretrain-{args.option}", ("equ", *OWN_TERMS.get(args.option, ()), "decom"))]
+                             if args.option else [])):
             log = read_log(mri / run)
             for t in terms:
                 gain, ok = flattened([r["step"] for r in log], [r.get(t) for r in log], "loss")
