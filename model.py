@@ -569,7 +569,7 @@ class SwinUNETR(nn.Module):
 
 
 PRIOR_ATTENTION = ("dot", "cosine")
-PRIOR_FUSE = ("concat", "residual")
+PRIOR_FUSE = ("concat", "residual", "prior")
 
 
 class PriorAttention(nn.Module):
@@ -651,8 +651,9 @@ class PersonalizedSwinUNETR(SwinUNETR):
     equivariance_logits(z) = F_equ(z); embed(z) = g(z) (L2-normalised, proj_dim).
     prior=False removes O, Attn, T and Fuse: X_h' = z (the ablations without prior).
     prior_logits: the prior attention's logits, "dot" (the paper's) or "cosine" (PriorAttention).
-    prior_fuse: "concat", the paper's X_h' = Fuse([z, z']), or "residual", X_h' = z + Fuse([z, z'])
-    (z reaches X_h' whatever the prior branch does; an option, docs/method.md).
+    prior_fuse: "concat", the paper's X_h' = Fuse([z, z']); "residual", X_h' = z + Fuse([z, z'])
+    (z reaches X_h' whatever the prior branch does); or "prior", X_h' = Fuse([0, z']) (z reaches
+    X_h' only through the prior attention). The last two are options, docs/method.md.
     """
 
     def __init__(self, in_channels, out_channels, feature_size=48, roi=(96, 96, 96), prior=True, prior_heads=3,
@@ -664,7 +665,7 @@ class PersonalizedSwinUNETR(SwinUNETR):
         if prior_fuse not in PRIOR_FUSE:
             raise ValueError(f"prior fuse {prior_fuse!r}: expected one of {PRIOR_FUSE}")
         self.roi, self.grid, self.use_prior = roi, tuple(r // 32 for r in roi), prior
-        self.fuse_residual = prior_fuse == "residual"
+        self.fuse_form = prior_fuse
         dim, g = 16 * feature_size, math.prod(r // 32 for r in roi)
         if prior:
             self.prior = nn.Parameter(torch.randn(dim, *self.grid))
@@ -681,8 +682,10 @@ class PersonalizedSwinUNETR(SwinUNETR):
         return self._fuse(z, self.prior_branch(z))
 
     def _fuse(self, z, z2):
+        if self.fuse_form == "prior":  # Fuse's z half sees zeros: no route around the prior attention
+            return self.fuse(torch.cat([torch.zeros_like(z), z2], 1))
         out = self.fuse(torch.cat([z, z2], 1))
-        return z + out if self.fuse_residual else out
+        return z + out if self.fuse_form == "residual" else out
 
     def prior_part(self, z2):
         """"X_h' via z'", the part of X_h' through the prior branch's output z2:

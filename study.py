@@ -17,8 +17,8 @@ PET/CT (AutoPET layout: ct, pet)
      person identification; and the same tuning from scratch (none with --petct-presets "").
 --preset-size sets the network's geometry (demo.SIZES; the mechanism needs a bottleneck grid of
 at least 2^3, which "demo" does not have); --option adds preset 6p (L_pers beside the paper's
-losses; --option 6v: L_var; 6vc: L_var and L_cov over 4 persons at the same views; residual,
-cosine or no-skips: the options of train_pretrain.py) to pre-training, identification and
+losses; --option 6v: L_var; 6vc: L_var and L_cov over 4 persons at the same views; 6pz, 6pf,
+residual, cosine or no-skips: the options of train_pretrain.py) to pre-training, identification and
 transfer; --section names the sections written.
 Every run resumes (OUT/.../last.pt) and a finished run or an evaluation newer than its
 checkpoint is reused, so an interrupted study continues where it stopped and never repeats
@@ -60,10 +60,11 @@ from files import atomic, git_commit, replace_section, write_json, write_text
 # of train_pretrain.py (docs/method.md).
 OPTIONS = {"6p": ("6p", ()), "6v": ("6v", ()), "6vc": ("6vc", ("--same-views", "--batch-size", "4")),
            "6pz": ("6pz", ("--same-views", "--batch-size", "4", "--pers-centre")),
+           "6pf": ("6p", ("--same-views", "--batch-size", "4", "--pers-centre", "--prior-fuse", "prior")),
            "residual": ("full", ("--prior-fuse", "residual")),
            "cosine": ("full", ("--prior-logits", "cosine")), "no-skips": ("full", ("--decom-skips", "none"))}
 # The options' own person terms whose curves the flattening check reads beside L_equ and L_decom.
-OWN_TERMS = {"6p": ("pers",), "6pz": ("pers_zp",)}
+OWN_TERMS = {"6p": ("pers",), "6pz": ("pers_zp",), "6pf": ("pers",)}
 # Cost of a step (or an evaluation) at each --preset-size relative to the demo's on 2 CPU cores:
 # it scales RATE in the first estimate of the time left (mechanism: the ratio of the pre-training
 # step times, bench.py steps; paper: of their FLOPs, bench.py flops).
@@ -617,7 +618,8 @@ def main(argv=None):
                          "(the default of a bare --option: L_pers, other persons as negatives for X_h'), 6v "
                          "(L_var, a floor on the spread of X_h' across persons), 6vc (L_var and L_cov, that spread along "
                          "many directions, over the 4 persons of a step at the same views), 6pz (centred L_pers on X_h''s part "
-                         "through the prior branch, the 4 persons of a step at the same views), residual (X_h' = z + Fuse([z, "
+                         "through the prior branch, the 4 persons of a step at the same views), 6pf (centred L_pers with X_h' = "
+                         "Fuse([0, z']), no route around the prior attention), residual (X_h' = z + Fuse([z, "
                          "z'])), cosine (the prior attention's scaled cosine logits) or no-skips (L_decom's decoder "
                          "without the skips)")
     ap.add_argument("--section", default="study",

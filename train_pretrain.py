@@ -71,7 +71,8 @@ class Config(R.TrainConfig):
                                      "(Swin V2's scaled cosine, a learnable scale per head: an option that lets it "
                                      "select)", choices=M.PRIOR_ATTENTION)
     prior_fuse: str = R.opt("concat", "how X_h' joins z and the prior branch's z': concat (the paper's Fuse([z, z'])) or "
-                                      "residual (z + Fuse([z, z']), an option that keeps z in X_h')",
+                                      "residual (z + Fuse([z, z']), an option that keeps z in X_h') or prior "
+                                      "(Fuse([0, z']), an option that leaves z no route around the prior attention)",
                             choices=M.PRIOR_FUSE)
     decom_skips: str = R.opt("all", "what L_decom's decoder gets beside X_h': all (the paper's: the encoder's skips and "
                                     "the input) or none (zeros in their place, so X_h' alone must carry what it "

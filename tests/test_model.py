@@ -170,8 +170,32 @@ def test_prior_logits_travel_in_the_architecture_record():
     assert not model.same_network(arch, {**arch, "prior_logits": "cosine"})
     assert model.same_network(arch, {**arch, "prior_fuse": "concat"})
     assert not model.same_network(arch, {**arch, "prior_fuse": "residual"})
+    assert not model.same_network(arch, {**arch, "prior_fuse": "prior"})
     with pytest.raises(ValueError, match="prior fuse"):
         model.build_model({**arch, "prior_fuse": "sum"})
+
+
+def test_prior_fuse_reaches_z_only_through_the_prior_attention():
+    """prior_fuse="prior": X_h' = Fuse([0, z']), written out from the weights of the paper's form;
+    it has no part via z, and it is the same for every z for which the prior branch is."""
+    torch.manual_seed(0)
+    paper = model.PersonalizedSwinUNETR(2, 2, feature_size=12, roi=(64, 64, 64), prior_heads=2).eval()
+    only = model.PersonalizedSwinUNETR(2, 2, feature_size=12, roi=(64, 64, 64), prior_heads=2,
+                                       prior_fuse="prior").eval()
+    only.load_state_dict(paper.state_dict())
+    z = torch.randn(1, 192, 2, 2, 2)
+    with torch.no_grad():
+        z2 = paper.prior_branch(z)
+        want = torch.nn.functional.conv3d(z2, paper.fuse.weight[:, 192:], paper.fuse.bias, padding=1)
+        assert (only.personalize(z) - want).abs().max() < 1e-5
+        assert (paper.personalize(z) - want).abs().max() > 1e-2  # the paper's form also has z's half
+        r = only.representations(z)
+        assert r["X_h' via z"].abs().max() == 0
+        assert (r["X_h'"] - r["X_h' via z'"] - paper.fuse.bias.view(1, -1, 1, 1, 1)).abs().max() < 1e-5
+    # the prior branch's output fixed, z's own gradient to X_h' is zero
+    z = z.requires_grad_()
+    (g,) = torch.autograd.grad(only._fuse(z, z2.detach()).sum(), z, allow_unused=True, materialize_grads=True)
+    assert g.abs().max() == 0
 
 
 def test_residual_fuse_adds_z_to_the_papers_fuse():
