@@ -175,15 +175,19 @@ def test_prior_logits_travel_in_the_architecture_record():
         model.build_model({**arch, "prior_fuse": "sum"})
 
 
-def test_prior_fuse_reaches_z_only_through_the_prior_attention():
-    """prior_fuse="prior": X_h' = Fuse([0, z']), written out from the weights of the paper's form;
-    it has no part via z, and it is the same for every z for which the prior branch is."""
+def _paper_and_fuse(form):
+    """The paper's fuse form, the same weights in `form`, and a bottleneck z (roi 64^3, F=12)."""
     torch.manual_seed(0)
     paper = model.PersonalizedSwinUNETR(2, 2, feature_size=12, roi=(64, 64, 64), prior_heads=2).eval()
-    only = model.PersonalizedSwinUNETR(2, 2, feature_size=12, roi=(64, 64, 64), prior_heads=2,
-                                       prior_fuse="prior").eval()
-    only.load_state_dict(paper.state_dict())
-    z = torch.randn(1, 192, 2, 2, 2)
+    other = model.PersonalizedSwinUNETR(2, 2, feature_size=12, roi=(64, 64, 64), prior_heads=2, prior_fuse=form).eval()
+    other.load_state_dict(paper.state_dict())
+    return paper, other, torch.randn(1, 192, 2, 2, 2)
+
+
+def test_prior_fuse_reaches_z_only_through_the_prior_attention():
+    """prior_fuse="prior": X_h' = Fuse([0, z']), written out from the weights of the paper's form;
+    it has no part via z, and with z' fixed z's own gradient to it is zero."""
+    paper, only, z = _paper_and_fuse("prior")
     with torch.no_grad():
         z2 = paper.prior_branch(z)
         want = torch.nn.functional.conv3d(z2, paper.fuse.weight[:, 192:], paper.fuse.bias, padding=1)
@@ -201,12 +205,7 @@ def test_prior_fuse_reaches_z_only_through_the_prior_attention():
 def test_residual_fuse_adds_z_to_the_papers_fuse():
     """prior_fuse="residual": X_h' = z + Fuse([z, z']) with the weights of the paper's form, and
     the prior share measures the part that z' changes in both."""
-    torch.manual_seed(0)
-    paper = model.PersonalizedSwinUNETR(2, 2, feature_size=12, roi=(64, 64, 64), prior_heads=2).eval()
-    res = model.PersonalizedSwinUNETR(2, 2, feature_size=12, roi=(64, 64, 64), prior_heads=2,
-                                      prior_fuse="residual").eval()
-    res.load_state_dict(paper.state_dict())
-    z = torch.randn(1, 192, 2, 2, 2)
+    paper, res, z = _paper_and_fuse("residual")
     with torch.no_grad():
         assert (res.personalize(z) - (z + paper.personalize(z))).abs().max() < 1e-5
         assert (res.representations(z)["X_h'"] - res.personalize(z)).abs().max() < 1e-6
