@@ -682,8 +682,8 @@ class PersonalizedSwinUNETR(SwinUNETR):
         return self._fuse(z, self.prior_branch(z))
 
     def _fuse(self, z, z2):
-        if self.fuse_form == "prior":  # Fuse's z half sees zeros: no route around the prior attention
-            return self.fuse(torch.cat([torch.zeros_like(z), z2], 1))
+        if self.fuse_form == "prior":  # Fuse([0, z']) without convolving the zeros: no route around the prior
+            return self.prior_part(z2) + self.fuse.bias.view(1, -1, 1, 1, 1)
         out = self.fuse(torch.cat([z, z2], 1))
         return z + out if self.fuse_form == "residual" else out
 
