@@ -7,7 +7,7 @@
 PY := .venv/bin/python
 export TORCH_NUM_THREADS ?=
 
-.PHONY: demo test study study-mechanism study-mechanism-160 venv venv-test clean
+.PHONY: demo test study study-mechanism study-mechanism-160 study-mechanism-3 venv venv-test clean
 
 .venv/.installed: requirements.txt
 	python3 -m venv .venv
@@ -53,6 +53,15 @@ MECH160_MAKE = study-mechanism-160$(if $(filter-out 0,$(SEED)), SEED=$(SEED))
 study-mechanism-160: venv
 	$(PY) study.py --preset-size mechanism --option no-skips --petct-presets "" --section $(MECH160) \
 		--target "$(MECH160_MAKE)" --out runs/$(MECH160) --part mechanism --seeds $(SEED) --jobs 2 --pretrain-steps 160 \
+		--results docs/results.md
+
+# the paper's 3^3 bottleneck grid (roi 96^3, F=12, prior heads 3): the full preset and the baseline, one
+# seed at a time (about 50-90 min each on 2 cores); SEED=1 writes the section study-mechanism-3-seed1
+MECH3 = study-mechanism-3$(if $(filter-out 0,$(SEED)),-seed$(SEED))
+MECH3_MAKE = study-mechanism-3$(if $(filter-out 0,$(SEED)), SEED=$(SEED))
+study-mechanism-3: venv
+	$(PY) study.py --preset-size mechanism3 --petct-presets "" --section $(MECH3) \
+		--target "$(MECH3_MAKE)" --out runs/$(MECH3) --part mechanism --seeds $(SEED) --jobs 2 --pretrain-steps 80 \
 		--results docs/results.md
 
 # the suite over TEST_WORKERS processes, each with its share of the cores (tests/conftest.py)

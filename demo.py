@@ -38,6 +38,7 @@ from files import atomic, git_commit, replace_section, write_json
 # mechanism can be judged. "paper": F = 48, roi 96^3, a 3^3 grid (27 values, 3 heads of 9).
 SIZES = {"demo": ["--roi", "32,64,64", "--feature-size", "12", "--prior-heads", "2"],
          "mechanism": ["--roi", "64", "--feature-size", "12", "--prior-heads", "2"],
+         "mechanism3": ["--roi", "96", "--feature-size", "12", "--prior-heads", "3"],
          "paper": ["--roi", "96", "--feature-size", "48", "--prior-heads", "3"]}
 # No DataLoader worker: on 2 cores a worker process preparing the next crop competes with the two
 # threads of the step (crops are the same whatever the workers).

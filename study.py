@@ -68,7 +68,7 @@ OWN_TERMS = {"6p": ("pers",), "6pz": ("pers_zp",), "6pf": ("pers",)}
 # Cost of a step (or an evaluation) at each --preset-size relative to the demo's on 2 CPU cores:
 # it scales RATE in the first estimate of the time left (mechanism: the ratio of the pre-training
 # step times, bench.py steps; paper: of their FLOPs, bench.py flops).
-COST = {"demo": 1.0, "mechanism": 1.5, "paper": 80.0}
+COST = {"demo": 1.0, "mechanism": 1.5, "mechanism3": 4.7, "paper": 80.0}
 TABLE7 = {"1": "C + D + E", "2": "C + D + I", "3": "C + D + E + I (no prior)", "4": "C + D + E + prior",
           "5": "C + D + I + prior", "6": "C + D + E + I + prior (ours)"}
 MODS = ("t1", "t1ce", "t2", "flair")
@@ -610,7 +610,8 @@ def main(argv=None):
     ap.add_argument("--eval-overlap", type=float, default=0.25)
     ap.add_argument("--preset-size", default="demo", choices=sorted(demo.SIZES),
                     help="the network's geometry (demo.SIZES): demo (roi 32x64x64, F=12, a 1x2x2 bottleneck), "
-                         "mechanism (roi 64^3, F=12, 2^3) or paper (roi 96^3, F=48, 3^3)")
+                         "mechanism (roi 64^3, F=12, 2^3), mechanism3 (roi 96^3, F=12, the paper's 3^3 grid) or "
+                         "paper (roi 96^3, F=48, 3^3)")
     ap.add_argument("--target", default=None,
                     help="the make command the made-by line of the sections names (default: make SECTION)")
     ap.add_argument("--option", nargs="?", const="6p", default="", choices=sorted(OPTIONS),
