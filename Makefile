@@ -56,7 +56,7 @@ study-mechanism-160: venv
 		--results docs/results.md
 
 # the paper's 3^3 bottleneck grid (roi 96^3, F=12, prior heads 3): the full preset and the baseline, one
-# seed at a time (about 50-90 min each on 2 cores); SEED=1 writes the section study-mechanism-3-seed1
+# seed at a time (about 65 min each on 2 cores); SEED=1 writes the section study-mechanism-3-seed1
 MECH3 = study-mechanism-3$(if $(filter-out 0,$(SEED)),-seed$(SEED))
 MECH3_MAKE = study-mechanism-3$(if $(filter-out 0,$(SEED)), SEED=$(SEED))
 study-mechanism-3: venv

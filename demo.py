@@ -35,7 +35,8 @@ from files import atomic, git_commit, replace_section, write_json
 # rotations of pre-training turn the sagittal y-z plane, the last two axes, which the crop holds
 # almost whole); its bottleneck grid is 1 x 2 x 2, so the prior attention's channel tokens hold 4
 # values. "mechanism": roi 64^3, a 2^3 grid (8 values, 2 heads of 4), the smallest at which the
-# mechanism can be judged. "paper": F = 48, roi 96^3, a 3^3 grid (27 values, 3 heads of 9).
+# mechanism can be judged. "mechanism3": the paper's grid at F = 12, roi 96^3, a 3^3 grid (27
+# values, 3 heads of 9). "paper": F = 48 at the same grid.
 SIZES = {"demo": ["--roi", "32,64,64", "--feature-size", "12", "--prior-heads", "2"],
          "mechanism": ["--roi", "64", "--feature-size", "12", "--prior-heads", "2"],
          "mechanism3": ["--roi", "96", "--feature-size", "12", "--prior-heads", "3"],
