@@ -48,8 +48,11 @@ study-mechanism: venv
 # the budget check of study-mechanism's pre-trainings: one seed at twice the steps, mechanism part alone
 # one seed at a time (about 65 min each on 2 cores): SEED=1 writes the section study-mechanism-160-seed1
 SEED ?= 0
-MECH160 = study-mechanism-160$(if $(filter-out 0,$(SEED)),-seed$(SEED))
-MECH160_MAKE = study-mechanism-160$(if $(filter-out 0,$(SEED)), SEED=$(SEED))
+# a one-seed target's section (NAME, or NAME-seedN) and the make command that names it
+seed_section = $(1)$(if $(filter-out 0,$(SEED)),-seed$(SEED))
+seed_target = $(1)$(if $(filter-out 0,$(SEED)), SEED=$(SEED))
+MECH160 = $(call seed_section,study-mechanism-160)
+MECH160_MAKE = $(call seed_target,study-mechanism-160)
 study-mechanism-160: venv
 	$(PY) study.py --preset-size mechanism --option no-skips --petct-presets "" --section $(MECH160) \
 		--target "$(MECH160_MAKE)" --out runs/$(MECH160) --part mechanism --seeds $(SEED) --jobs 2 --pretrain-steps 160 \
@@ -57,8 +60,8 @@ study-mechanism-160: venv
 
 # the paper's 3^3 bottleneck grid (roi 96^3, F=12, prior heads 3): the full preset and the baseline, one
 # seed at a time (about 65 min each on 2 cores); SEED=1 writes the section study-mechanism-3-seed1
-MECH3 = study-mechanism-3$(if $(filter-out 0,$(SEED)),-seed$(SEED))
-MECH3_MAKE = study-mechanism-3$(if $(filter-out 0,$(SEED)), SEED=$(SEED))
+MECH3 = $(call seed_section,study-mechanism-3)
+MECH3_MAKE = $(call seed_target,study-mechanism-3)
 study-mechanism-3: venv
 	$(PY) study.py --preset-size mechanism3 --petct-presets "" --section $(MECH3) \
 		--target "$(MECH3_MAKE)" --out runs/$(MECH3) --part mechanism --seeds $(SEED) --jobs 2 --pretrain-steps 80 \
